@@ -1,0 +1,145 @@
+"""Stage evaluate: score the trained predictor and the baselines on the test split.
+
+Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every leaf) and plot data + PNGs into
+`<plots>`. Baselines that could embarrass the predictor, all scored by the same code on the same windows:
+  random          seeded random ranking (expected top-m = m/E)
+  frequency       per target layer, experts by gate mass in train
+  lookup          per (target layer, context) table fit on train, with back-off
+  previous_token  the same layer's experts of the previous token (then frequency)
+  stale_gate      layer t's own router applied h layers early (when the collector captured look-ahead)
+
+    python -m stages.evaluate --windows data/windows --predictor data/predictor --metrics metrics/evaluate.json --plots plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import atomic_path, run_stage, write_json
+from stages.evaluation.bounds import conditional_entropy_bounds
+from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
+from stages.params import EvaluateParams, load_section
+from stages.predictors import FrequencyPredictor, LookupPredictor, load_predictor
+from stages.predictors.tables import context_keys
+from stages.train import geometry_of
+from stages.window_data import WindowSet, read_summary, read_windows
+
+HIGHEST_WEIGHT_BONUS = 2.0  # ranks a copied expert list best-first: slot s scores (k - s) + bonus for slot 0
+
+
+def copied_scores(experts: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Scores that rank the given best-first experts (N, k) first, in order, then the prior (N, E)."""
+    scores = prior / max(prior.max(), 1e-12)  # < 1, below any copied expert
+    rows = np.arange(len(experts))
+    k = experts.shape[1]
+    for slot in range(k):
+        present = experts[:, slot] >= 0
+        scores[rows[present], experts[present, slot]] = 1.0 + (k - slot) + (HIGHEST_WEIGHT_BONUS if slot == 0 else 0.0)
+    return scores
+
+
+class Strategies:
+    """Every scorer evaluated: name -> function(windows batch) -> (scores (n, E), confidence (n,) or None)."""
+
+    def __init__(self, predictor, train: WindowSet, summary: dict, seed: int):
+        geometry = geometry_of(summary)
+        params = {**predictor.params, "lookup": {"max_context": summary["context_length"]}}  # baseline: full context
+        self.frequency = FrequencyPredictor(geometry, params)
+        self.frequency.fit(train, train, lambda row: None)
+        self.lookup = LookupPredictor(geometry, params)
+        self.lookup.fit(train, train, lambda row: None)
+        self.num_experts = summary["num_experts"]
+        self.rng = np.random.default_rng(seed)
+        self.scorers = {
+            "predictor": predictor.score,
+            "random": lambda w: (self.rng.random((len(w), self.num_experts)).astype(np.float32), None),
+            "frequency": self.frequency.score,
+            "lookup": self.lookup.score,
+            "previous_token": lambda w: (copied_scores(w.prev_token_experts, self.frequency.score(w)[0]), None),
+        }
+        if summary["has_stale_gate"]:
+            self.scorers["stale_gate"] = lambda w: (copied_scores(w.stale_gate_experts, self.frequency.score(w)[0]), None)
+
+
+def clean(value):
+    """JSON-safe numbers: NaN (no qualifying rows) becomes None, which DVC shows as missing, never as a number."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    return value
+
+
+def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
+    """Information bounds on top-1 for the lookup's context (target layer + all context layers), on test."""
+    has_target = test.target_experts[:, 0] >= 0
+    subset = test.subset(has_target)
+    _, codes = np.unique(context_keys(subset, subset.context_experts.shape[1]), return_inverse=True)
+    return conditional_entropy_bounds(codes, subset.target_experts[:, 0].astype(np.int64), num_experts)
+
+
+def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plots_dir: Path) -> dict:
+    summary = read_summary(windows_dir)
+    predictor = load_predictor(predictor_dir)
+    train, test = read_windows(windows_dir, "train"), read_windows(windows_dir, "test")
+    strategies = Strategies(predictor, train, summary, params.seed)
+    E, k = summary["num_experts"], summary["top_k"]
+    accumulators = {name: RankingAccumulator(params.topk, E, k) for name in strategies.scorers}
+    calibration = CalibrationAccumulator(bins=10)
+    for start in range(0, len(test), params.batch_size):
+        batch = test.subset(np.arange(start, min(start + params.batch_size, len(test))))
+        groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
+        for name, scorer in strategies.scorers.items():
+            scores, confidence = scorer(batch)
+            accumulators[name].update(scores, batch.target_experts, groups)
+            if name == "predictor" and confidence is not None:
+                has_target = batch.target_experts[:, 0] >= 0
+                correct = scores.argmax(axis=1) == batch.target_experts[:, 0]
+                calibration.update(np.clip(confidence[has_target], 0, 1), correct[has_target])
+
+    results = {name: acc.result() for name, acc in accumulators.items()}
+    metrics = {
+        "test_windows": len(test),
+        "predictor": {**results["predictor"], "arch_parameters": predictor.parameter_count()},
+        "baselines": {name: r for name, r in results.items() if name != "predictor"},
+        "bounds": {**lookup_bounds(test, E), "predictor_top1": results["predictor"]["top1"]},
+        "calibration": calibration.result(),
+        "per_domain": {
+            test.domains[code]: {name: acc.result_by_group("domain")[code] for name, acc in accumulators.items()}
+            for code in sorted(accumulators["predictor"].result_by_group("domain"))
+        },
+        "per_layer": {
+            f"layer_{code}": {name: acc.result_by_group("layer")[code]["top1"] for name, acc in accumulators.items()}
+            for code in sorted(accumulators["predictor"].result_by_group("layer"))
+        },
+    }
+    from stages.report import write_plots
+
+    write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
+    return clean(metrics)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Evaluate the predictor and the baselines on the test split.")
+    parser.add_argument("--windows", type=Path, required=True)
+    parser.add_argument("--predictor", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    params = load_section("evaluate", args.params)
+    with atomic_path(args.plots) as plots_dir:
+        plots_dir.mkdir()
+        metrics = evaluate(params, args.windows, args.predictor, plots_dir)
+        write_json(args.metrics, metrics)
+    p, b = metrics["predictor"], metrics["baselines"]
+    print(f"evaluate: predictor top1 {p['top1']:.4f} recall@k {p['recall_at_k']:.4f} | lookup top1 "
+          f"{b['lookup']['top1']:.4f} | frequency top1 {b['frequency']['top1']:.4f} | random top1 {b['random']['top1']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

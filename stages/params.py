@@ -1,0 +1,252 @@
+"""The schema of params.yaml: one typed dataclass per section, a docstring per field, validated on load.
+
+Every stage calls `load_section(name)` first, so an unknown key, a wrong type or an out-of-range value stops the
+run before any work with a one-line error naming the key (e.g. `windows.horizon: must be >= 1, got 0`).
+Checks that need data (a context longer than the model has MoE layers) run where the data is first read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class CaptureParams:
+    router_probs: bool = _doc("Store the full router distribution per MoE layer (float16).", False)
+    hidden_states: bool = _doc("Store the hidden state entering each MoE layer (float16).", False)
+    hidden_dim: int = _doc("Project stored hidden states to this many dims with a fixed random matrix; 0 = keep all.", 0)
+    lookahead: int = _doc("Stale-gate look-ahead: for h = 1..H, the top-k that MoE layer l+h's router gives on layer l's input.", 0)
+
+
+@dataclass
+class CollectParams:
+    model: str = _doc("Local checkpoint directory or Hugging Face hub id (loaded with Auto*.from_pretrained).", "models/tiny-moe")
+    sources: list = _doc("Text sources, one domain each: python-docs, python-stdlib, {name, path} or {name, hf_dataset}.", factory=lambda: ["python-docs", "python-stdlib"])
+    num_sequences: int = _doc("Sequences collected per source (domain).", 600)
+    seq_len: int = _doc("Tokens per sequence (a chunk of one document; shorter last chunks are padded, not recorded).", 128)
+    chunks_per_document: int = _doc("At most this many consecutive seq_len chunks are taken from one document.", 8)
+    min_tokens: int = _doc("Chunks with fewer tokens than this are skipped.", 16)
+    batch_size: int = _doc("Sequences per forward pass.", 16)
+    sequences_per_chunk: int = _doc("Sequences per trace chunk file (the unit of resume after a crash).", 256)
+    dtype: Literal["float32", "bfloat16", "float16"] = _doc("Model dtype.", "float32")
+    device: str = _doc("cpu, cuda, cuda:N, or auto (device_map='auto' spreads a large model over all GPUs).", "cpu")
+    seed: int = _doc("Seed for document order and chunk sampling.", 0)
+    capture: CaptureParams = _doc("Optional captures beyond expert ids and gate weights.", factory=CaptureParams)
+
+    def validate(self) -> None:
+        _positive("collect", self, "num_sequences", "seq_len", "chunks_per_document", "min_tokens", "batch_size", "sequences_per_chunk")
+        if not self.sources:
+            raise PipelineError("collect.sources: must list at least one source")
+        if self.sequences_per_chunk % self.batch_size:
+            raise PipelineError(
+                f"collect.sequences_per_chunk: must be a multiple of collect.batch_size ({self.batch_size}), got {self.sequences_per_chunk}"
+            )
+        if self.min_tokens > self.seq_len:
+            raise PipelineError(f"collect.min_tokens: must be <= collect.seq_len ({self.seq_len}), got {self.min_tokens}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise PipelineError(f"collect.device: {self.device!r} is not one of cpu, cuda, cuda:N, auto")
+        for name in ("hidden_dim", "lookahead"):
+            if getattr(self.capture, name) < 0:
+                raise PipelineError(f"collect.capture.{name}: must be >= 0, got {getattr(self.capture, name)}")
+
+
+@dataclass
+class ShardParams:
+    rows_per_shard: int = _doc("Token rows per Parquet shard.", 100_000)
+
+    def validate(self) -> None:
+        _positive("shard", self, "rows_per_shard")
+
+
+@dataclass
+class SplitParams:
+    by: Literal["sequence", "domain"] = _doc("Split whole documents at random (sequence) or hold out a domain as test.", "sequence")
+    test_domain: str | None = _doc("With by: domain, the domain held out as the test split.", None)
+    fractions: list = _doc("train/val/test shares of documents (by: sequence) or train/val of the rest (by: domain).", factory=lambda: [0.8, 0.1, 0.1])
+    seed: int = _doc("Seed of the split.", 0)
+
+    def validate(self) -> None:
+        want = 3 if self.by == "sequence" else 2
+        if len(self.fractions) != want or any(not isinstance(f, (int, float)) or f < 0 for f in self.fractions):
+            raise PipelineError(f"windows.split.fractions: by {self.by} needs {want} non-negative numbers, got {self.fractions}")
+        if abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise PipelineError(f"windows.split.fractions: must sum to 1, got {self.fractions} (sum {sum(self.fractions):g})")
+        if self.by == "domain" and not self.test_domain:
+            raise PipelineError("windows.split.test_domain: required when windows.split.by is domain")
+
+
+@dataclass
+class WindowsParams:
+    context_length: int = _doc("MoE layers of routing history in a context, ending at layer l.", 3)
+    horizon: int = _doc("The target is MoE layer l + horizon.", 1)
+    split: SplitParams = _doc("How documents are split into train/val/test.", factory=SplitParams)
+
+    def validate(self) -> None:
+        _positive("windows", self, "context_length", "horizon")
+        self.split.validate()
+
+
+@dataclass
+class LookupParams:
+    max_context: int = _doc("Longest context (in layers, <= windows.context_length) the table keys on; shorter ones are back-offs.", 3)
+
+
+@dataclass
+class SpeculationTransformerParams:
+    d_model: int = _doc("Width of expert and position embeddings.", 96)
+    heads: int = _doc("Attention heads.", 4)
+    ff: int = _doc("Feed-forward width.", 192)
+    layers: int = _doc("Transformer encoder layers.", 2)
+    dropout: float = _doc("Dropout.", 0.1)
+
+    def validate(self) -> None:
+        _positive("train.speculation_transformer", self, "d_model", "heads", "ff", "layers")
+        if self.d_model % self.heads:
+            raise PipelineError(f"train.speculation_transformer.d_model: {self.d_model} is not divisible by heads ({self.heads})")
+
+
+@dataclass
+class TrainParams:
+    arch: str = _doc("Predictor architecture (see stages/predictors/__init__.py ARCHITECTURES).", "speculation_transformer")
+    epochs: int = _doc("Maximum epochs (learned predictors).", 4)
+    batch_size: int = _doc("Windows per optimisation step.", 512)
+    lr: float = _doc("Peak learning rate (AdamW, cosine decay).", 2e-3)
+    weight_decay: float = _doc("AdamW weight decay.", 0.01)
+    patience: int = _doc("Stop after this many epochs without a better validation loss.", 2)
+    max_train_windows: int = _doc("Subsample train windows to at most this many (0 = all).", 0)
+    device: str = _doc("cpu, cuda or auto.", "cpu")
+    seed: int = _doc("Seed of initialisation and batch order.", 0)
+    lookup: LookupParams = _doc("Hyper-parameters of arch lookup.", factory=LookupParams)
+    speculation_transformer: SpeculationTransformerParams = _doc(
+        "Hyper-parameters of arch speculation_transformer.", factory=SpeculationTransformerParams
+    )
+
+    def validate(self) -> None:
+        from stages.predictors import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise PipelineError(f"train.arch: unknown architecture {self.arch!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
+        _positive("train", self, "epochs", "batch_size", "lr", "patience")
+        if self.max_train_windows < 0:
+            raise PipelineError(f"train.max_train_windows: must be >= 0, got {self.max_train_windows}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise PipelineError(f"train.device: {self.device!r} is not one of cpu, cuda, auto")
+        _positive("train.lookup", self.lookup, "max_context")
+        self.speculation_transformer.validate()
+
+
+@dataclass
+class EvaluateParams:
+    topk: list = _doc("m values of the top-m accuracy of the highest-weight target expert.", factory=lambda: [1, 3, 5, 10])
+    batch_size: int = _doc("Windows scored per batch.", 4096)
+    seed: int = _doc("Seed of the random baseline.", 0)
+
+    def validate(self) -> None:
+        if not self.topk or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in self.topk):
+            raise PipelineError(f"evaluate.topk: must be a non-empty list of integers >= 1, got {self.topk}")
+        _positive("evaluate", self, "batch_size")
+
+
+SECTIONS = {
+    "collect": CollectParams,
+    "shard": ShardParams,
+    "windows": WindowsParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def _positive(prefix: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise PipelineError(f"{prefix}.{name}: must be > 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise PipelineError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if isinstance(tp, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, key)
+                except PipelineError:
+                    pass
+        raise PipelineError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise PipelineError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{prefix}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise PipelineError(f"{prefix}.{unknown[0]}: unknown key; accepted: {', '.join(sorted(names))}")
+    return cls(**{name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in raw.items()})
+
+
+def parse_section(name: str, raw: Any) -> Any:
+    """Build and validate one section from its raw YAML mapping."""
+    section = _build(SECTIONS[name], raw, name)
+    section.validate()
+    return section
+
+
+def load_section(name: str, path: Path = PARAMS_FILE) -> Any:
+    """Read params.yaml, reject unknown top-level sections, return the validated section `name`."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run from the project root") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise PipelineError(f"{unknown[0]}: unknown params section; accepted: {', '.join(SECTIONS)}")
+    return parse_section(name, raw.get(name))
+
+
+def as_dict(section: Any) -> dict:
+    """The section as plain data (saved inside checkpoints and manifests)."""
+    return dataclasses.asdict(section)

@@ -1,0 +1,155 @@
+"""The training loop every neural predictor shares: AdamW with a cosine schedule, early stopping on validation
+loss (the test split is never seen here), non-finite checks, seeded batch order, per-epoch logging.
+
+A subclass provides `build_module()` (an nn.Module mapping a batch dict to (expert_logits (B, E),
+confidence_logit (B,))) and inherits fit/score/state. The loss is soft-target cross-entropy against the target
+layer's gate weights renormalised over the routed set (so the whole top-k set is a target, the highest-weight
+expert most), plus BCE of the confidence head on "top-ranked expert == highest-weight target expert".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.errors import PipelineError
+from stages.predictors.base import Predictor
+from stages.window_data import WindowSet
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def target_distribution(windows: WindowSet, num_experts: int) -> np.ndarray:
+    """(N, E) float32: each window's gate weights over its routed experts, summing to 1."""
+    dist = np.zeros((len(windows), num_experts), dtype=np.float32)
+    rows = np.repeat(np.arange(len(windows)), windows.target_experts.shape[1])
+    experts = windows.target_experts.reshape(-1).astype(np.int64)
+    weights = np.clip(windows.target_weights.reshape(-1), 1e-6, None)  # a zero-weight routed expert still counts
+    keep = experts >= 0
+    np.add.at(dist, (rows[keep], experts[keep]), weights[keep])
+    total = dist.sum(axis=1, keepdims=True)
+    return np.divide(dist, total, out=np.zeros_like(dist), where=total > 0)
+
+
+class NeuralPredictor(Predictor):
+    """Base of torch predictors. `self.section` is this architecture's params sub-section."""
+
+    def __init__(self, geometry: dict, params: dict):
+        super().__init__(geometry, params)
+        self.section = params.get(self.arch, {})
+        torch.manual_seed(params["seed"])
+        self.module = self.build_module()
+
+    def build_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        """Model inputs for `rows`; -1 (no expert) becomes index E, an embedding reserved for padding."""
+        context = windows.context_experts[rows].astype(np.int64)
+        context[context < 0] = self.num_experts
+        return {
+            "context_experts": torch.from_numpy(context).to(device),  # (B, c, k)
+            "target_layer": torch.from_numpy(windows.target_layer[rows].astype(np.int64)).to(device),  # (B,)
+        }
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def _loss(self, inputs, target, top1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, confidence_logit = self.module(inputs)
+        loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+        correct = (logits.argmax(dim=-1) == top1).float()
+        loss = loss + 0.1 * F.binary_cross_entropy_with_logits(confidence_logit.float(), correct)
+        return loss, logits, correct
+
+    def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
+        started = time.time()
+        p = self.params
+        device = resolve_device(p["device"])
+        self.module.to(device)
+        generator = np.random.default_rng(p["seed"])
+        if p["max_train_windows"] and len(train) > p["max_train_windows"]:
+            train = train.subset(np.sort(generator.choice(len(train), p["max_train_windows"], replace=False)))
+        train_target = torch.from_numpy(target_distribution(train, self.num_experts))
+        steps_per_epoch = math.ceil(len(train) / p["batch_size"])
+        optimizer = torch.optim.AdamW(self.module.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        total = steps_per_epoch * p["epochs"]
+        warmup = max(1, min(200, total // 20))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        use_amp = device.type == "cuda"
+        best_loss, best_state, stale_epochs = math.inf, None, 0
+        for epoch in range(p["epochs"]):
+            self.module.train()
+            order = generator.permutation(len(train))
+            running, seen = 0.0, 0
+            for step in range(steps_per_epoch):
+                rows = order[step * p["batch_size"] : (step + 1) * p["batch_size"]]
+                inputs = self.batch(train, rows, device)
+                target = train_target[rows].to(device)
+                top1 = torch.from_numpy(train.target_experts[rows, 0].astype(np.int64)).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss, _, _ = self._loss(inputs, target, top1)
+                if not torch.isfinite(loss):
+                    raise PipelineError(f"train: non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; lower train.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+                if not torch.isfinite(grad_norm):
+                    raise PipelineError(f"train: non-finite gradient at epoch {epoch + 1}, step {step + 1}; lower train.lr")
+                optimizer.step()
+                schedule.step()
+                running += loss.item() * len(rows)
+                seen += len(rows)
+            val_loss, val_top1 = self.evaluate_loss(val, device)
+            log({"epoch": epoch + 1, "train_loss": running / seen, "val_loss": val_loss, "val_top1": val_top1,
+                 "lr": schedule.get_last_lr()[0]})
+            if val_loss < best_loss - 1e-4:
+                best_loss, stale_epochs = val_loss, 0
+                best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            else:
+                stale_epochs += 1
+                if stale_epochs >= p["patience"]:
+                    break
+        self.module.load_state_dict(best_state)  # keep the epoch with the best validation loss
+        self.module.to("cpu")
+        self.train_seconds = time.time() - started
+
+    @torch.no_grad()
+    def evaluate_loss(self, windows: WindowSet, device: torch.device, batch_size: int = 8192) -> tuple[float, float]:
+        """Mean loss and top-1 accuracy of the highest-weight target expert on `windows`."""
+        self.module.eval()
+        total_loss, total_correct = 0.0, 0.0
+        target_all = target_distribution(windows, self.num_experts)
+        for start in range(0, len(windows), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(windows)))
+            top1 = torch.from_numpy(windows.target_experts[rows, 0].astype(np.int64)).to(device)
+            loss, logits, _ = self._loss(self.batch(windows, rows, device), torch.from_numpy(target_all[rows]).to(device), top1)
+            total_loss += loss.item() * len(rows)
+            total_correct += (logits.argmax(dim=-1) == top1).sum().item()
+        return total_loss / len(windows), total_correct / len(windows)
+
+    @torch.no_grad()
+    def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
+        self.module.eval()
+        logits, confidence_logit = self.module(self.batch(windows, np.arange(len(windows)), torch.device("cpu")))
+        return torch.softmax(logits.float(), dim=-1).numpy(), torch.sigmoid(confidence_logit.float()).numpy()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: tensor.detach().cpu().numpy() for name, tensor in self.module.state_dict().items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.module.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})

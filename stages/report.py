@@ -1,0 +1,59 @@
+"""Plot data (JSON, for `dvc plots`) and PNGs (matplotlib) of the evaluation, written into the plots directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator  # noqa: E402
+
+STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v"}
+
+
+def _dump(path: Path, rows: list[dict]) -> None:
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, STYLE.get(name, "-"), label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: identical bytes on every run
+    plt.close(fig)
+
+
+def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumulator, topk: list[int],
+                accumulators: dict[str, RankingAccumulator]) -> None:
+    names = list(accumulators)
+    layers = sorted(int(key.split("_")[1]) for key in metrics["per_layer"])
+    per_layer = [{"layer": layer, **metrics["per_layer"][f"layer_{layer}"]} for layer in layers]
+    _dump(directory / "per_layer_top1.json", per_layer)
+    _figure(directory / "per_layer_top1.png", "Top-1 of the highest-weight expert per target layer", "target MoE layer",
+            "top-1 accuracy", {n: (layers, [row[n] for row in per_layer]) for n in names})
+
+    results = {name: acc.result() for name, acc in accumulators.items()}
+    top_m = [{"m": m, **{n: results[n][f"top{m}"] for n in names}} for m in topk]
+    _dump(directory / "top_m.json", top_m)
+    _figure(directory / "top_m.png", "Top-m accuracy", "m (experts predicted)", "accuracy",
+            {n: (list(topk), [row[n] for row in top_m]) for n in names})
+
+    reliability = calibration.reliability()
+    coverage = calibration.coverage_curve()
+    _dump(directory / "calibration.json", reliability)
+    _dump(directory / "coverage.json", [row for row in coverage if not math.isnan(row["accuracy"])])
+    if reliability:
+        _figure(directory / "calibration.png", f"Confidence head (ECE {metrics['calibration']['ece']:.3f})",
+                "confidence", "accuracy", {
+                    "predictor": ([r["mean_confidence"] for r in reliability], [r["accuracy"] for r in reliability]),
+                    "perfect": ([0, 1], [0, 1]),
+                })

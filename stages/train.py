@@ -1,0 +1,78 @@
+"""Stage train: fit the predictor named by `train.arch` on the train split, early-stopping on val.
+
+Writes the checkpoint (`<out>/predictor.safetensors`, params and architecture inside) and DVCLive logs
+(`<live>/metrics.json`, `<live>/plots/metrics/*.tsv`: per-epoch train/val loss, val top-1, lr). Wall-clock time
+is printed, not stored, so that `dvc repro --force` reproduces every output byte for byte.
+
+    python -m stages.train --windows data/windows --out data/predictor --live dvclive
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from stages.common import atomic_path, run_stage
+from stages.params import TrainParams, as_dict, load_section
+from stages.predictors import ARCHITECTURES
+from stages.window_data import read_summary, read_windows
+
+
+def geometry_of(summary: dict) -> dict:
+    """The routing geometry a predictor is built for (stored inside its checkpoint)."""
+    return {name: summary[name] for name in ("num_experts", "top_k", "num_layers", "context_length", "horizon")}
+
+
+def train(params: TrainParams, windows_dir: Path, out: Path, live_dir: Path) -> dict:
+    """Fit, save the checkpoint into `out` and DVCLive logs into `live_dir`; return the final summary metrics."""
+    from dvclive import Live
+
+    summary = read_summary(windows_dir)
+    train_set, val_set = read_windows(windows_dir, "train"), read_windows(windows_dir, "val")
+    predictor = ARCHITECTURES[params.arch](geometry_of(summary), as_dict(params))
+    epochs_run = []
+    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None) as live:
+
+        def log(row: dict) -> None:
+            if "epoch" not in row:
+                return
+            epochs_run.append(row)
+            for name, value in row.items():
+                if name != "epoch":
+                    live.log_metric(name, value)
+            live.next_step()
+            print(f"epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
+
+        started = time.time()
+        predictor.fit(train_set, val_set, log)
+        print(f"train: {params.arch} fitted in {time.time() - started:.1f}s on {len(train_set)} windows")
+        scores, _ = predictor.score(val_set)
+        val_top1 = float((scores.argmax(axis=1) == val_set.target_experts[:, 0]).mean())
+        final = {
+            "parameters": predictor.parameter_count(),
+            "epochs": len(epochs_run),
+            "train_windows": len(train_set),
+            "val_top1": round(val_top1, 6),
+        }
+        live.summary = {**live.summary, **final} if epochs_run else final
+        out.mkdir(parents=True, exist_ok=True)
+        predictor.save(out)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the expert predictor named by train.arch.")
+    parser.add_argument("--windows", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True, help="DVCLive directory")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    params = load_section("train", args.params)
+    with atomic_path(args.out) as out, atomic_path(args.live) as live_dir:
+        final = train(params, args.windows, out, live_dir)
+    print(f"train: {params.arch}: {final}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
