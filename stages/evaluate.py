@@ -25,6 +25,8 @@ from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
 from stages.params import EvaluateParams, load_section
 from stages.predictors import FrequencyPredictor, LookupPredictor, load_predictor
 from stages.predictors.tables import context_keys
+from stages.prefetch import cache_report
+from stages.report import write_cache_plots, write_plots
 from stages.train import geometry_of
 from stages.window_data import WindowSet, read_summary, read_windows
 
@@ -117,9 +119,9 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
             for code in sorted(accumulators["predictor"].result_by_group("layer"))
         },
     }
-    from stages.report import write_plots
-
+    metrics["cache"], by_capacity, by_batch = cache_report(test, strategies.scorers, params.cache, summary)
     write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
+    write_cache_plots(plots_dir, by_capacity, by_batch)
     return clean(metrics)
 
 

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator  # noqa: E402
 
-STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v"}
+STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v",
+         "on_demand": ":x", "oracle": "-*"}
 
 
 def _dump(path: Path, rows: list[dict]) -> None:
@@ -57,3 +58,15 @@ def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumula
                     "predictor": ([r["mean_confidence"] for r in reliability], [r["accuracy"] for r in reliability]),
                     "perfect": ([0, 1], [0, 1]),
                 })
+
+
+def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict]) -> None:
+    """Hit rate and speedup of each prefetch strategy vs cache capacity and vs decode batch size."""
+    _dump(directory / "cache_by_capacity.json", by_capacity)
+    _dump(directory / "cache_by_batch.json", by_batch)
+    strategies = [key[: -len("_hit_rate")] for key in by_capacity[0] if key.endswith("_hit_rate")]
+    for rows, axis, label in ((by_capacity, "capacity", "experts cached per layer"), (by_batch, "batch_size", "decode batch size")):
+        xs = [row[axis] for row in rows]
+        for metric, title in (("hit_rate", "Expert-cache hit rate"), ("speedup_vs_on_demand", "Speedup over on-demand loading")):
+            _figure(directory / f"cache_{metric}_by_{axis}.png", title, label, metric.replace("_", " "),
+                    {name: (xs, [row[f"{name}_{metric}"] for row in rows]) for name in strategies})
