@@ -1,21 +1,47 @@
 """The windows file format (one Parquet file per split) and its reader into numpy (`WindowSet`).
 
-A window is one (token, target MoE layer t) pair. With context length c and horizon h:
+A window is one (token i, target MoE layer t) pair. With context length c, horizon h, and the optional
+temporal extents T = windows.token_context and H = windows.token_horizon (both 0 by default):
 
-    context  = routed experts of MoE layers t-h-c+1 .. t-h of this token   (c layers x k experts)
-    target   = routed experts of MoE layer t of this token, with their gate weights
+    context  = routed experts of MoE layers t-h-c+1 .. t-h of token i         (c layers x k experts)
+    target   = routed experts of MoE layer t of token i, with their gate weights
+    T > 0:  token_context_experts = tokens i-T .. i-1 (oldest first), each at the c context layers and at t
+    H > 0:  next_token_experts/weights = tokens i+1 .. i+H, each at the target layer t only
+    hidden_state (when the shards carry hidden states) = the hidden state of token i entering layer t-h
 
-| column              | type                          | meaning                                                   |
-|---------------------|-------------------------------|-----------------------------------------------------------|
-| sequence_id         | string                        | sequence the token belongs to                             |
-| domain              | string                        | its source                                                |
-| position            | int32                         | token position                                            |
-| target_layer        | int16                         | t, as an index into the manifest's MoE layers             |
-| context_experts     | fixed_size_list<int16, c*k>   | context, layer-major (oldest layer first), best-first     |
-| target_experts      | fixed_size_list<int16, k>     | target routed set, best-first (-1 = dropped)              |
-| target_weights      | fixed_size_list<float32, k>   | their gate weights                                        |
-| prev_token_experts  | fixed_size_list<int16, k>     | layer t's experts of the previous token (-1 at position 0)|
-| stale_gate_experts  | fixed_size_list<int16, k>     | optional: layer t's router applied at layer t-h           |
+Tokens are neighbours only within one sequence at consecutive positions; a neighbour that does not exist
+(before the sequence start, after its end) has -1 experts and 0 weights. The target is always token i's
+own layer t: H adds the next tokens' routing as extra targets (the `hybrid` temporal head), it does not shift
+the target. Example with c = 3, h = 2, T = 2, H = 2 (P = token context, C = context, X = target, N = next):
+
+                 token i-2   token i-1 | token i  | token i+1  token i+2
+    layer t          P           P     |    X     |     N          N     <- target layer
+    layer t-1        .           .     |    .     |     .          .     <- between context and target (h = 2)
+    layer t-2        P           P     |    C     |                      <- hidden_state: token i entering t-h
+    layer t-3        P           P     |    C     |
+    layer t-4        P           P     |    C     |
+                 <---- token_context -----  i  ----- token_horizon ---->
+                 (previous tokens: already    (next tokens: the same layer's
+                  fully routed at decode)      experts, later in decode)
+
+| column                | type                             | meaning                                                  |
+|-----------------------|----------------------------------|----------------------------------------------------------|
+| sequence_id           | string                           | sequence the token belongs to                            |
+| domain                | string                           | its source                                               |
+| position              | int32                            | token position                                           |
+| target_layer          | int16                            | t, as an index into the manifest's MoE layers            |
+| context_experts       | fixed_size_list<int16, c*k>      | context, layer-major (oldest layer first), best-first    |
+| target_experts        | fixed_size_list<int16, k>        | target routed set, best-first (-1 = dropped)             |
+| target_weights        | fixed_size_list<float32, k>      | their gate weights                                       |
+| prev_token_experts    | fixed_size_list<int16, k>        | layer t's experts of the previous token (-1 at position 0)|
+| stale_gate_experts    | fixed_size_list<int16, k>        | optional: layer t's router applied at layer t-h          |
+| token_context_experts | fixed_size_list<int16, T*(c+1)*k>| optional (T > 0): token-major (i-T first), then layers t-h-c+1 .. t-h, t; best-first |
+| next_token_experts    | fixed_size_list<int16, H*k>      | optional (H > 0): layer t's experts of tokens i+1 .. i+H, token-major |
+| next_token_weights    | fixed_size_list<float32, H*k>    | optional (H > 0): their gate weights (0 where no token)  |
+| hidden_state          | fixed_size_list<float16, D>      | optional (shards with hidden states): token i entering layer t-h |
+
+The optional columns (and summary.json keys token_context, token_horizon, hidden_dim) exist only when
+non-empty, so the default windows are byte-identical to those written before they existed.
 """
 
 from __future__ import annotations
@@ -49,6 +75,10 @@ class WindowSet:
     domains: list[str]
     sequence_ids: list[str]
     stale_gate_experts: np.ndarray | None = None  # (N, k) int16
+    token_context_experts: np.ndarray | None = None  # (N, T, c+1, k) int16: tokens i-T..i-1 x (context layers, t)
+    next_token_experts: np.ndarray | None = None  # (N, H, k) int16: layer t of tokens i+1..i+H
+    next_token_weights: np.ndarray | None = None  # (N, H, k) float32
+    hidden_state: np.ndarray | None = None  # (N, D) float16: token i entering layer t-h
 
     def __len__(self) -> int:
         return len(self.target_layer)
@@ -78,6 +108,10 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     return encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
 
 
+def _optional(table: pa.Table, name: str, *shape: int) -> np.ndarray | None:
+    return _fixed(table[name], *shape) if name in table.column_names else None
+
+
 def read_windows(directory: Path, split: str) -> WindowSet:
     """Read one split; a missing or empty split is a one-line error."""
     summary = read_summary(directory)
@@ -88,6 +122,7 @@ def read_windows(directory: Path, split: str) -> WindowSet:
     if table.num_rows == 0:
         raise PipelineError(f"{path}: the {split} split has no windows; check windows.split (fractions, test_domain)")
     c, k = summary["context_length"], summary["top_k"]
+    T, H, D = (summary.get(name, 0) for name in ("token_context", "token_horizon", "hidden_dim"))
     domain_index, domains = _codes(table["domain"])
     sequence_index, sequence_ids = _codes(table["sequence_id"])
     return WindowSet(
@@ -101,5 +136,9 @@ def read_windows(directory: Path, split: str) -> WindowSet:
         sequence_index=sequence_index,
         domains=domains,
         sequence_ids=sequence_ids,
-        stale_gate_experts=_fixed(table["stale_gate_experts"], k) if "stale_gate_experts" in table.column_names else None,
+        stale_gate_experts=_optional(table, "stale_gate_experts", k),
+        token_context_experts=_optional(table, "token_context_experts", T, c + 1, k),
+        next_token_experts=_optional(table, "next_token_experts", H, k),
+        next_token_weights=_optional(table, "next_token_weights", H, k),
+        hidden_state=_optional(table, "hidden_state", D),
     )

@@ -10,6 +10,7 @@ text seen in training is tested on; the stage checks this and records it in summ
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,51 +56,134 @@ def assign_splits(document_ids: list[str], domains_of: dict[str, str], params: W
     return assignment
 
 
-def previous_token_experts(experts: np.ndarray, sequence: np.ndarray, position: np.ndarray, carry: tuple | None) -> np.ndarray:
-    """(n, L, k): the previous token's experts (same sequence, position - 1), -1 where there is none.
-    `carry` = (sequence id, position, experts (L, k)) of the last row of the previous shard."""
-    previous = np.full_like(experts, -1)
-    previous[1:] = experts[:-1]
-    valid = np.zeros(len(experts), dtype=bool)
-    valid[1:] = (sequence[1:] == sequence[:-1]) & (position[1:] == position[:-1] + 1)
-    if carry is not None and len(experts):
-        valid[0] = carry[0] == sequence[0] and carry[1] + 1 == position[0]
-        previous[0] = carry[2]
-    previous[~valid] = -1
-    return previous
+@dataclass
+class TokenRows:
+    """Consecutive token rows (ordered by sequence, then position): what neighbouring-token lookups index."""
+
+    sequence: np.ndarray  # (n,) object: sequence id
+    position: np.ndarray  # (n,) int32
+    experts: np.ndarray  # (n, L, k) int16
+    weights: np.ndarray  # (n, L, k) float32
+
+    @staticmethod
+    def of(table: pa.Table, manifest: traces.Manifest) -> TokenRows:
+        L, k = manifest.num_layers, manifest.top_k
+        return TokenRows(
+            np.asarray(table["sequence_id"].to_pylist(), dtype=object),
+            table["position"].to_numpy(),
+            traces.column_to_numpy(table["experts"], (L, k)),
+            traces.column_to_numpy(table["weights"], (L, k)),
+        )
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def __getitem__(self, rows: slice) -> TokenRows:
+        return TokenRows(self.sequence[rows], self.position[rows], self.experts[rows], self.weights[rows])
+
+    @staticmethod
+    def concat(parts: list[TokenRows]) -> TokenRows:
+        return TokenRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("sequence", "position", "experts", "weights")))
 
 
-def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsParams, carry: tuple | None):
-    """All windows of one shard as a pyarrow Table (token-major, then target layer), plus the new carry."""
+def neighbours(rows: TokenRows, start: int, stop: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows start..stop-1 and each offset d, the row holding the same sequence's token at position + d:
+    (n, D) row indices (clipped into range; meaningless where missing) and (n, D) whether that token exists."""
+    base = np.arange(start, stop)
+    index = base[:, None] + offsets[None, :]  # (n, D)
+    inside = (index >= 0) & (index < len(rows))
+    index = index.clip(0, max(len(rows) - 1, 0))
+    same_sequence = rows.sequence[index] == rows.sequence[base][:, None]
+    exists = inside & same_sequence & (rows.position[index] == rows.position[base][:, None] + offsets[None, :])
+    return index, exists
+
+
+def following_rows(shard_dir: Path, manifest: traces.Manifest, entries: list[dict], count: int) -> TokenRows | None:
+    """The first `count` token rows of the shards in `entries` (the next-token look-ups past a shard's end),
+    read batch by batch so that only those rows are decoded."""
+    if count <= 0:
+        return None
+    batches, need = [], count
+    for entry in entries:
+        handle = pq.ParquetFile(shard_dir / entry["file"])
+        for batch in handle.iter_batches(batch_size=need, columns=["sequence_id", "position", "experts", "weights"]):
+            batches.append(batch.slice(0, need))
+            need -= batches[-1].num_rows
+            if need <= 0:
+                return TokenRows.of(pa.Table.from_batches(batches), manifest)
+    return TokenRows.of(pa.Table.from_batches(batches), manifest) if batches else None
+
+
+def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsParams, carry: TokenRows | None,
+                  following: TokenRows | None = None):
+    """All windows of one shard as a pyarrow Table (token-major, then target layer), plus the new carry.
+    `carry` = the last token rows before this shard, `following` = the first rows after it (token context and
+    next-token columns of the shard's edge tokens look there)."""
     L, k = manifest.num_layers, manifest.top_k
-    c, h = params.context_length, params.horizon
+    c, h, T, H = params.context_length, params.horizon, params.token_context, params.token_horizon
     n = table.num_rows
-    experts = traces.column_to_numpy(table["experts"], (L, k))  # (n, L, k)
-    weights = traces.column_to_numpy(table["weights"], (L, k))
-    sequence = np.asarray(table["sequence_id"].to_pylist(), dtype=object)
-    position = table["position"].to_numpy()
-    previous = previous_token_experts(experts, sequence, position, carry)
+    current = TokenRows.of(table, manifest)
+    experts, weights = current.experts, current.weights  # (n, L, k)
+    before = carry if carry is not None else current[:0]
+    rows = TokenRows.concat([before, current, following if following is not None else current[:0]])
+    start, stop = len(before), len(before) + n
+    index, exists = neighbours(rows, start, stop, np.array([-1]))
+    previous = np.where(exists[:, :, None, None], rows.experts[index], -1)[:, 0]  # (n, L, k)
     targets = np.arange(c - 1 + h, L)  # target MoE layers that have a full context
-    T = len(targets)
+    G = len(targets)
     # context[i, j] = experts[i, t_j - h - c + 1 : t_j - h + 1]
-    context_layers = targets[:, None] - h - c + 1 + np.arange(c)[None, :]  # (T, c)
-    context = experts[:, context_layers, :]  # (n, T, c, k)
+    context_layers = targets[:, None] - h - c + 1 + np.arange(c)[None, :]  # (G, c)
+    context = experts[:, context_layers, :]  # (n, G, c, k)
     columns = {
-        "sequence_id": pa.array(np.repeat(sequence, T), type=pa.string()),
-        "domain": pa.array(np.repeat(np.asarray(table["domain"].to_pylist(), dtype=object), T), type=pa.string()),
-        "position": pa.array(np.repeat(position, T), type=pa.int32()),
+        "sequence_id": pa.array(np.repeat(current.sequence, G), type=pa.string()),
+        "domain": pa.array(np.repeat(np.asarray(table["domain"].to_pylist(), dtype=object), G), type=pa.string()),
+        "position": pa.array(np.repeat(current.position, G), type=pa.int32()),
         "target_layer": pa.array(np.tile(targets, n).astype(np.int16), type=pa.int16()),
-        "context_experts": traces.nested_array(context.reshape(n * T, c * k), pa.int16()),
-        "target_experts": traces.nested_array(experts[:, targets].reshape(n * T, k), pa.int16()),
-        "target_weights": traces.nested_array(weights[:, targets].reshape(n * T, k), pa.float32()),
-        "prev_token_experts": traces.nested_array(previous[:, targets].reshape(n * T, k), pa.int16()),
+        "context_experts": traces.nested_array(context.reshape(n * G, c * k), pa.int16()),
+        "target_experts": traces.nested_array(experts[:, targets].reshape(n * G, k), pa.int16()),
+        "target_weights": traces.nested_array(weights[:, targets].reshape(n * G, k), pa.float32()),
+        "prev_token_experts": traces.nested_array(previous[:, targets].reshape(n * G, k), pa.int16()),
     }
     lookahead = manifest.capture.get("lookahead") or 0
     if lookahead >= h:
         stale = traces.column_to_numpy(table["lookahead_experts"], (L, lookahead, k))  # (n, L, H, k)
-        columns["stale_gate_experts"] = traces.nested_array(stale[:, targets - h, h - 1].reshape(n * T, k), pa.int16())
-    new_carry = (sequence[-1], int(position[-1]), experts[-1]) if n else carry
+        columns["stale_gate_experts"] = traces.nested_array(stale[:, targets - h, h - 1].reshape(n * G, k), pa.int16())
+    if T:
+        index, exists = neighbours(rows, start, stop, np.arange(-T, 0))  # (n, T), oldest token first
+        layers = np.concatenate([context_layers, targets[:, None]], axis=1)  # (G, c+1): context layers, then t
+        past = rows.experts[index[:, None, :, None], layers[None, :, None, :]]  # (n, G, T, c+1, k)
+        past = np.where(exists[:, None, :, None, None], past, -1)
+        columns["token_context_experts"] = traces.nested_array(past.reshape(n * G, T * (c + 1) * k), pa.int16())
+    if H:
+        index, exists = neighbours(rows, start, stop, np.arange(1, H + 1))  # (n, H)
+        cell = (index[:, None, :], targets[None, :, None])  # -> (n, G, H, k): layer t of tokens i+1..i+H
+        mask = exists[:, None, :, None]
+        upcoming = np.where(mask, rows.experts[cell], -1).reshape(n * G, H * k)
+        columns["next_token_experts"] = traces.nested_array(upcoming, pa.int16())
+        columns["next_token_weights"] = traces.nested_array(np.where(mask, rows.weights[cell], 0).reshape(n * G, H * k), pa.float32())
+    hidden_dim = manifest.capture.get("hidden_dim") or 0
+    if hidden_dim:
+        hidden = traces.column_to_numpy(table["hidden_states"], (L, hidden_dim))  # (n, L, D) float16
+        columns["hidden_state"] = traces.nested_array(hidden[:, targets - h].reshape(n * G, hidden_dim), pa.float16())
+    new_carry = TokenRows.concat([before, current])[-max(T, 1):]  # enough rows for the next shard's look-backs
     return pa.table(columns), new_carry
+
+
+def temporal_extents(params: WindowsParams, manifest: traces.Manifest) -> dict:
+    """summary.json keys the reader needs for the optional columns; absent when 0 (default output unchanged)."""
+    extents = {"token_context": params.token_context, "token_horizon": params.token_horizon,
+               "hidden_dim": manifest.capture.get("hidden_dim") or 0}
+    return {name: value for name, value in extents.items() if value}
+
+
+def summary_params(params: WindowsParams) -> dict:
+    """The windows params as recorded in summary.json; zero temporal extents are left out so that default
+    windows stay byte-identical to those written before the keys existed."""
+    recorded = as_dict(params)
+    for name in ("token_context", "token_horizon"):
+        if not recorded[name]:
+            del recorded[name]
+    return recorded
 
 
 def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict:
@@ -122,10 +206,11 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
     counts = {name: {"windows": 0, "tokens": 0, "sequences": set(), "documents": set()} for name in SPLITS}
     carry = None
     try:
-        for entry in manifest.shards:
+        for number, entry in enumerate(manifest.shards):
             table = pq.read_table(shard_dir / entry["file"])
             split_of_row = np.array([assignment[d] for d in table["document_id"].to_pylist()])
-            windows, carry = shard_windows(table, manifest, params, carry)
+            following = following_rows(shard_dir, manifest, manifest.shards[number + 1 :], params.token_horizon)
+            windows, carry = shard_windows(table, manifest, params, carry, following)
             per_token = windows.num_rows // max(table.num_rows, 1)
             for name in SPLITS:
                 rows = np.flatnonzero(split_of_row == name)
@@ -155,7 +240,8 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
         "target_layers": list(range(params.context_length - 1 + params.horizon, L)),
         "domains": manifest.domains,
         "has_stale_gate": (manifest.capture.get("lookahead") or 0) >= params.horizon,
-        "params": as_dict(params),
+        **temporal_extents(params, manifest),
+        "params": summary_params(params),
         "leakage_check": "passed: no document in more than one split",
         "splits": {
             name: {

@@ -38,6 +38,12 @@ class Predictor:
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
         raise NotImplementedError
 
+    def data_geometry(self, train: WindowSet) -> dict:
+        """Geometry entries read from the training windows (saved in the checkpoint, so load rebuilds the same
+        model); raise PipelineError when the windows lack an input this architecture needs. Cheap: an ensemble
+        asks every member before training any."""
+        return {}
+
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 

@@ -2,9 +2,12 @@
 loss (the test split is never seen here), non-finite checks, seeded batch order, per-epoch logging.
 
 A subclass provides `build_module()` (an nn.Module mapping a batch dict to (expert_logits (B, E),
-confidence_logit (B,))) and inherits fit/score/state. The loss is soft-target cross-entropy against the target
-layer's gate weights renormalised over the routed set (so the whole top-k set is a target, the highest-weight
-expert most), plus BCE of the confidence head on "top-ranked expert == highest-weight target expert".
+confidence_logit (B,), *extra outputs)) and inherits fit/score/state. The loss is soft-target cross-entropy
+against the target layer's gate weights renormalised over the routed set (so the whole top-k set is a target, the
+highest-weight expert most), plus BCE of the confidence head on "top-ranked expert == highest-weight target
+expert". Hooks for architectures that need more: `batch()` (extra inputs: extend it, call super),
+`data_geometry()` (sizes only the data knows, e.g. the hidden-state width), `target_loss()` and
+`auxiliary_loss()` (other objectives, extra heads).
 """
 
 from __future__ import annotations
@@ -33,14 +36,26 @@ def resolve_device(name: str) -> torch.device:
 
 def target_distribution(windows: WindowSet, num_experts: int) -> np.ndarray:
     """(N, E) float32: each window's gate weights over its routed experts, summing to 1."""
-    dist = np.zeros((len(windows), num_experts), dtype=np.float32)
-    rows = np.repeat(np.arange(len(windows)), windows.target_experts.shape[1])
-    experts = windows.target_experts.reshape(-1).astype(np.int64)
-    weights = np.clip(windows.target_weights.reshape(-1), 1e-6, None)  # a zero-weight routed expert still counts
+    return gate_distribution(windows.target_experts, windows.target_weights, num_experts)
+
+
+def gate_distribution(routed: np.ndarray, gate_weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """(N, k) routed experts (-1 = none) and their gate weights -> (N, E) float32 summing to 1 (0 if none)."""
+    dist = np.zeros((len(routed), num_experts), dtype=np.float32)
+    rows = np.repeat(np.arange(len(routed)), routed.shape[1])
+    experts = routed.reshape(-1).astype(np.int64)
+    weights = np.clip(gate_weights.reshape(-1), 1e-6, None)  # a zero-weight routed expert still counts
     keep = experts >= 0
     np.add.at(dist, (rows[keep], experts[keep]), weights[keep])
     total = dist.sum(axis=1, keepdims=True)
     return np.divide(dist, total, out=np.zeros_like(dist), where=total > 0)
+
+
+def expert_ids(experts: np.ndarray, num_experts: int, device: torch.device) -> torch.Tensor:
+    """Expert ids of any shape as int64, -1 (no expert) mapped to E: the padding row of every expert embedding."""
+    ids = experts.astype(np.int64)
+    ids[ids < 0] = num_experts
+    return torch.from_numpy(ids).to(device)
 
 
 class NeuralPredictor(Predictor):
@@ -49,34 +64,49 @@ class NeuralPredictor(Predictor):
     def __init__(self, geometry: dict, params: dict):
         super().__init__(geometry, params)
         self.section = params.get(self.arch, {})
-        torch.manual_seed(params["seed"])
-        self.module = self.build_module()
+        self.module = self._build()
 
-    def build_module(self) -> nn.Module:
+    def _build(self) -> nn.Module | None:
+        torch.manual_seed(self.params["seed"])  # the same initial weights for a seed, however often it is built
+        return self.build_module()
+
+    def build_module(self) -> nn.Module | None:
+        """The model for self.geometry; None while it needs a size only the data tells (see data_geometry)."""
         raise NotImplementedError
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         """Model inputs for `rows`; -1 (no expert) becomes index E, an embedding reserved for padding."""
-        context = windows.context_experts[rows].astype(np.int64)
-        context[context < 0] = self.num_experts
         return {
-            "context_experts": torch.from_numpy(context).to(device),  # (B, c, k)
+            "context_experts": expert_ids(windows.context_experts[rows], self.num_experts, device),  # (B, c, k)
             "target_layer": torch.from_numpy(windows.target_layer[rows].astype(np.int64)).to(device),  # (B,)
         }
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        return sum(p.numel() for p in self.module.parameters()) if self.module is not None else 0
+
+    def target_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Soft cross-entropy of expert logits (B, E) against the gate-weight distribution (B, E)."""
+        return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+    def auxiliary_loss(self, outputs: tuple, inputs: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """Loss of extra heads (outputs[2:]), added to the target loss; 0 for single-head models."""
+        return 0.0
 
     def _loss(self, inputs, target, top1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, confidence_logit = self.module(inputs)
-        loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+        outputs = self.module(inputs)
+        logits, confidence_logit = outputs[0], outputs[1]
+        loss = self.target_loss(logits.float(), target)
         correct = (logits.argmax(dim=-1) == top1).float()
         loss = loss + 0.1 * F.binary_cross_entropy_with_logits(confidence_logit.float(), correct)
-        return loss, logits, correct
+        return loss + self.auxiliary_loss(outputs, inputs), logits, correct
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
         started = time.time()
         p = self.params
+        extra = self.data_geometry(train)
+        if self.module is None or any(self.geometry.get(name) != value for name, value in extra.items()):
+            self.geometry = {**self.geometry, **extra}
+            self.module = self._build()
         device = resolve_device(p["device"])
         self.module.to(device)
         generator = np.random.default_rng(p["seed"])
@@ -145,11 +175,13 @@ class NeuralPredictor(Predictor):
     @torch.no_grad()
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
         self.module.eval()
-        logits, confidence_logit = self.module(self.batch(windows, np.arange(len(windows)), torch.device("cpu")))
+        logits, confidence_logit = self.module(self.batch(windows, np.arange(len(windows)), torch.device("cpu")))[:2]
         return torch.softmax(logits.float(), dim=-1).numpy(), torch.sigmoid(confidence_logit.float()).numpy()
 
     def state(self) -> dict[str, np.ndarray]:
         return {name: tensor.detach().cpu().numpy() for name, tensor in self.module.state_dict().items()}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.module is None:
+            raise PipelineError(f"{self.arch}: checkpoint geometry lacks the sizes its module needs; re-run the train stage")
         self.module.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})

@@ -1,0 +1,55 @@
+"""`hidden_mlp`: predicts the experts of MoE layer t from the hidden state of the token entering layer t-h (the
+last context layer), not from routing ids: what a router h layers later will do, read off the residual stream.
+Needs `collect.capture.hidden_states: true` (windows then carry column `hidden_state`, stages/window_data.py).
+
+The hidden state is LayerNorm-ed (raw residual streams differ in scale between layers and models), joined with
+the target layer's embedding (each target has its own router) and passed through an MLP. Trained like every
+neural predictor against the target router's gate-weight distribution (soft cross-entropy, neural.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.errors import PipelineError
+from stages.predictors.layers import Heads, mlp_stack
+from stages.predictors.neural import NeuralPredictor
+from stages.window_data import WindowSet
+
+
+class HiddenMLP(nn.Module):
+    def __init__(self, hidden_dim: int, num_layers: int, num_experts: int, layer_dim: int, hidden: list[int], dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.target = nn.Embedding(num_layers, layer_dim)
+        self.trunk, width = mlp_stack(hidden_dim + layer_dim, hidden, dropout)
+        self.heads = Heads(width, num_experts)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.norm(inputs["hidden_state"])  # (B, D)
+        return self.heads(self.trunk(torch.cat([state, self.target(inputs["target_layer"])], dim=1)))
+
+
+class HiddenMLPPredictor(NeuralPredictor):
+    arch = "hidden_mlp"
+
+    def data_geometry(self, train: WindowSet) -> dict:
+        if train.hidden_state is None:
+            raise PipelineError("train.arch: hidden_mlp needs hidden states; set collect.capture.hidden_states: true "
+                                "and re-run collect, shard and windows")
+        return {"hidden_dim": int(train.hidden_state.shape[1])}
+
+    def build_module(self) -> nn.Module | None:
+        if not self.geometry.get("hidden_dim"):
+            return None  # the width is known once fit sees the windows (or the checkpoint's geometry has it)
+        g, s = self.geometry, self.section
+        return HiddenMLP(g["hidden_dim"], g["num_layers"], g["num_experts"], s["layer_dim"], s["hidden"], s["dropout"])
+
+    def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        if windows.hidden_state is None:
+            raise PipelineError("hidden_mlp: these windows carry no hidden_state column; re-run the windows stage on shards with hidden states")
+        inputs = super().batch(windows, rows, device)
+        inputs["hidden_state"] = torch.from_numpy(windows.hidden_state[rows].astype(np.float32)).to(device)  # (B, D)
+        return inputs

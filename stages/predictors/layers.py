@@ -1,0 +1,74 @@
+"""Building blocks the neural predictors share: context embeddings, MLP stacks and the expert/confidence heads.
+
+Expert ids arrive with -1 ("no expert") already mapped to index E (see NeuralPredictor.batch), the padding row
+of every expert embedding here, so a missing expert contributes a zero vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp_stack(in_dim: int, sizes: list[int], dropout: float) -> tuple[nn.Sequential, int]:
+    """Linear -> GELU -> Dropout per entry of `sizes`; returns the stack and its output width."""
+    blocks: list[nn.Module] = []
+    for size in sizes:
+        blocks += [nn.Linear(in_dim, size), nn.GELU()]
+        if dropout:
+            blocks.append(nn.Dropout(dropout))
+        in_dim = size
+    return nn.Sequential(*blocks), in_dim
+
+
+def expert_embedding(num_experts: int, dim: int) -> nn.Embedding:
+    return nn.Embedding(num_experts + 1, dim, padding_idx=num_experts)  # +1: the "no expert" row, kept at zero
+
+
+class FlatContext(nn.Module):
+    """Every context expert slot embedded and concatenated (keeps layer and best-first slot order), plus the
+    target layer's embedding: (B, c, k) ids and (B,) target -> (B, c*k*d + d)."""
+
+    def __init__(self, num_experts: int, num_layers: int, dim: int):
+        super().__init__()
+        self.experts = expert_embedding(num_experts, dim)
+        self.target = nn.Embedding(num_layers, dim)
+
+    def forward(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        flat = self.experts(context).flatten(1)  # (B, c*k*d)
+        return torch.cat([flat, self.target(target)], dim=1)  # (B, c*k*d + d)
+
+    @staticmethod
+    def width(context_length: int, top_k: int, dim: int) -> int:
+        return context_length * top_k * dim + dim
+
+
+class LayerTokens(nn.Module):
+    """One vector per context layer: its k best-first expert embeddings concatenated and projected to d, plus
+    an embedding of the layer's absolute position (context layer j of target t is t - h - c + 1 + j), so that
+    sequence models see which layers they read. (B, c, k), (B,) -> (B, c, d)."""
+
+    def __init__(self, num_experts: int, top_k: int, num_layers: int, horizon: int, dim: int):
+        super().__init__()
+        self.horizon = horizon
+        self.experts = expert_embedding(num_experts, dim)
+        self.project = nn.Linear(top_k * dim, dim)
+        self.layer = nn.Embedding(num_layers, dim)
+
+    def forward(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        B, c, _ = context.shape
+        slots = self.experts(context).reshape(B, c, -1)  # (B, c, k*d)
+        layers = target[:, None] - self.horizon - c + 1 + torch.arange(c, device=context.device)[None, :]  # (B, c)
+        return self.project(slots) + self.layer(layers)  # (B, c, d)
+
+
+class Heads(nn.Module):
+    """Expert logits (B, E) and a confidence logit (B,) from features (B, d), one linear map for both."""
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_experts + 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.linear(features)  # (B, E+1)
+        return out[:, :-1], out[:, -1]

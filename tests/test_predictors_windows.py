@@ -1,0 +1,102 @@
+"""The windows stage's optional predictor inputs (temporal context/horizon, hidden state), checked against a
+per-token reference on hand-made shards whose sequences cross shard boundaries; defaults add nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import traces
+from stages.params import parse_section
+from stages.window_data import SPLITS, read_summary, read_windows
+from stages.windows import build_windows
+
+L, K, E, D = 6, 2, 8, 4
+LENGTHS = [7, 5, 6]  # tokens per sequence
+SHARD_ROWS = [8, 3, 7]  # the middle shard is shorter than the look-back and look-ahead: both must span shards
+BASE_COLUMNS = ["sequence_id", "domain", "position", "target_layer", "context_experts", "target_experts",
+                "target_weights", "prev_token_experts"]
+
+
+def write_shards(directory, hidden_dim: int = 0) -> dict:
+    """Shards of len(LENGTHS) one-sequence documents; returns the token arrays for the reference."""
+    rng = np.random.default_rng(0)
+    n = sum(LENGTHS)
+    tokens = {
+        "sequence_id": np.repeat([f"d/{i}/0" for i in range(len(LENGTHS))], LENGTHS),
+        "position": np.concatenate([np.arange(m) for m in LENGTHS]).astype(np.int32),
+        "experts": rng.integers(0, E, (n, L, K)).astype(np.int16),
+        "weights": rng.random((n, L, K)).astype(np.float32),
+        "hidden_states": rng.normal(size=(n, L, max(hidden_dim, 1))).astype(np.float16),
+    }
+    schema = traces.schema(L, K, E, hidden_dim)
+    entries, start = [], 0
+    for number, rows in enumerate(SHARD_ROWS):
+        part = slice(start, start + rows)
+        data = {
+            "sequence_id": tokens["sequence_id"][part], "document_id": tokens["sequence_id"][part],
+            "domain": np.repeat("d", rows), "position": tokens["position"][part],
+            "token_id": np.zeros(rows, np.int32), "generated": np.zeros(rows, bool),
+        }
+        columns = {name: pa.array(values, type=schema.field(name).type) for name, values in data.items()}
+        columns["experts"] = traces.nested_array(tokens["experts"][part], pa.int16())
+        columns["weights"] = traces.nested_array(tokens["weights"][part], pa.float32())
+        if hidden_dim:
+            columns["hidden_states"] = traces.nested_array(tokens["hidden_states"][part], pa.float16())
+        name = f"shard-{number:05d}.parquet"
+        pq.write_table(pa.table(columns, schema=schema), directory / name)
+        entries.append({"file": name, "rows": rows, "sha256": traces.sha256_file(directory / name)})
+        start += rows
+    traces.Manifest(
+        model="synthetic", family="none", moe_layers=list(range(L)), layer_stacks=["decoder"] * L, num_experts=E,
+        top_k=K, shared_experts=0, domains=["d"], shards=entries,
+        capture={"router_probs": False, "hidden_dim": hidden_dim, "lookahead": 0}, collect={}, rows=n,
+    ).write(directory / traces.MANIFEST_NAME)
+    return tokens
+
+
+def build(tmp_path, windows: dict, hidden_dim: int = 0):
+    shards, out = tmp_path / "shards", tmp_path / "windows"
+    shards.mkdir()
+    out.mkdir()
+    tokens = write_shards(shards, hidden_dim)
+    params = parse_section("windows", {"split": {"fractions": [0.34, 0.33, 0.33]}, **windows})
+    build_windows(shards, out, params)
+    return tokens, out
+
+
+def test_defaults_add_no_column_and_no_summary_key(tmp_path) -> None:
+    _, out = build(tmp_path, {"context_length": 2})
+    for split in SPLITS:
+        assert pq.read_schema(out / f"{split}.parquet").names == BASE_COLUMNS
+    summary = read_summary(out)
+    assert not {"token_context", "token_horizon", "hidden_dim"} & (set(summary) | set(summary["params"]))
+
+
+@pytest.mark.parametrize("horizon", [1, 2])
+def test_temporal_and_hidden_columns_match_a_per_token_reference(tmp_path, horizon) -> None:
+    T, H, c = 2, 4, 2
+    tokens, out = build(tmp_path, {"context_length": c, "horizon": horizon, "token_context": T, "token_horizon": H}, D)
+    row_of = {(s, int(p)): i for i, (s, p) in enumerate(zip(tokens["sequence_id"], tokens["position"]))}
+    checked = 0
+    for split in SPLITS:
+        w = read_windows(out, split)
+        for n in range(len(w)):
+            i = row_of[(w.sequence_ids[w.sequence_index[n]], int(w.position[n]))]
+            sequence, position, t = tokens["sequence_id"][i], int(tokens["position"][i]), int(w.target_layer[n])
+            layers = list(range(t - horizon - c + 1, t - horizon + 1)) + [t]
+            for tau in range(T):  # token i - T + tau, oldest first
+                j = row_of.get((sequence, position - T + tau))
+                expected = tokens["experts"][j][layers] if j is not None else np.full((c + 1, K), -1)
+                np.testing.assert_array_equal(w.token_context_experts[n, tau], expected)
+            for ahead in range(H):  # token i + 1 + ahead
+                j = row_of.get((sequence, position + 1 + ahead))
+                np.testing.assert_array_equal(w.next_token_experts[n, ahead], tokens["experts"][j, t] if j is not None else [-1] * K)
+                np.testing.assert_array_equal(w.next_token_weights[n, ahead], tokens["weights"][j, t] if j is not None else [0] * K)
+            np.testing.assert_array_equal(w.hidden_state[n], tokens["hidden_states"][i, t - horizon])
+            previous = row_of.get((sequence, position - 1))
+            np.testing.assert_array_equal(w.prev_token_experts[n], tokens["experts"][previous, t] if previous is not None else [-1] * K)
+            checked += 1
+    assert checked == sum(LENGTHS) * (L - c + 1 - horizon)
