@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages import traces
@@ -60,30 +61,42 @@ def assign_splits(document_ids: list[str], domains_of: dict[str, str], params: W
 class TokenRows:
     """Consecutive token rows (ordered by sequence, then position): what neighbouring-token lookups index."""
 
-    sequence: np.ndarray  # (n,) object: sequence id
+    sequence: np.ndarray  # (n,) int64 run code: equal for adjacent rows of one sequence, consistent across shards
     position: np.ndarray  # (n,) int32
     experts: np.ndarray  # (n, L, k) int16
     weights: np.ndarray  # (n, L, k) float32
+    last_sequence_id: str | None = None  # id of the last row, so the next shard continues its run code
 
     @staticmethod
-    def of(table: pa.Table, manifest: traces.Manifest) -> TokenRows:
+    def of(table: pa.Table, manifest: traces.Manifest, before: TokenRows | None = None) -> TokenRows:
+        """Rows of `table`; run codes continue those of `before` (the rows just before it), if given."""
         L, k = manifest.num_layers, manifest.top_k
+        ids = table["sequence_id"].combine_chunks()
+        n = len(ids)
+        change = np.ones(n, dtype=bool)  # a new sequence starts at this row
+        if n > 1:  # Arrow compares the strings without building Python objects
+            change[1:] = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        previous = int(before.sequence[-1]) if before is not None and len(before) else -1
+        if n and before is not None and before.last_sequence_id == ids[0].as_py():
+            change[0] = False
         return TokenRows(
-            np.asarray(table["sequence_id"].to_pylist(), dtype=object),
+            previous + np.cumsum(change),
             table["position"].to_numpy(),
             traces.column_to_numpy(table["experts"], (L, k)),
             traces.column_to_numpy(table["weights"], (L, k)),
+            ids[n - 1].as_py() if n else (before.last_sequence_id if before is not None else None),
         )
 
     def __len__(self) -> int:
         return len(self.position)
 
     def __getitem__(self, rows: slice) -> TokenRows:
-        return TokenRows(self.sequence[rows], self.position[rows], self.experts[rows], self.weights[rows])
+        return TokenRows(self.sequence[rows], self.position[rows], self.experts[rows], self.weights[rows], self.last_sequence_id)
 
     @staticmethod
     def concat(parts: list[TokenRows]) -> TokenRows:
-        return TokenRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("sequence", "position", "experts", "weights")))
+        arrays = (np.concatenate([getattr(p, f) for p in parts]) for f in ("sequence", "position", "experts", "weights"))
+        return TokenRows(*arrays, next((p.last_sequence_id for p in reversed(parts) if len(p)), None))
 
 
 def neighbours(rows: TokenRows, start: int, stop: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +111,7 @@ def neighbours(rows: TokenRows, start: int, stop: int, offsets: np.ndarray) -> t
     return index, exists
 
 
-def following_rows(shard_dir: Path, manifest: traces.Manifest, entries: list[dict], count: int) -> TokenRows | None:
+def following_rows(shard_dir: Path, entries: list[dict], count: int) -> pa.Table | None:
     """The first `count` token rows of the shards in `entries` (the next-token look-ups past a shard's end),
     read batch by batch so that only those rows are decoded."""
     if count <= 0:
@@ -110,22 +123,23 @@ def following_rows(shard_dir: Path, manifest: traces.Manifest, entries: list[dic
             batches.append(batch.slice(0, need))
             need -= batches[-1].num_rows
             if need <= 0:
-                return TokenRows.of(pa.Table.from_batches(batches), manifest)
-    return TokenRows.of(pa.Table.from_batches(batches), manifest) if batches else None
+                return pa.Table.from_batches(batches)
+    return pa.Table.from_batches(batches) if batches else None
 
 
 def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsParams, carry: TokenRows | None,
-                  following: TokenRows | None = None):
+                  following: pa.Table | None = None):
     """All windows of one shard as a pyarrow Table (token-major, then target layer), plus the new carry.
     `carry` = the last token rows before this shard, `following` = the first rows after it (token context and
     next-token columns of the shard's edge tokens look there)."""
     L, k = manifest.num_layers, manifest.top_k
     c, h, T, H = params.context_length, params.horizon, params.token_context, params.token_horizon
     n = table.num_rows
-    current = TokenRows.of(table, manifest)
+    current = TokenRows.of(table, manifest, carry)
     experts, weights = current.experts, current.weights  # (n, L, k)
     before = carry if carry is not None else current[:0]
-    rows = TokenRows.concat([before, current, following if following is not None else current[:0]])
+    after = [TokenRows.of(following, manifest, current)] if following is not None else []
+    rows = TokenRows.concat([before, current, *after])
     start, stop = len(before), len(before) + n
     index, exists = neighbours(rows, start, stop, np.array([-1]))
     previous = np.where(exists[:, :, None, None], rows.experts[index], -1)[:, 0]  # (n, L, k)
@@ -135,8 +149,8 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     context_layers = targets[:, None] - h - c + 1 + np.arange(c)[None, :]  # (G, c)
     context = experts[:, context_layers, :]  # (n, G, c, k)
     columns = {
-        "sequence_id": pa.array(np.repeat(current.sequence, G), type=pa.string()),
-        "domain": pa.array(np.repeat(np.asarray(table["domain"].to_pylist(), dtype=object), G), type=pa.string()),
+        "sequence_id": table["sequence_id"].take(np.repeat(np.arange(n), G)),
+        "domain": table["domain"].take(np.repeat(np.arange(n), G)),
         "position": pa.array(np.repeat(current.position, G), type=pa.int32()),
         "target_layer": pa.array(np.tile(targets, n).astype(np.int16), type=pa.int16()),
         "context_experts": traces.nested_array(context.reshape(n * G, c * k), pa.int16()),
@@ -195,11 +209,11 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
             f"windows.context_length + windows.horizon: {params.context_length} + {params.horizon} exceeds the model's "
             f"{L} MoE layers; need context_length + horizon <= {L}"
         )
-    meta_columns = []
-    for entry in manifest.shards:
-        meta_columns.append(pq.read_table(traces.verify_shard(shard_dir, entry), columns=["document_id", "domain"]))
-    docs = pa.concat_tables(meta_columns)
-    domains_of = dict(zip(docs["document_id"].to_pylist(), docs["domain"].to_pylist()))
+    domains_of: dict[str, str] = {}
+    for entry in manifest.shards:  # distinct (document, domain) pairs, one shard at a time: memory ~ documents
+        docs = pq.read_table(traces.verify_shard(shard_dir, entry), columns=["document_id", "domain"])
+        pairs = docs.group_by(["document_id", "domain"]).aggregate([])
+        domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
     assignment = assign_splits(list(domains_of), domains_of, params, manifest.domains)
 
     writers: dict[str, pq.ParquetWriter] = {}
@@ -208,12 +222,14 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
     try:
         for number, entry in enumerate(manifest.shards):
             table = pq.read_table(shard_dir / entry["file"])
-            split_of_row = np.array([assignment[d] for d in table["document_id"].to_pylist()])
-            following = following_rows(shard_dir, manifest, manifest.shards[number + 1 :], params.token_horizon)
+            documents = table["document_id"].combine_chunks().dictionary_encode()
+            split_of_document = np.array([SPLITS.index(assignment[d]) for d in documents.dictionary.to_pylist()])
+            split_of_row = split_of_document[documents.indices.to_numpy()]
+            following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
             windows, carry = shard_windows(table, manifest, params, carry, following)
             per_token = windows.num_rows // max(table.num_rows, 1)
-            for name in SPLITS:
-                rows = np.flatnonzero(split_of_row == name)
+            for code, name in enumerate(SPLITS):
+                rows = np.flatnonzero(split_of_row == code)
                 if not len(rows):
                     continue
                 window_rows = (rows[:, None] * per_token + np.arange(per_token)[None, :]).reshape(-1)
@@ -223,8 +239,8 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
                 writers[name].write_table(part)
                 counts[name]["windows"] += part.num_rows
                 counts[name]["tokens"] += len(rows)
-                counts[name]["sequences"].update(table["sequence_id"].take(pa.array(rows)).to_pylist())
-                counts[name]["documents"].update(table["document_id"].take(pa.array(rows)).to_pylist())
+                for column, key in (("sequence_id", "sequences"), ("document_id", "documents")):
+                    counts[name][key].update(pc.unique(table[column].take(rows)).to_pylist())
     finally:
         for writer in writers.values():
             writer.close()
