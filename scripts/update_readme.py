@@ -47,7 +47,7 @@ def tiny_model_section(report: dict) -> str:
     )
     header = ["MoE layer"] + [f"{d} {c}" for d in domains for c in ("max/fair", "load entropy (bits)", "favourite = top-1")]
     return "\n\n".join([
-        f"{report['parameters']:,} parameters, trained {report['train_seconds']:.0f} s on 2 CPU cores.",
+        f"{report['parameters']:,} parameters; {report['train_seconds']:.0f} s of wall-clock training on the shared 2-core development machine (about 6 minutes on an idle one).",
         table(["domain", "val loss (nats/token)", "unigram val loss", "val tokens"], loss_rows),
         f"Most-used expert's share of routed slots over its fair share (1/16), per domain — {summary}. "
         "Load entropy is of the per-layer expert load (max 4 bits); \"favourite = top-1\" is how often the layer's "
