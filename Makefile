@@ -23,7 +23,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, Row, Stats, alternate, command_line, finish, parser, print_sides
+from common import REPO, Row, alternate, command_line, finish, parser, print_sides
 
 TARGET_FULL = 600.0
 TARGET_NOOP = 10.0

@@ -108,7 +108,7 @@ def throughput(args, rows: list[Row]) -> None:
 
 
 def time_to_lookup(args, rows: list[Row]) -> None:
-    from stages.predictors import ARCHITECTURES, LookupPredictor
+    from stages.predictors import ARCHITECTURES
     from stages.predictors.neural import NeuralPredictor
     from stages.train import geometry_of
     from stages.window_data import read_summary, read_windows

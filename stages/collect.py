@@ -3,38 +3,40 @@
 Writes `<out>/chunk-NNNNN.parquet` (one row per non-padding token, schema in stages/traces.py) as collection
 proceeds, and `<out>/meta.json` last. Resumable: chunk files are complete or absent (written to a temp name,
 then renamed), and a re-run with the same plan (params, model, token ids) skips the chunks already written.
-Data-parallel under `accelerate launch`: process r collects chunks r, r+N, ...; the shard stage merges them.
+Data-parallel: under `accelerate launch --multi_gpu --num_processes N` (also on a CPU-only machine: gloo) or
+`torchrun --nproc_per_node N`, process r collects chunks r, r+N, ...; the shard stage merges them. (`accelerate
+launch --cpu --num_processes N` starts a single process unless an MPI hostfile is given.)
+
+collect.mode generate records decode-time routing (stages/generation.py); collect.import reads routing recorded
+elsewhere instead of running a model (stages/importer.py). Memory: the plan (token ids) plus one chunk of rows.
 
     python -m stages.collect --out data/traces
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
 from stages import traces
-from stages.common import atomic_path, run_stage, write_json
+from stages.common import atomic_path, run_stage, stage_arguments, write_json
 from stages.errors import PipelineError
-from stages.models import load_model_and_tokenizer
-from stages.params import CollectParams, as_dict, load_section
-from stages.routing import adapter_for
-from stages.routing.recorder import RoutingRecorder
+from stages.params import CollectParams, as_dict
 from stages.sources import SourceSpec, iter_documents, source_fingerprint
 
-META_NAME = "meta.json"
 PLAN_NAME = "plan.json"
+ROUTING_COLUMNS = ("experts", "weights", "router_probs", "hidden_states", "lookahead_experts")
 
 
 @dataclass
@@ -71,9 +73,10 @@ def plan_sequences(params: CollectParams, tokenizer) -> list[PlannedSequence]:
     return planned
 
 
-def plan_digest(params: CollectParams, planned: list[PlannedSequence]) -> str:
-    """Identifies what a run will produce: params (minus batching-only knobs that don't change results) + tokens."""
+def plan_digest(params: CollectParams, planned: list[PlannedSequence], model_fingerprint: str) -> str:
+    """Identifies what a run will produce: the params, the model's weights and every planned token id."""
     digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode())
+    digest.update(model_fingerprint.encode())
     for seq in planned:
         digest.update(f"{seq.sequence_id}\t{seq.document_id}\t{','.join(map(str, seq.token_ids))}\n".encode())
     return digest.hexdigest()
@@ -87,32 +90,34 @@ def prepare_output(out: Path, digest: str, is_main: bool) -> None:
         if not same and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / META_NAME).unlink(missing_ok=True)  # meta marks a finished run; it is rewritten at the end
+        (out / traces.META_NAME).unlink(missing_ok=True)  # meta marks a finished run; it is rewritten at the end
         for stale in out.glob(".chunk-*"):
             shutil.rmtree(stale, ignore_errors=True)
         write_json(plan_file, {"digest": digest})
 
 
-def chunk_table(sequences: list[PlannedSequence], arrays: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
-    """Rows for the non-padding tokens of a chunk's sequences; arrays are (num_seqs, seq_len, ...)."""
-    lengths = np.array([len(s.token_ids) for s in sequences])
-    keep = np.arange(arrays["experts"].shape[1])[None, :] < lengths[:, None]  # (B, S) non-padding
+def chunk_table(sequences: list, rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """One table from per-sequence row dicts (stages/generation.py); `sequences` give sequence_id, document_id, domain."""
+    counts = [len(r["position"]) for r in rows]
     columns = {
-        "sequence_id": np.repeat([s.sequence_id for s in sequences], lengths),
-        "document_id": np.repeat([s.document_id for s in sequences], lengths),
-        "domain": np.repeat([s.domain for s in sequences], lengths),
-        "position": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
-        "token_id": np.concatenate([np.asarray(s.token_ids, dtype=np.int32) for s in sequences]),
-        "generated": np.zeros(int(lengths.sum()), dtype=bool),
+        "sequence_id": np.repeat([s.sequence_id for s in sequences], counts),
+        "document_id": np.repeat([s.document_id for s in sequences], counts),
+        "domain": np.repeat([s.domain for s in sequences], counts),
+        **{name: np.concatenate([r[name] for r in rows]) for name in ("position", "token_id", "generated")},
     }
     data = {name: pa.array(values, type=schema.field(name).type) for name, values in columns.items()}
-    for name in ("experts", "weights", "router_probs", "hidden_states", "lookahead_experts"):
-        if name in arrays:
+    for name in ROUTING_COLUMNS:
+        if name in schema.names:
             field_type = schema.field(name).type
             while pa.types.is_fixed_size_list(field_type):
                 field_type = field_type.value_type
-            data[name] = traces.nested_array(arrays[name][keep], field_type)
+            data[name] = traces.nested_array(np.concatenate([r[name] for r in rows]), field_type)
     return pa.table(data, schema=schema)
+
+
+def write_chunk(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as temp:
+        pq.write_table(table, temp)
 
 
 def model_info(params: CollectParams, adapter, stored_hidden_dim: int) -> dict:
@@ -133,17 +138,48 @@ def model_info(params: CollectParams, adapter, stored_hidden_dim: int) -> dict:
     }
 
 
-def collect(params: CollectParams, out: Path) -> None:
-    """Run the model over the planned sequences and write trace chunks plus meta.json into `out`."""
+def distributed_state(device: str):
+    """accelerate's PartialState; cpu=True unless the model runs on CUDA (else a CPU-only launch is not distributed)."""
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu, timeout=timedelta(hours=12))  # ranks wait for the slowest at the end: allow long runs
+
+
+def collect(params: CollectParams, out: Path) -> None:
+    """Run the model over the planned sequences and write trace chunks plus meta.json into `out`."""
+    if params.import_glob is not None:
+        from stages.importer import import_traces
+
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer if launched with several processes
+            import_traces(params, out)
+        return
+    for raw in params.sources:  # a bad source spec fails before the model is loaded
+        SourceSpec.parse(raw)
+    # torch and the model code load here, not at module import: shard and collect.import use this module's helpers
+    import torch
+
+    from stages.generation import check_generate, eos_token_ids, forward_rows, generate_rows
+    from stages.models import load_config, load_model, load_tokenizer, model_fingerprint
+    from stages.routing import FAMILIES, adapter_for
+    from stages.routing.recorder import RoutingRecorder
+
+    state = distributed_state(params.device)
     torch.manual_seed(params.seed)
-    model, tokenizer = load_model_and_tokenizer(params.model, params.dtype, params.device)
+    model_type = getattr(load_config(params.model), "model_type", None)
+    if model_type not in FAMILIES:  # checked before the weights load
+        raise PipelineError(f"collect.model: {params.model!r} is a {model_type!r} model, not one of the supported MoE families "
+                            f"({', '.join(sorted(FAMILIES))}); a dense model has no routing to record")
+    tokenizer = load_tokenizer(params.model)
+    planned = plan_sequences(params, tokenizer)  # before the weights load: a bad source fails fast
+    digest = plan_digest(params, planned, model_fingerprint(params.model))
+    device = str(state.device) if params.device == "cuda" and state.num_processes > 1 else params.device  # one GPU per rank
+    model = load_model(params.model, params.dtype, device)
     adapter = adapter_for(model)
-    planned = plan_sequences(params, tokenizer)
-    digest = plan_digest(params, planned)
-    prepare_output(out, digest, state.is_main_process)
+    if params.mode == "generate":
+        check_generate(adapter)
+    prepare_output(out, digest, state.is_main_process)  # only now: a failure above leaves `out` as it was
     state.wait_for_everyone()
 
     stored_hidden = (params.capture.hidden_dim or int(model.config.hidden_size)) if params.capture.hidden_states else 0
@@ -152,65 +188,59 @@ def collect(params: CollectParams, out: Path) -> None:
     )
     recorder = RoutingRecorder(adapter, params.capture, projection_seed=params.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    model_device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model)
     chunk_starts = list(range(0, len(planned), params.sequences_per_chunk))
     mine = chunk_starts[state.process_index :: state.num_processes]
     progress = tqdm(total=sum(len(planned[s : s + params.sequences_per_chunk]) for s in mine), unit="seq",
                     desc=f"collect[{state.process_index}]", disable=None)
-    tokens_done = 0
+    tokens_done, resumed, started = 0, [], time.perf_counter()
     for start in mine:
         path = out / f"chunk-{start // params.sequences_per_chunk:05d}.parquet"
         sequences = planned[start : start + params.sequences_per_chunk]
         if path.exists():
+            resumed.append(path.name)
             progress.update(len(sequences))
             continue
-        parts: dict[str, list[np.ndarray]] = {}
+        rows: list[dict] = []  # this chunk only: memory does not grow with num_sequences
         for b in range(0, len(sequences), params.batch_size):
-            batch = sequences[b : b + params.batch_size]
-            width = max(len(s.token_ids) for s in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):
-                input_ids[row, : len(seq.token_ids)] = torch.tensor(seq.token_ids)
-                mask[row, : len(seq.token_ids)] = 1
-            with torch.no_grad():
-                model(**adapter.forward_inputs(input_ids.to(device), mask.to(device)))
-            arrays = recorder.take(len(batch), width)
-            padded = {name: np.pad(a, [(0, 0), (0, params.seq_len - width)] + [(0, 0)] * (a.ndim - 2)) for name, a in arrays.items()}
-            for name, array in padded.items():
-                parts.setdefault(name, []).append(array)
-            tokens_done += int(mask.sum())
-            progress.update(len(batch))
-            progress.set_postfix(tok_s=f"{tokens_done / max(progress.format_dict['elapsed'], 1e-9):.0f}")
-        table = chunk_table(sequences, {n: np.concatenate(a) for n, a in parts.items()}, table_schema)
-        with atomic_path(path) as temp:
-            pq.write_table(table, temp)
+            token_lists = [s.token_ids for s in sequences[b : b + params.batch_size]]
+            if params.mode == "generate":
+                batch_rows = generate_rows(model, adapter, recorder, token_lists, pad_id, model_device, params.max_new_tokens, eos_ids)
+            else:
+                batch_rows = forward_rows(model, adapter, recorder, token_lists, pad_id, model_device)
+            rows.extend(batch_rows)
+            tokens_done += sum(len(r["position"]) for r in batch_rows)
+            progress.update(len(token_lists))
+            progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
+        write_chunk(path, chunk_table(sequences, rows, table_schema))
     progress.close()
     recorder.remove()
+    print(f"collect[{state.process_index}/{state.num_processes}]: {len(mine) - len(resumed)} chunks written "
+          f"({tokens_done} tokens, {tokens_done / (time.perf_counter() - started):.0f} tok/s), "
+          f"{len(resumed)} kept from an interrupted run", flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
-        per_domain = {}
-        for seq in planned:
-            per_domain[seq.domain] = per_domain.get(seq.domain, 0) + 1
         info = model_info(params, adapter, stored_hidden)
         info["collect"] = {
-            "params": as_dict(params),
-            "sequences": len(planned),
-            "sequences_per_domain": per_domain,
-            "domains": list(per_domain),
-            "chunks": len(chunk_starts),
+            **run_summary(params, planned, len(chunk_starts)),
             "builtin_text_python_version": source_fingerprint(),
             "plan_digest": digest,
         }
-        write_json(out / META_NAME, info)
+        write_json(out / traces.META_NAME, info)
+
+
+def run_summary(params: CollectParams, sequences: list, chunks: int) -> dict:
+    """The part of meta.json's `collect` entry that collect and import share."""
+    per_domain: dict[str, int] = {}
+    for seq in sequences:
+        per_domain[seq.domain] = per_domain.get(seq.domain, 0) + 1
+    return {"params": as_dict(params), "sequences": len(sequences), "sequences_per_domain": per_domain,
+            "domains": list(per_domain), "chunks": chunks}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Record MoE routing of a model over text sources.")
-    parser.add_argument("--out", type=Path, required=True, help="trace directory (chunks + meta.json)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args()
-    params = load_section("collect", args.params)
+    params, args = stage_arguments("collect", "Record MoE routing of a model over text sources.", "out")
     collect(params, args.out)
 
 

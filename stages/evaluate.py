@@ -13,16 +13,15 @@ Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every le
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 
-from stages.common import atomic_path, run_stage, write_json
+from stages.common import atomic_path, run_stage, stage_arguments, write_json
 from stages.evaluation.bounds import conditional_entropy_bounds
 from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
-from stages.params import EvaluateParams, load_section
+from stages.params import EvaluateParams
 from stages.predictors import FrequencyPredictor, LookupPredictor, load_predictor
 from stages.predictors.tables import context_keys
 from stages.prefetch import cache_report
@@ -106,6 +105,11 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
     results = {name: acc.result() for name, acc in accumulators.items()}
     metrics = {
         "test_windows": len(test),
+        "data": {
+            "context_length": summary["context_length"], "horizon": summary["horizon"],
+            "num_experts": E, "top_k": k, "num_layers": summary["num_layers"],
+            **{f"{split}_{key}": counts[key] for split, counts in summary["splits"].items() for key in ("windows", "documents")},
+        },
         "predictor": {**results["predictor"], "arch_parameters": predictor.parameter_count()},
         "baselines": {name: r for name, r in results.items() if name != "predictor"},
         "bounds": {**lookup_bounds(test, E), "predictor_top1": results["predictor"]["top1"]},
@@ -126,14 +130,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Evaluate the predictor and the baselines on the test split.")
-    parser.add_argument("--windows", type=Path, required=True)
-    parser.add_argument("--predictor", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args()
-    params = load_section("evaluate", args.params)
+    params, args = stage_arguments("evaluate", "Evaluate the predictor and the baselines on the test split.",
+                                   "windows", "predictor", "metrics", "plots")
     with atomic_path(args.plots) as plots_dir:
         plots_dir.mkdir()
         metrics = evaluate(params, args.windows, args.predictor, plots_dir)

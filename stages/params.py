@@ -49,9 +49,23 @@ class CollectParams:
     device: str = _doc("cpu, cuda, cuda:N, or auto (device_map='auto' spreads a large model over all GPUs).", "cpu")
     seed: int = _doc("Seed for document order and chunk sampling.", 0)
     capture: CaptureParams = _doc("Optional captures beyond expert ids and gate weights.", factory=CaptureParams)
+    mode: Literal["forward", "generate"] = _doc(
+        "forward: one pass per sequence; generate: the sequence is a prompt (prefill), then greedy decoding with a KV cache; "
+        "the routing of prompt and generated tokens is recorded (generated=True for the latter).", "forward"
+    )
+    max_new_tokens: int = _doc("generate mode: decode steps per sequence, one generated token each (fewer if EOS comes first).", 32)
+    # YAML key `import` (a Python keyword): `_build` maps it through the field's metadata "key".
+    import_glob: str | None = field(default=None, metadata={"key": "import", "doc": (
+        "Glob of routing records (.jsonl, .csv, .parquet; stages/importer.py) imported instead of running a model; null = run the model.")})
+    num_experts: int = _doc("With import: routed experts per MoE layer; 0 = infer as the largest expert id + 1.", 0)
 
     def validate(self) -> None:
-        _positive("collect", self, "num_sequences", "seq_len", "chunks_per_document", "min_tokens", "batch_size", "sequences_per_chunk")
+        _positive("collect", self, "num_sequences", "seq_len", "chunks_per_document", "min_tokens", "batch_size", "sequences_per_chunk",
+                  "max_new_tokens")
+        if self.num_experts < 0:
+            raise PipelineError(f"collect.num_experts: must be >= 0 (0 = infer), got {self.num_experts}")
+        if self.import_glob is not None and not self.import_glob.strip():
+            raise PipelineError("collect.import: empty glob; give a path pattern or null")
         if not self.sources:
             raise PipelineError("collect.sources: must list at least one source")
         if self.sequences_per_chunk % self.batch_size:
@@ -97,9 +111,18 @@ class WindowsParams:
     context_length: int = _doc("MoE layers of routing history in a context, ending at layer l.", 3)
     horizon: int = _doc("The target is MoE layer l + horizon.", 1)
     split: SplitParams = _doc("How documents are split into train/val/test.", factory=SplitParams)
+    token_context: int = _doc(
+        "Previous tokens i-T..i-1 whose routing at the context layers and at the target layer each window carries "
+        "(column token_context_experts, -1 before the sequence start); 0 = none. Diagram: stages/window_data.py.", 0)
+    token_horizon: int = _doc(
+        "Next tokens i+1..i+H whose target-layer routing each window carries (next_token_experts/weights, -1/0 after "
+        "the sequence end) for the hybrid's temporal head; the target stays token i's own. 0 = none.", 0)
 
     def validate(self) -> None:
         _positive("windows", self, "context_length", "horizon")
+        for name in ("token_context", "token_horizon"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"windows.{name}: must be >= 0, got {getattr(self, name)}")
         self.split.validate()
 
 
@@ -122,6 +145,107 @@ class SpeculationTransformerParams:
             raise PipelineError(f"train.speculation_transformer.d_model: {self.d_model} is not divisible by heads ({self.heads})")
 
 
+def _check_network(prefix: str, section: Any, sizes: tuple[str, ...] = (), lists: tuple[str, ...] = ()) -> None:
+    """Positive sizes, non-empty lists of positive integers, dropout in [0, 1)."""
+    _positive(prefix, section, *sizes)
+    for name in lists:
+        value = getattr(section, name)
+        if not value or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
+            raise PipelineError(f"{prefix}.{name}: must be a non-empty list of integers >= 1, got {value}")
+    if not 0 <= getattr(section, "dropout", 0) < 1:
+        raise PipelineError(f"{prefix}.dropout: must be in [0, 1), got {section.dropout}")
+
+
+@dataclass
+class MLPParams:
+    prefix = "train.mlp"  # not a field (no annotation): the key errors name; subclasses reuse the checks
+    embedding_dim: int = _doc("Width of each context expert's and the target layer's embedding.", 32)
+    hidden: list = _doc(
+        "Hidden layer widths (GELU). At E=16, k=2, c=3: tiny ~17K parameters = embedding_dim 16, hidden [128]; "
+        "small ~39K = 32, [128, 64]; regularised ~208K = 48, [384, 192] with dropout 0.3.", factory=lambda: [128, 64])
+    dropout: float = _doc("Dropout after each hidden layer.", 0.0)
+
+    def validate(self) -> None:
+        _check_network(self.prefix, self, ("embedding_dim",), ("hidden",))
+
+
+@dataclass
+class LSTMParams:
+    embedding_dim: int = _doc("Width of expert embeddings and of each context layer's input vector.", 32)
+    hidden_size: int = _doc("LSTM hidden state width.", 64)
+    layers: int = _doc("Stacked LSTM layers.", 1)
+    dropout: float = _doc("Dropout between stacked LSTM layers and before the heads.", 0.0)
+
+    def validate(self) -> None:
+        _check_network("train.lstm", self, ("embedding_dim", "hidden_size", "layers"))
+
+
+@dataclass
+class LayerSpecificParams(MLPParams):
+    prefix = "train.layer_specific"
+    hidden: list = _doc("Hidden layer widths of the shared trunk (GELU).", factory=lambda: [128])
+
+
+@dataclass
+class MultiscaleParams:
+    embedding_dim: int = _doc("Width of expert embeddings and of each context layer's vector.", 32)
+    scales: list = _doc("Context lengths encoded separately (the last s context layers); each <= windows.context_length.",
+                        factory=lambda: [1, 2, 3])
+    width: int = _doc("Width of each scale's encoding and of the fused vector.", 64)
+    dropout: float = _doc("Dropout before the heads.", 0.0)
+
+    def validate(self) -> None:
+        _check_network("train.multiscale", self, ("embedding_dim", "width"), ("scales",))
+
+
+@dataclass
+class EnsembleParams:
+    members: list = _doc("Architectures combined (each trained in this run with its own train.<arch> section).",
+                         factory=lambda: ["lookup", "mlp"])
+    holdout_fraction: float = _doc("Share of train sequences kept out of member training to fit the mixing weights.", 0.1)
+    mix_steps: int = _doc("Full-batch Adam steps fitting the per-target-layer mixing weights.", 200)
+
+    def validate(self, architectures: dict) -> None:
+        if not isinstance(self.members, list) or len(self.members) < 2:
+            raise PipelineError(f"train.ensemble.members: must list at least 2 architectures, got {self.members}")
+        for name in self.members:
+            if name == "ensemble" or name not in architectures:
+                accepted = ", ".join(sorted(set(architectures) - {"ensemble"}))
+                raise PipelineError(f"train.ensemble.members: {name!r} cannot be a member; accepted: {accepted}")
+        if len(set(self.members)) != len(self.members):
+            raise PipelineError(f"train.ensemble.members: lists an architecture twice: {self.members}")
+        if not 0 < self.holdout_fraction < 1:
+            raise PipelineError(f"train.ensemble.holdout_fraction: must be in (0, 1), got {self.holdout_fraction}")
+        _positive("train.ensemble", self, "mix_steps")
+
+
+@dataclass
+class HybridParams(MLPParams):
+    prefix = "train.hybrid"
+    hidden: list = _doc("Hidden layer widths of the shared trunk (GELU).", factory=lambda: [128, 64])
+    temporal_tokens: int = _doc(
+        "The temporal head predicts the target layer's experts of the next 1..this tokens (needs windows.token_horizon "
+        ">= this; the prior research used 4); 0 = no temporal head.", 0)
+    token_context: int = _doc("Previous tokens whose routing the model reads (needs windows.token_context >= this).", 0)
+    temporal_weight: float = _doc("Weight of the temporal head's loss next to the current token's.", 0.5)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("temporal_tokens", "token_context", "temporal_weight"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"train.hybrid.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class HiddenMLPParams:
+    layer_dim: int = _doc("Width of the target layer's embedding, concatenated to the normalised hidden state.", 16)
+    hidden: list = _doc("Hidden layer widths (GELU).", factory=lambda: [256])
+    dropout: float = _doc("Dropout after each hidden layer.", 0.1)
+
+    def validate(self) -> None:
+        _check_network("train.hidden_mlp", self, ("layer_dim",), ("hidden",))
+
+
 @dataclass
 class TrainParams:
     arch: str = _doc("Predictor architecture (see stages/predictors/__init__.py ARCHITECTURES).", "speculation_transformer")
@@ -137,6 +261,13 @@ class TrainParams:
     speculation_transformer: SpeculationTransformerParams = _doc(
         "Hyper-parameters of arch speculation_transformer.", factory=SpeculationTransformerParams
     )
+    mlp: MLPParams = _doc("Hyper-parameters of arch mlp.", factory=MLPParams)
+    lstm: LSTMParams = _doc("Hyper-parameters of arch lstm.", factory=LSTMParams)
+    layer_specific: LayerSpecificParams = _doc("Hyper-parameters of arch layer_specific.", factory=LayerSpecificParams)
+    multiscale: MultiscaleParams = _doc("Hyper-parameters of arch multiscale.", factory=MultiscaleParams)
+    ensemble: EnsembleParams = _doc("Members and mixing of arch ensemble.", factory=EnsembleParams)
+    hybrid: HybridParams = _doc("Hyper-parameters of arch hybrid.", factory=HybridParams)
+    hidden_mlp: HiddenMLPParams = _doc("Hyper-parameters of arch hidden_mlp.", factory=HiddenMLPParams)
 
     def validate(self) -> None:
         from stages.predictors import ARCHITECTURES
@@ -150,6 +281,9 @@ class TrainParams:
             raise PipelineError(f"train.device: {self.device!r} is not one of cpu, cuda, auto")
         _positive("train.lookup", self.lookup, "max_context")
         self.speculation_transformer.validate()
+        for section in (self.mlp, self.lstm, self.layer_specific, self.multiscale, self.hybrid, self.hidden_mlp):
+            section.validate()
+        self.ensemble.validate(ARCHITECTURES)
 
 
 @dataclass
@@ -251,11 +385,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise PipelineError(f"{prefix}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}  # YAML key -> field name
+    unknown = sorted(set(raw) - set(names))
     if unknown:
         raise PipelineError(f"{prefix}.{unknown[0]}: unknown key; accepted: {', '.join(sorted(names))}")
-    return cls(**{name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in raw.items()})
+    return cls(**{names[key]: _coerce(value, hints[names[key]], f"{prefix}.{key}") for key, value in raw.items()})
 
 
 def parse_section(name: str, raw: Any) -> Any:

@@ -7,43 +7,37 @@ expert ids in range, finite weights, consistent schema. Streams: at most one chu
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import traces
-from stages.collect import META_NAME
-from stages.common import atomic_path, run_stage
+from stages.common import atomic_path, run_stage, stage_arguments
 from stages.errors import PipelineError
-from stages.params import ShardParams, load_section
+from stages.params import ShardParams
 
 
 def read_meta(trace_dir: Path) -> dict:
-    path = trace_dir / META_NAME
+    path = trace_dir / traces.META_NAME  # not imported from stages.collect: that pulls in torch + transformers
     if not path.exists():
         raise PipelineError(f"{path}: missing; the collect stage did not finish (re-run dvc repro collect)")
     return json.loads(path.read_text())
 
 
 def validate_chunk(path: Path, table: pa.Table, meta: dict) -> None:
-    """Expert ids within [-1, num_experts) (-1 = dropped token), finite weights, dropped slots weigh 0."""
-    L, k = len(meta["moe_layers"]), meta["top_k"]
-    experts = traces.column_to_numpy(table["experts"], (L, k))
-    weights = traces.column_to_numpy(table["weights"], (L, k))
-    bad = (experts < -1) | (experts >= meta["num_experts"])
-    if bad.any():
-        row, layer, slot = np.argwhere(bad)[0]
-        raise PipelineError(
-            f"{path}: row {row}, MoE layer {layer}: expert id {experts[row, layer, slot]} out of range [0, {meta['num_experts']})"
-        )
-    finite = np.isfinite(weights)
-    if not finite.all():
-        row, layer, _ = np.argwhere(~finite)[0]
-        raise PipelineError(f"{path}: row {row}, MoE layer {layer}: gate weight is NaN or infinite")
+    """The schema meta.json implies, expert ids within [-1, num_experts) (-1 = dropped token), finite weights."""
+    shape = (len(meta["moe_layers"]), meta["top_k"])
+    capture = meta["capture"]
+    expected = traces.schema(*shape, meta["num_experts"], capture["hidden_dim"], capture["lookahead"], capture["router_probs"])
+    if not table.schema.equals(expected):
+        got = {f.name: str(f.type) for f in table.schema}
+        diff = [f"{f.name}: {got.get(f.name, 'missing')} (expected {f.type})" for f in expected if got.get(f.name) != str(f.type)]
+        diff += [f"{name}: unexpected column" for name in got if name not in expected.names]
+        raise PipelineError(f"{path}: schema differs from meta.json ({'; '.join(diff)}); re-run dvc repro -f collect")
+    traces.check_routing(path, traces.column_to_numpy(table["experts"], shape), traces.column_to_numpy(table["weights"], shape),
+                         meta["num_experts"])
 
 
 def iter_chunks(trace_dir: Path, meta: dict):
@@ -103,12 +97,7 @@ def write_shards(trace_dir: Path, out_dir: Path, params: ShardParams) -> traces.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Merge trace chunks into Parquet shards with a manifest.")
-    parser.add_argument("--traces", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args()
-    params = load_section("shard", args.params)
+    params, args = stage_arguments("shard", "Merge trace chunks into Parquet shards with a manifest.", "traces", "out")
     with atomic_path(args.out) as temp:
         temp.mkdir()
         manifest = write_shards(args.traces, temp, params)

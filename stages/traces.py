@@ -33,6 +33,7 @@ from stages.errors import PipelineError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+META_NAME = "meta.json"  # the collector's model geometry + provenance, written last into the trace directory
 ID_COLUMNS = ("sequence_id", "document_id", "domain", "position", "token_id", "generated")
 
 
@@ -156,6 +157,19 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     return encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
 
 
+def check_routing(where: Path, experts: np.ndarray, weights: np.ndarray, num_experts: int) -> None:
+    """Expert ids (N, L, k) within [-1, num_experts) (-1 = dropped token) and finite gate weights, else a one-line
+    error naming the first bad row and MoE layer."""
+    bad = (experts < -1) | (experts >= num_experts)
+    if bad.any():
+        row, layer, slot = np.argwhere(bad)[0]
+        raise PipelineError(f"{where}: row {row}, MoE layer {layer}: expert id {experts[row, layer, slot]} out of range [0, {num_experts})")
+    finite = np.isfinite(weights)
+    if not finite.all():
+        row, layer, _ = np.argwhere(~finite)[0]
+        raise PipelineError(f"{where}: row {row}, MoE layer {layer}: gate weight is NaN or infinite")
+
+
 def verify_shard(directory: Path, entry: dict) -> Path:
     """Check that a shard listed in the manifest exists and matches its checksum."""
     path = directory / entry["file"]
@@ -166,6 +180,20 @@ def verify_shard(directory: Path, entry: dict) -> Path:
     return path
 
 
+def read_shard(directory: Path, entry: dict, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
+    """One shard listed in the manifest: checksum verified, Parquet errors and bad routing values (when the
+    experts/weights columns are read) turned into one-line errors."""
+    path = verify_shard(directory, entry)
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise PipelineError(f"{path}: unreadable Parquet ({err})") from None
+    if "experts" in table.column_names and "weights" in table.column_names:
+        shape = (manifest.num_layers, manifest.top_k)
+        check_routing(path, column_to_numpy(table["experts"], shape), column_to_numpy(table["weights"], shape), manifest.num_experts)
+    return table
+
+
 def read_routing(directory: Path, manifest: Manifest, shards: list[dict] | None = None, with_hidden: bool = False) -> RoutingTable:
     """Read (a subset of) the shards into a RoutingTable, verifying checksums and value ranges."""
     entries = manifest.shards if shards is None else shards
@@ -174,23 +202,10 @@ def read_routing(directory: Path, manifest: Manifest, shards: list[dict] | None 
         columns.append("lookahead_experts")
     if with_hidden:
         columns.append("hidden_states")
-    tables = []
-    for entry in entries:
-        path = verify_shard(directory, entry)
-        try:
-            tables.append(pq.read_table(path, columns=columns))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise PipelineError(f"{path}: unreadable Parquet ({err})") from None
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([read_shard(directory, entry, manifest, columns) for entry in entries])
     L, k = manifest.num_layers, manifest.top_k
     experts = column_to_numpy(table["experts"], (L, k))
     weights = column_to_numpy(table["weights"], (L, k))
-    bad = (experts < -1) | (experts >= manifest.num_experts)
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise PipelineError(f"{directory}: expert id {int(experts[bad][0])} out of range [0, {manifest.num_experts}) at row {row}")
-    if not np.isfinite(weights).all():
-        raise PipelineError(f"{directory}: NaN or infinite gate weight at row {int(np.argwhere(~np.isfinite(weights))[0][0])}")
     sequence_index, sequence_ids = _codes(table["sequence_id"])
     document_index, document_ids = _codes(table["document_id"])
     domain_index, domains = _codes(table["domain"])

@@ -9,12 +9,11 @@ is printed, not stored, so that `dvc repro --force` reproduces every output byte
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from stages.common import atomic_path, run_stage
-from stages.params import TrainParams, as_dict, load_section
+from stages.common import atomic_path, run_stage, stage_arguments
+from stages.params import TrainParams, as_dict
 from stages.predictors import ARCHITECTURES
 from stages.window_data import read_summary, read_windows
 
@@ -31,11 +30,12 @@ def train(params: TrainParams, windows_dir: Path, out: Path, live_dir: Path) -> 
     summary = read_summary(windows_dir)
     train_set, val_set = read_windows(windows_dir, "train"), read_windows(windows_dir, "val")
     predictor = ARCHITECTURES[params.arch](geometry_of(summary), as_dict(params))
-    epochs_run = []
+    epochs_run, fit_summary = [], {}
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None) as live:
 
         def log(row: dict) -> None:
-            if "epoch" not in row:
+            if "epoch" not in row:  # end-of-fit figures (e.g. hybrid's temporal accuracy) go to the summary
+                fit_summary.update({name: float(value) for name, value in row.items()})
                 return
             epochs_run.append(row)
             for name, value in row.items():
@@ -50,6 +50,7 @@ def train(params: TrainParams, windows_dir: Path, out: Path, live_dir: Path) -> 
         scores, _ = predictor.score(val_set)
         val_top1 = float((scores.argmax(axis=1) == val_set.target_experts[:, 0]).mean())
         final = {
+            **fit_summary,
             "parameters": predictor.parameter_count(),
             "epochs": len(epochs_run),
             "train_windows": len(train_set),
@@ -62,13 +63,7 @@ def train(params: TrainParams, windows_dir: Path, out: Path, live_dir: Path) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the expert predictor named by train.arch.")
-    parser.add_argument("--windows", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--live", type=Path, required=True, help="DVCLive directory")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args()
-    params = load_section("train", args.params)
+    params, args = stage_arguments("train", "Train the expert predictor named by train.arch.", "windows", "out", "live")
     with atomic_path(args.out) as out, atomic_path(args.live) as live_dir:
         final = train(params, args.windows, out, live_dir)
     print(f"train: {params.arch}: {final}")

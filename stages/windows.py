@@ -9,7 +9,6 @@ text seen in training is tested on; the stage checks this and records it in summ
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages import traces
-from stages.common import atomic_path, run_stage, write_json
+from stages.common import atomic_path, run_stage, stage_arguments, write_json
 from stages.errors import PipelineError
-from stages.params import WindowsParams, as_dict, load_section
+from stages.params import WindowsParams, as_dict
 from stages.window_data import SPLITS, SUMMARY_NAME
 
 
@@ -211,7 +210,7 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
         )
     domains_of: dict[str, str] = {}
     for entry in manifest.shards:  # distinct (document, domain) pairs, one shard at a time: memory ~ documents
-        docs = pq.read_table(traces.verify_shard(shard_dir, entry), columns=["document_id", "domain"])
+        docs = traces.read_shard(shard_dir, entry, manifest, columns=["document_id", "domain"])
         pairs = docs.group_by(["document_id", "domain"]).aggregate([])
         domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
     assignment = assign_splits(list(domains_of), domains_of, params, manifest.domains)
@@ -221,7 +220,7 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
     carry = None
     try:
         for number, entry in enumerate(manifest.shards):
-            table = pq.read_table(shard_dir / entry["file"])
+            table = traces.read_shard(shard_dir, entry, manifest)  # checksum, readable, ids in range, finite weights
             documents = table["document_id"].combine_chunks().dictionary_encode()
             split_of_document = np.array([SPLITS.index(assignment[d]) for d in documents.dictionary.to_pylist()])
             split_of_row = split_of_document[documents.indices.to_numpy()]
@@ -275,12 +274,7 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build (context -> target) windows from routing shards.")
-    parser.add_argument("--shards", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args()
-    params = load_section("windows", args.params)
+    params, args = stage_arguments("windows", "Build (context -> target) windows from routing shards.", "shards", "out")
     with atomic_path(args.out) as temp:
         temp.mkdir()
         summary = build_windows(args.shards, temp, params)

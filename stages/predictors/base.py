@@ -29,7 +29,6 @@ class Predictor:
     def __init__(self, geometry: dict, params: dict):
         self.geometry = geometry  # num_experts, top_k, num_layers, context_length, horizon
         self.params = params  # the train params section (as plain data) that made this predictor
-        self.train_seconds = 0.0
 
     @property
     def num_experts(self) -> int:
@@ -63,7 +62,6 @@ class Predictor:
             "geometry": self.geometry,
             "params": self.params,
             "parameter_count": self.parameter_count(),
-            "train_seconds": round(self.train_seconds, 2),
         }
         save_file(self.state(), str(directory / WEIGHTS_NAME), metadata={"predictor": json.dumps(metadata)})
 
@@ -88,5 +86,4 @@ def load_predictor(directory: Path) -> Predictor:
         raise PipelineError(f"{path}: unknown architecture {metadata['arch']!r}")
     predictor = cls(metadata["geometry"], metadata["params"])
     predictor.load_state(arrays)
-    predictor.train_seconds = metadata["train_seconds"]
     return predictor

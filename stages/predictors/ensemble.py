@@ -10,7 +10,6 @@ file under `member<i>.<arch>.` prefixes, with `mix_logits` beside them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -51,7 +50,6 @@ class EnsemblePredictor(Predictor):
         return held[train.sequence_index]
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
-        started = time.time()
         for member in self.members:
             member.data_geometry(train)  # a member missing an input (hidden states) fails before any training
         held = self.holdout(train)
@@ -64,7 +62,6 @@ class EnsemblePredictor(Predictor):
         self.mix_logits = self.fit_mixing(mixing)
         weights = torch.softmax(torch.from_numpy(self.mix_logits), dim=1).mean(dim=0)
         log({f"ensemble_weight/{m.arch}": float(w) for m, w in zip(self.members, weights)})
-        self.train_seconds = time.time() - started
 
     def member_log_probs(self, windows: WindowSet) -> torch.Tensor:
         """(M, N, E) log of each member's scores normalised to a distribution."""

@@ -13,7 +13,6 @@ expert". Hooks for architectures that need more: `batch()` (extra inputs: extend
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -101,7 +100,6 @@ class NeuralPredictor(Predictor):
         return loss + self.auxiliary_loss(outputs, inputs), logits, correct
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
-        started = time.time()
         p = self.params
         extra = self.data_geometry(train)
         if self.module is None or any(self.geometry.get(name) != value for name, value in extra.items()):
@@ -156,7 +154,6 @@ class NeuralPredictor(Predictor):
                     break
         self.module.load_state_dict(best_state)  # keep the epoch with the best validation loss
         self.module.to("cpu")
-        self.train_seconds = time.time() - started
 
     @torch.no_grad()
     def evaluate_loss(self, windows: WindowSet, device: torch.device, batch_size: int = 8192) -> tuple[float, float]:

@@ -4,7 +4,6 @@ in matching training windows, so the highest-weight target expert counts most. F
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -35,12 +34,10 @@ class FrequencyPredictor(Predictor):
     arch = "frequency"
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
-        started = time.time()
         rows, experts, weights = target_mass(train)
         counts = np.zeros((self.geometry["num_layers"], self.num_experts))
         np.add.at(counts, (train.target_layer[rows].astype(np.int64), experts), weights)
         self.layer_mass = normalise(counts)  # (L, E)
-        self.train_seconds = time.time() - started
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
         scores = self.layer_mass[windows.target_layer.astype(np.int64)].astype(np.float32)  # (N, E)
@@ -72,7 +69,6 @@ class LookupPredictor(FrequencyPredictor):
         return list(range(1, min(self.params["lookup"]["max_context"], self.geometry["context_length"]) + 1))
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
-        started = time.time()
         super().fit(train, val, log)
         rows, experts, weights = target_mass(train)
         self.tables = {}
@@ -82,7 +78,6 @@ class LookupPredictor(FrequencyPredictor):
             mass = np.bincount(cell_of_slot, weights=weights)
             indptr = np.searchsorted(cell // self.num_experts, np.arange(len(keys) + 1))
             self.tables[length] = {"keys": keys, "indptr": indptr, "experts": cell % self.num_experts, "mass": mass}
-        self.train_seconds = time.time() - started
         log({"lookup_contexts": float(len(self.tables[self.lengths[-1]]["keys"]))})
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,247 @@
+"""Shared fixtures: a tiny trace set made by really running the stages on models/tiny-moe, and helpers to run
+a stage's CLI (in-process or as a subprocess), craft shards, and compare output trees byte for byte.
+
+The `tiny` fixture is built once per session (~20 s on 2 cores): 12 sequences of 32 tokens per source
+(2 sources), 8 MoE layers x 16 experts, top-2; shards of 200 rows (sequences span shard boundaries); windows
+with context 2 / horizon 1 split 0.6/0.2/0.2; a `lookup` and a one-epoch `speculation_transformer` predictor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages import traces
+from stages.errors import PipelineError
+from stages.params import parse_section
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "tiny-moe"
+
+# Small enough for seconds on 2 cores; every key is a real params.yaml key.
+TINY = {
+    "collect": {"model": "models/tiny-moe", "num_sequences": 12, "seq_len": 32, "chunks_per_document": 2,
+                "min_tokens": 8, "batch_size": 4, "sequences_per_chunk": 4},
+    "shard": {"rows_per_shard": 200},
+    "windows": {"context_length": 2, "horizon": 1, "split": {"by": "sequence", "fractions": [0.6, 0.2, 0.2], "seed": 0}},
+    "train": {"arch": "speculation_transformer", "epochs": 1, "batch_size": 64, "max_train_windows": 2000,
+              "speculation_transformer": {"d_model": 16, "heads": 2, "ff": 32, "layers": 1, "dropout": 0.0}},
+    "evaluate": {"topk": [1, 3, 5, 10], "batch_size": 512},
+}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """A deep copy of `base` with the (nested) `overrides` applied."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def tiny_params(section: str, **overrides):
+    """The validated TINY params of `section`, with overrides (nested dicts merge)."""
+    raw = merged(TINY[section], overrides)
+    if section == "collect":
+        raw["model"] = str(ROOT / raw["model"])
+    return parse_section(section, raw)
+
+
+def write_params(directory: Path, overrides: dict | None = None) -> Path:
+    """Write TINY (+ overrides) as directory/params.yaml; return its path."""
+    path = Path(directory) / "params.yaml"
+    path.write_text(yaml.safe_dump(merged(TINY, overrides or {}), sort_keys=False))
+    return path
+
+
+def assert_error(call, *fragments: str) -> str:
+    """`call()` raises PipelineError whose one-line message contains every fragment; return the message."""
+    with pytest.raises(PipelineError) as excinfo:
+        call()
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file below `path` (or of `path` itself); {} if it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return {".": traces.sha256_file(path)}
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): traces.sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def hidden_leftovers(directory: Path) -> list[str]:
+    """Names of dot-entries (the `.name.XXXX` temp siblings atomic_path makes) directly in `directory`."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.startswith("."))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One torch thread, as in subprocess_env(): much faster on a shared 2-core box, and the same float results
+    in-process and in a stage subprocess."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def stage_command(stage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"stages.{stage}", *map(str, args)]
+
+
+def run_cli(stage: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<stage> args` in `cwd` (which holds params.yaml)."""
+    return subprocess.run(stage_command(stage, *args), cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """Run a stage module's CLI in-process through run_stage: returns (exit code, stderr lines)."""
+    from stages.common import run_stage
+
+    def run(module, *args) -> tuple[int, list[str]]:
+        monkeypatch.setattr(sys, "argv", [module.__name__, *map(str, args)])
+        capsys.readouterr()
+        try:
+            run_stage(module.main)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    return run
+
+
+@dataclass
+class Tiny:
+    root: Path
+    traces: Path
+    shards: Path
+    windows: Path
+    predictor: Path  # speculation_transformer
+    lookup: Path  # lookup predictor
+    live: Path
+    plots: Path
+    manifest: traces.Manifest
+    summary: dict
+    train_result: dict
+    metrics: dict
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    from stages.collect import collect
+    from stages.evaluate import evaluate
+    from stages.shard import write_shards
+    from stages.train import train
+    from stages.windows import build_windows
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {name: root / name for name in ("traces", "shards", "windows", "predictor", "lookup", "live", "plots")}
+    for name in ("shards", "windows", "plots"):
+        paths[name].mkdir()
+    with single_thread():
+        collect(tiny_params("collect"), paths["traces"])
+        manifest = write_shards(paths["traces"], paths["shards"], tiny_params("shard"))
+        summary = build_windows(paths["shards"], paths["windows"], tiny_params("windows"))
+        train_result = train(tiny_params("train"), paths["windows"], paths["predictor"], paths["live"])
+        train(tiny_params("train", arch="lookup"), paths["windows"], paths["lookup"], root / "live-lookup")
+        metrics = evaluate(tiny_params("evaluate"), paths["windows"], paths["predictor"], paths["plots"])
+    return Tiny(root=root, **paths, manifest=manifest, summary=summary, train_result=train_result, metrics=metrics)
+
+
+def copy_dir(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def read_shard_tables(shard_dir: Path) -> pa.Table:
+    manifest = traces.Manifest.read(shard_dir)
+    return pa.concat_tables(pq.read_table(shard_dir / entry["file"]) for entry in manifest.shards)
+
+
+def rewrite_routing(path: Path, manifest: traces.Manifest, edit) -> None:
+    """Rewrite a Parquet trace chunk/shard with `edit(experts, weights)` applied in place to its numpy arrays."""
+    table = pq.read_table(path)
+    shape = (manifest.num_layers, manifest.top_k)
+    experts = traces.column_to_numpy(table["experts"], shape).copy()
+    weights = traces.column_to_numpy(table["weights"], shape).copy()
+    edit(experts, weights)
+    for name, values in (("experts", experts), ("weights", weights)):
+        column = traces.nested_array(values, table.schema.field(name).type.value_type.value_type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    pq.write_table(table, path)
+
+
+def reseal_shard(shard_dir: Path, index: int) -> None:
+    """Recompute shard `index`'s sha256 in the manifest (so a crafted shard passes the checksum)."""
+    manifest = traces.Manifest.read(shard_dir)
+    entry = manifest.shards[index]
+    entry["sha256"] = traces.sha256_file(shard_dir / entry["file"])
+    manifest.write(shard_dir / traces.MANIFEST_NAME)
+
+
+def synthetic_shards(directory: Path, documents: int, seq_len: int, rows_per_shard: int, seed: int = 0,
+                     num_layers: int = 8, top_k: int = 2, num_experts: int = 16) -> traces.Manifest:
+    """Random routing shards + manifest in the shard stage's format (for inputs larger than the tiny model run)."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = documents * seq_len
+    domains = np.array(["alpha", "beta"])[np.arange(documents) % 2]
+    first = rng.integers(0, num_experts, (n, num_layers, 1))  # k distinct experts: first + distinct offsets
+    offsets = np.cumsum(rng.integers(1, num_experts // top_k + 1, (n, num_layers, top_k - 1)), axis=2)
+    experts = np.concatenate([first, (first + offsets) % num_experts], axis=2).astype(np.int16)
+    weights = rng.random((n, num_layers, top_k)).astype(np.float32)
+    table = pa.table({
+        "sequence_id": np.repeat([f"{d}/{i}/0" for i, d in enumerate(domains)], seq_len),
+        "document_id": np.repeat([f"{d}/doc{i}" for i, d in enumerate(domains)], seq_len),
+        "domain": np.repeat(domains, seq_len),
+        "position": np.tile(np.arange(seq_len, dtype=np.int32), documents),
+        "token_id": np.zeros(n, dtype=np.int32),
+        "generated": np.zeros(n, dtype=bool),
+        "experts": traces.nested_array(experts, pa.int16()),
+        "weights": traces.nested_array(weights, pa.float32()),
+    }, schema=traces.schema(num_layers, top_k, num_experts))
+    entries = []
+    for index, start in enumerate(range(0, n, rows_per_shard)):
+        name = f"shard-{index:05d}.parquet"
+        pq.write_table(table.slice(start, rows_per_shard), directory / name)
+        entries.append({"file": name, "rows": min(rows_per_shard, n - start), "sha256": traces.sha256_file(directory / name)})
+    manifest = traces.Manifest(
+        model="synthetic", family="synthetic", moe_layers=list(range(num_layers)), layer_stacks=["decoder"] * num_layers,
+        num_experts=num_experts, top_k=top_k, shared_experts=0, domains=["alpha", "beta"], shards=entries,
+        capture={"router_probs": False, "hidden_dim": 0, "lookahead": 0}, collect={}, rows=n,
+    )
+    manifest.write(directory / traces.MANIFEST_NAME)
+    return manifest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end DVC run (~1-2 min); part of the default suite")
