@@ -45,13 +45,19 @@ def tiny_model_section(report: dict) -> str:
         f"{d}: mean {report[d]['routing']['max_share_over_fair_mean']:.2f}x, worst {report[d]['routing']['max_share_over_fair_worst']:.2f}x "
         f"({report[d]['routing']['chunks']} chunks)" for d in domains
     )
+    shares = [report[d]["routing"]["per_layer_load_share"] for d in domains[:2]]
+    for layer, row in zip(layers, balance_rows):  # how differently the two domains load this layer's experts
+        row.append(f"{0.5 * sum(abs(a - b) for a, b in zip(shares[0][layer], shares[1][layer])):.2f}")
     header = ["MoE layer"] + [f"{d} {c}" for d in domains for c in ("max/fair", "load entropy (bits)", "favourite = top-1")]
+    header.append("load distance between domains")
     return "\n\n".join([
         f"{report['parameters']:,} parameters; {report['train_seconds']:.0f} s of wall-clock training on the shared 2-core development machine (about 6 minutes on an idle one).",
         table(["domain", "val loss (nats/token)", "unigram val loss", "val tokens"], loss_rows),
         f"Most-used expert's share of routed slots over its fair share (1/16), per domain — {summary}. "
         "Load entropy is of the per-layer expert load (max 4 bits); \"favourite = top-1\" is how often the layer's "
-        "most frequent expert is a token's highest-weight expert (the per-layer frequency baseline).",
+        "most frequent expert is a token's highest-weight expert (the per-layer frequency baseline); \"load distance\" is "
+        "the total variation distance between the two domains' expert-load distributions (0 = same experts equally "
+        "used, 1 = disjoint experts): how much routing differs between prose and code.",
         table(header, balance_rows),
     ])
 
@@ -87,10 +93,10 @@ def results_section(metrics: dict) -> str:
 
 
 def render(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> section")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
 def main() -> None:
