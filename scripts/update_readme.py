@@ -92,6 +92,32 @@ def results_section(metrics: dict) -> str:
     ])
 
 
+def domain_split_section(experiment: str, baseline: dict) -> str:
+    """In-domain (the committed default: documents split at random) vs held-out-domain test metrics, from the
+    metrics of a `dvc exp run -S windows.split.by=domain ...` experiment as `dvc exp show --json` reports them."""
+    import subprocess
+
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
+    runs = [exp for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name") == experiment]
+    if not runs:
+        raise SystemExit(f"no experiment named {experiment!r} in `dvc exp show`")
+    data = runs[0]["revs"][0]["data"]
+    held = data["metrics"]["metrics/evaluate.json"]["data"]
+    split = data["params"]["params.yaml"]["data"]["windows"]["split"]
+    rows = []
+    for name, key in (("predictor", None), ("lookup", "lookup"), ("frequency", "frequency")):
+        a = baseline["predictor"] if key is None else baseline["baselines"][key]
+        b = held["predictor"] if key is None else held["baselines"][key]
+        for metric in ("top1", "top5", "recall_at_k"):
+            rows.append([name, metric, pct(a[metric]), pct(b[metric]), f"{100 * (b[metric] - a[metric]):+.1f}"])
+    return "\n\n".join([
+        f"Held-out domain: test = every `{split['test_domain']}` document, train/val = the other domain "
+        f"(`dvc exp run -S windows.split.by=domain -S windows.split.test_domain={split['test_domain']} "
+        f"-S 'windows.split.fractions=[0.9, 0.1]'`, experiment `{experiment}`); in-domain: the default split.",
+        table(["scorer", "metric", "in-domain test", "held-out domain test", "gap (points)"], rows),
+    ])
+
+
 def render(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -102,10 +128,14 @@ def render(text: str, name: str, body: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
+    parser.add_argument("--domain-split", metavar="EXPERIMENT", help="also rewrite the domain-split section from this experiment")
     args = parser.parse_args()
     text = README.read_text()
     new = render(text, "tiny-model", tiny_model_section(json.loads(Path("models/tiny-moe/report.json").read_text())))
-    new = render(new, "results", results_section(json.loads(Path("metrics/evaluate.json").read_text())))
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    new = render(new, "results", results_section(metrics))
+    if args.domain_split:
+        new = render(new, "domain-split", domain_split_section(args.domain_split, metrics))
     if args.check:
         sys.exit(0 if new == text else 1)
     README.write_text(new)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,23 @@ def test_repro_status_determinism_and_experiment(repo):
     assert "predictor.top1" in changed and "test_windows" in changed
     experiments = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     assert json.dumps(experiments).count('"horizon": 2') >= 1
+
+
+def test_queued_experiments_run_from_committed_files(repo):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: each runs in its own temporary workspace, which holds only what
+    Git and DVC track, so this fails if a stage needs an untracked file."""
+    run(repo, "git", "checkout", "-q", "--", "params.yaml")  # the workspace as committed
+    for arch in ("frequency", "lookup"):
+        run(repo, "dvc", "exp", "run", "--queue", "-S", f"train.arch={arch}")
+    run(repo, "dvc", "queue", "start", "-j", "2")
+    started = time.time()
+    while time.time() - started < 240:
+        status = run(repo, "dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    status = run(repo, "dvc", "queue", "status")
+    assert "Failed" not in status, status
+    assert status.count("Success") >= 2, status
+    shown = json.dumps(json.loads(run(repo, "dvc", "exp", "show", "--json")))
+    assert '"arch": "frequency"' in shown and '"arch": "lookup"' in shown
