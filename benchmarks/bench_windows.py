@@ -141,18 +141,13 @@ def profile_stage(table: pa.Table, manifest, params, shard_dir: Path) -> None:
         print(f"    {label:<58} {(time.perf_counter() - started) / n * 1e3:7.1f} ms")
 
     print(f"  pieces of shard_windows on {table.num_rows} tokens (same work, timed alone):")
-    current = TokenRows.of(table, manifest) if hasattr(TokenRows, "of") else None
     G = manifest.num_layers - params.context_length - params.horizon + 1
-    timed("sequence ids: to_pylist -> object array (TokenRows.of)", lambda: np.asarray(table["sequence_id"].to_pylist(), dtype=object))
-    if current is not None:
-        timed("sequence_id column: pa.array(np.repeat(object array))", lambda: pa.array(np.repeat(current.sequence, G), type=pa.string()))
-    timed("domain column: to_pylist + np.repeat + pa.array", lambda: pa.array(np.repeat(np.asarray(table["domain"].to_pylist(), dtype=object), G), type=pa.string()))
-    timed("  alternative: table['sequence_id'].take(np.repeat(arange))", lambda: table["sequence_id"].take(pa.array(np.repeat(np.arange(table.num_rows), G))))
+    timed("TokenRows.of (run codes of sequence ids, experts, weights)", lambda: TokenRows.of(table, manifest))
+    timed("sequence_id column: take(np.repeat(arange))", lambda: table["sequence_id"].take(np.repeat(np.arange(table.num_rows), G)))
     experts = traces.column_to_numpy(table["experts"], (manifest.num_layers, manifest.top_k))
     targets = np.arange(params.context_length - 1 + params.horizon, manifest.num_layers)
     layers = targets[:, None] - params.horizon - params.context_length + 1 + np.arange(params.context_length)[None, :]
     timed("context_experts: fancy-index gather + nested_array", lambda: traces.nested_array(experts[:, layers, :].reshape(-1, params.context_length * manifest.top_k), pa.int16()))
-
 
 LAUNCHER = r"""
 import resource, subprocess, sys, time
