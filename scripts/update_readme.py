@@ -92,16 +92,46 @@ def results_section(metrics: dict) -> str:
     ])
 
 
-def domain_split_section(experiment: str, baseline: dict) -> str:
-    """In-domain (the committed default: documents split at random) vs held-out-domain test metrics, from the
-    metrics of a `dvc exp run -S windows.split.by=domain ...` experiment as `dvc exp show --json` reports them."""
+def experiments_by_name() -> dict[str, dict]:
+    """name -> data of every experiment `dvc exp show --json` lists (params, metrics)."""
     import subprocess
 
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
-    runs = [exp for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name") == experiment]
-    if not runs:
+    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name")}
+
+
+def archs_section(prefix: str, baseline: dict) -> str:
+    """One row per experiment named `<prefix><arch>` plus the committed default, from `dvc exp show --json`."""
+    runs = {"mlp (default)": (baseline, None)}
+    for name, data in sorted(experiments_by_name().items()):
+        finished = "data" in data.get("metrics", {}).get("metrics/evaluate.json", {}) and "data" in data["metrics"].get("dvclive/metrics.json", {})
+        if name.startswith(prefix) and finished:  # a queued or failed experiment has no metrics yet
+            runs[name[len(prefix):]] = (data["metrics"]["metrics/evaluate.json"]["data"], data)
+    rows = []
+    for arch, (metrics, data) in runs.items():
+        live = data["metrics"]["dvclive/metrics.json"]["data"] if data else json.loads(Path("dvclive/metrics.json").read_text())
+        train = data["params"]["params.yaml"]["data"]["train"] if data else None
+        note = "" if not train or not train["max_train_windows"] else f"{train['max_train_windows']:,} windows, {train['epochs']} epochs"
+        p = metrics["predictor"]
+        rows.append([arch, pct(p["top1"]), pct(p["top5"]), pct(p["recall_at_k"]), f"{p['arch_parameters']:,}",
+                     str(live.get("epochs", "")), note])
+    b = baseline["baselines"]
+    return "\n\n".join([
+        f"Test split of the default data (lookup baseline: top-1 {pct(b['lookup']['top1'])}, recall@k "
+        f"{pct(b['lookup']['recall_at_k'])}; frequency: top-1 {pct(b['frequency']['top1'])}). Each row is "
+        f"`dvc exp run -n {prefix}<arch> -S train.arch=<arch>` at the arch's default size; the table is written by "
+        f"`python scripts/update_readme.py --archs {prefix}` from `dvc exp show --json`. Parameters of the tables "
+        "are their entries.",
+        table(["arch", "top-1", "top-5", "recall@k", "parameters", "epochs", "deviation from defaults"], rows),
+    ])
+
+
+def domain_split_section(experiment: str, baseline: dict) -> str:
+    """In-domain (the committed default: documents split at random) vs held-out-domain test metrics, from the
+    metrics of a `dvc exp run -S windows.split.by=domain ...` experiment as `dvc exp show --json` reports them."""
+    data = experiments_by_name().get(experiment)
+    if data is None:
         raise SystemExit(f"no experiment named {experiment!r} in `dvc exp show`")
-    data = runs[0]["revs"][0]["data"]
     held = data["metrics"]["metrics/evaluate.json"]["data"]
     split = data["params"]["params.yaml"]["data"]["windows"]["split"]
     in_domain = baseline["per_domain"][split["test_domain"]]  # the same domain's test documents, default split
@@ -130,12 +160,15 @@ def render(text: str, name: str, body: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
+    parser.add_argument("--archs", metavar="PREFIX", help="also rewrite the architecture table from experiments named PREFIX<arch>")
     parser.add_argument("--domain-split", metavar="EXPERIMENT", help="also rewrite the domain-split section from this experiment")
     args = parser.parse_args()
     text = README.read_text()
     new = render(text, "tiny-model", tiny_model_section(json.loads(Path("models/tiny-moe/report.json").read_text())))
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     new = render(new, "results", results_section(metrics))
+    if args.archs:
+        new = render(new, "archs", archs_section(args.archs, metrics))
     if args.domain_split:
         new = render(new, "domain-split", domain_split_section(args.domain_split, metrics))
     if args.check:
