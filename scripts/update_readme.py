@@ -96,7 +96,7 @@ def experiments_by_name() -> dict[str, dict]:
     """name -> data of every experiment `dvc exp show --json` lists (params, metrics)."""
     import subprocess
 
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True).stdout)
     return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name")}
 
 
