@@ -289,6 +289,35 @@ def test_windows_killed_mid_run_reruns_to_the_same_output(tmp_path):
     assert tree_digest(data / "windows") == tree_digest(reference)
 
 
+def test_shard_killed_mid_run_reruns_to_the_same_output(tmp_path):
+    """Trace chunks (synthetic shards renamed, plus the meta.json collect writes) -> many small shards; kill -9 once
+    the first shard is written into the temp dir, re-run, compare with an uninterrupted in-process run."""
+    write_params(tmp_path, {"shard": {"rows_per_shard": 500}})
+    data = tmp_path / "data"
+    manifest = synthetic_shards(tmp_path / "source", documents=120, seq_len=500, rows_per_shard=6000)
+    (data / "traces").mkdir(parents=True)
+    for index, entry in enumerate(manifest.shards):
+        shutil.copy(tmp_path / "source" / entry["file"], data / "traces" / f"chunk-{index:05d}.parquet")
+    common.write_json(data / "traces" / traces.META_NAME, {
+        "model": manifest.model, "family": manifest.family, "moe_layers": manifest.moe_layers,
+        "layer_stacks": manifest.layer_stacks, "num_experts": manifest.num_experts, "top_k": manifest.top_k,
+        "shared_experts": 0, "capture": manifest.capture,
+        "collect": {"chunks": len(manifest.shards), "domains": manifest.domains},
+    })
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    shard.write_shards(data / "traces", reference, tiny_params("shard", rows_per_shard=500))
+    command = stage_command("shard", "--traces", data / "traces", "--out", data / "shards")
+
+    kill_when(command, tmp_path, lambda p: any(data.glob(".shards.*/shards/shard-00000.parquet")))
+    assert not (data / "shards").exists()  # nothing half-written under the real name
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert hidden_leftovers(data) == []
+    assert tree_digest(data / "shards") == tree_digest(reference)
+
+
 def test_train_killed_mid_run_reruns_to_the_same_output(project, tiny):
     """Kill -9 after epoch 1 of 3; the re-run equals an uninterrupted in-process run, byte for byte."""
     overrides = {"train": {"epochs": 3, "patience": 3, "max_train_windows": 1000}}
