@@ -94,6 +94,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
     for start in range(0, len(test), params.batch_size):
         batch = test.subset(np.arange(start, min(start + params.batch_size, len(test))))
         groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
+        if test.generated is not None:  # prompt (0) vs generated (1) tokens
+            groups["generated"] = batch.generated.astype(np.int64)
         for name, scorer in strategies.scorers.items():
             scores, confidence = scorer(batch)
             accumulators[name].update(scores, batch.target_experts, groups)
@@ -123,6 +125,12 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
             for code in sorted(accumulators["predictor"].result_by_group("layer"))
         },
     }
+    if test.generated is not None:
+        by_kind = {name: acc.result_by_group("generated") for name, acc in accumulators.items()}
+        metrics["per_token_kind"] = {
+            kind: {name: groups[code] for name, groups in by_kind.items()}
+            for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind["predictor"]
+        }
     metrics["cache"], by_capacity, by_batch = cache_report(test, strategies.scorers, params.cache, summary)
     write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
     write_cache_plots(plots_dir, by_capacity, by_batch)

@@ -39,6 +39,7 @@ the target. Example with c = 3, h = 2, T = 2, H = 2 (P = token context, C = cont
 | next_token_experts    | fixed_size_list<int16, H*k>      | optional (H > 0): layer t's experts of tokens i+1 .. i+H, token-major |
 | next_token_weights    | fixed_size_list<float32, H*k>    | optional (H > 0): their gate weights (0 where no token)  |
 | hidden_state          | fixed_size_list<float16, D>      | optional (shards with hidden states): token i entering layer t-h |
+| generated             | bool                             | optional (traces with generated tokens): token i was generated, not prompt |
 
 The optional columns (and summary.json keys token_context, token_horizon, hidden_dim) exist only when
 non-empty, so the default windows are byte-identical to those written before they existed.
@@ -75,6 +76,7 @@ class WindowSet:
     domains: list[str]
     sequence_ids: list[str]
     stale_gate_experts: np.ndarray | None = None  # (N, k) int16
+    generated: np.ndarray | None = None  # (N,) bool: the token was generated (present when any token was)
     token_context_experts: np.ndarray | None = None  # (N, T, c+1, k) int16: tokens i-T..i-1 x (context layers, t)
     next_token_experts: np.ndarray | None = None  # (N, H, k) int16: layer t of tokens i+1..i+H
     next_token_weights: np.ndarray | None = None  # (N, H, k) float32
@@ -141,4 +143,5 @@ def read_windows(directory: Path, split: str) -> WindowSet:
         next_token_experts=_optional(table, "next_token_experts", H, k),
         next_token_weights=_optional(table, "next_token_weights", H, k),
         hidden_state=_optional(table, "hidden_state", D),
+        generated=table["generated"].to_numpy(zero_copy_only=False) if "generated" in table.column_names else None,
     )

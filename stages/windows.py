@@ -209,10 +209,12 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
             f"{L} MoE layers; need context_length + horizon <= {L}"
         )
     domains_of: dict[str, str] = {}
+    has_generated = False  # generate-mode or imported traces: windows then carry the `generated` flag
     for entry in manifest.shards:  # distinct (document, domain) pairs, one shard at a time: memory ~ documents
-        docs = traces.read_shard(shard_dir, entry, manifest, columns=["document_id", "domain"])
+        docs = traces.read_shard(shard_dir, entry, manifest, columns=["document_id", "domain", "generated"])
         pairs = docs.group_by(["document_id", "domain"]).aggregate([])
         domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
+        has_generated = has_generated or bool(pc.any(docs["generated"]).as_py())
     assignment = assign_splits(list(domains_of), domains_of, params, manifest.domains)
 
     writers: dict[str, pq.ParquetWriter] = {}
@@ -226,6 +228,9 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
             split_of_row = split_of_document[documents.indices.to_numpy()]
             following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
             windows, carry = shard_windows(table, manifest, params, carry, following)
+            if has_generated:
+                per_token = L - params.context_length - params.horizon + 1  # target layers: windows per token
+                windows = windows.append_column("generated", table["generated"].take(np.repeat(np.arange(table.num_rows), per_token)))
             per_token = windows.num_rows // max(table.num_rows, 1)
             for code, name in enumerate(SPLITS):
                 rows = np.flatnonzero(split_of_row == code)

@@ -121,6 +121,28 @@ def test_imported_traces_run_through_windows_train_evaluate(imported, tmp_path):
     assert metrics
 
 
+def test_generated_tokens_get_their_own_evaluation(tmp_path):
+    """Records marked `generated` flow into the windows and evaluate reports prompt and generated tokens apart."""
+    from stages.evaluate import evaluate
+    from stages.train import train
+    from stages.windows import build_windows
+
+    records = [{**r, "generated": r["position"] >= 3} for r in good_records(sequences=30, tokens=6)]
+    collect(import_params(str(write_records(tmp_path / "r.jsonl", records))), tmp_path / "traces")
+    for name in ("shards", "windows", "plots"):
+        (tmp_path / name).mkdir()
+    write_shards(tmp_path / "traces", tmp_path / "shards", tiny_params("shard"))
+    summary = build_windows(tmp_path / "shards", tmp_path / "windows", tiny_params("windows"))
+    test = pq.read_table(tmp_path / "windows" / "test.parquet")
+    assert test["generated"].to_pylist() == [p >= 3 for p in test["position"].to_pylist()]
+    train(tiny_params("train", arch="lookup"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "live")
+    metrics = evaluate(tiny_params("evaluate"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "plots")
+    kinds = metrics["per_token_kind"]
+    generated_windows = sum(test["generated"].to_pylist())
+    assert kinds["generated"]["predictor"]["windows"] == generated_windows > 0
+    assert kinds["prompt"]["predictor"]["windows"] + generated_windows == summary["splits"]["test"]["windows"]
+
+
 def test_import_key_and_num_experts():
     assert import_params("a/*.jsonl").import_glob == "a/*.jsonl"
     assert parse_section("collect", {}).import_glob is None
