@@ -75,6 +75,12 @@ def clean(value):
     return value
 
 
+def breakdown(accumulators: dict[str, RankingAccumulator], group: str) -> dict[int, dict[str, dict]]:
+    """group code -> strategy -> metrics, for every code of breakdown `group` (ascending)."""
+    by_strategy = {name: acc.result_by_group(group) for name, acc in accumulators.items()}
+    return {code: {name: results[code] for name, results in by_strategy.items()} for code in by_strategy["predictor"]}
+
+
 def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
     """Information bounds on top-1 for the lookup's context (target layer + all context layers), on test."""
     has_target = test.target_experts[:, 0] >= 0
@@ -116,21 +122,15 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
         "baselines": {name: r for name, r in results.items() if name != "predictor"},
         "bounds": {**lookup_bounds(test, E), "predictor_top1": results["predictor"]["top1"]},
         "calibration": calibration.result(),
-        "per_domain": {
-            test.domains[code]: {name: acc.result_by_group("domain")[code] for name, acc in accumulators.items()}
-            for code in sorted(accumulators["predictor"].result_by_group("domain"))
-        },
+        "per_domain": {test.domains[code]: by_strategy for code, by_strategy in breakdown(accumulators, "domain").items()},
         "per_layer": {
-            f"layer_{code}": {name: acc.result_by_group("layer")[code]["top1"] for name, acc in accumulators.items()}
-            for code in sorted(accumulators["predictor"].result_by_group("layer"))
+            f"layer_{code}": {name: result["top1"] for name, result in by_strategy.items()}
+            for code, by_strategy in breakdown(accumulators, "layer").items()
         },
     }
     if test.generated is not None:
-        by_kind = {name: acc.result_by_group("generated") for name, acc in accumulators.items()}
-        metrics["per_token_kind"] = {
-            kind: {name: groups[code] for name, groups in by_kind.items()}
-            for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind["predictor"]
-        }
+        by_kind = breakdown(accumulators, "generated")
+        metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     metrics["cache"], by_capacity, by_batch = cache_report(test, strategies.scorers, params.cache, summary)
     write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
     write_cache_plots(plots_dir, by_capacity, by_batch)
