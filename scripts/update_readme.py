@@ -3,6 +3,7 @@
 Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
   tiny-model   models/tiny-moe/report.json (written by scripts/train_tiny_moe.py)
   results      metrics/evaluate.json (written by dvc repro)
+  archs, hidden, domain-split   experiments, with --archs / --hidden / --domain-split (dvc exp show --json)
 
     python scripts/update_readme.py            # rewrite README.md
     python scripts/update_readme.py --check    # exit 1 if README.md is stale
@@ -86,9 +87,56 @@ def results_section(metrics: dict) -> str:
         f"{pct(b['empirical_bayes_top1'])}; {b['contexts']:,.0f} contexts, {b['samples_per_context_mean']:.1f} samples each on "
         f"average, {pct(b['singleton_context_share'])} of samples in a context seen once. Predictor top-1: {pct(b['predictor_top1'])}.",
         f"Confidence head: ECE {metrics['calibration']['ece']:.3f}, Brier {metrics['calibration']['brier']:.3f}.",
+        *horizon_lines(metrics.get("per_horizon")),
         f"Expert cache (capacity {c['capacity']} per layer, prefetch top-{c['prefetch_m']}, batch {c['batch_size']}, "
         f"{c['replayed_tokens']:,} test tokens x {c['replayed_layers']} layers, {c['transfer_ms_per_expert']:.1f} ms per expert transfer):",
         table(["strategy", "hit rate", "ms / token", "stall (s)", "GB moved", "GB wasted", "speedup"], cache_rows),
+    ])
+
+
+def horizon_lines(per_horizon: dict | None) -> list[str]:
+    """The per-horizon table (top-1 / recall@k per scorer and horizon), if evaluate.max_horizon was on."""
+    if not per_horizon:
+        return []
+    horizons = sorted(per_horizon, key=lambda key: int(key[1:]))
+    names = [n for n in ("predictor", *BASELINES) if any(n in per_horizon[h] for h in horizons)]
+    rows = [[name] + [f"{pct(per_horizon[h][name]['top1'])} / {pct(per_horizon[h][name]['recall_at_k'])}" if name in per_horizon[h]
+                      else "—" for h in horizons] for name in names]
+    rows.append(["test windows"] + [f"{per_horizon[h]['test_windows']:,}" for h in horizons])
+    return [
+        "Per horizon (`per_horizon`, top-1 / recall@k; the baselines refit at every horizon on windows rebuilt from the "
+        "shards with the same document split, the predictor only at the horizon it was trained for; a larger horizon "
+        "leaves fewer target layers, so the columns differ in their layer mix too):",
+        table(["scorer"] + [f"h = {h[1:]}" for h in horizons], rows),
+    ]
+
+
+def hidden_section(prefix: str) -> str:
+    """hidden_mlp vs the stale gate at each horizon, from experiments named `<prefix><h>`."""
+    runs = {}
+    for name, data in experiments_by_name().items():
+        if name.startswith(prefix) and "data" in data.get("metrics", {}).get("metrics/evaluate.json", {}):
+            runs[int(name[len(prefix):])] = data
+    if not runs:
+        raise SystemExit(f"no finished experiment named {prefix}<h> in `dvc exp show`")
+    rows = []
+    for h, data in sorted(runs.items()):
+        m = data["metrics"]["metrics/evaluate.json"]["data"]
+        p, stale, lookup = m["predictor"], m["baselines"]["stale_gate"], m["baselines"]["lookup"]
+        rows.append([str(h), pct(p["recall_at_k"]), pct(stale["recall_at_k"]), f"{100 * (p['recall_at_k'] - stale['recall_at_k']):+.1f}",
+                     pct(p["top1"]), pct(stale["top1"]), pct(lookup["recall_at_k"]), f"{m['test_windows']:,}"])
+    params = runs[min(runs)]["params"]["params.yaml"]["data"]
+    capture = params["collect"]["capture"]
+    width = capture["hidden_dim"] or "full (model width)"
+    return "\n\n".join([
+        f"Experiments `{prefix}<h>`: `dvc exp run -n {prefix}<h> -S collect.capture.hidden_states=true "
+        f"-S collect.capture.lookahead={capture['lookahead']} -S windows.context_length={params['windows']['context_length']} "
+        f"-S windows.horizon=<h> -S train.arch=hidden_mlp` (hidden states stored at width {width}); the table is written by "
+        f"`python scripts/update_readme.py --hidden {prefix}` from `dvc exp show --json`. Both read the same thing: the hidden "
+        "state of token i entering MoE layer l. The stale gate applies layer l+h's own router to it; hidden_mlp is trained "
+        "to map it to layer l+h's routing. Same test windows per row; lookup (routing history only) for reference.",
+        table(["h", "hidden_mlp recall@k", "stale gate recall@k", "difference (points)", "hidden_mlp top-1", "stale gate top-1",
+               "lookup recall@k", "test windows"], rows),
     ])
 
 
@@ -161,6 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
     parser.add_argument("--archs", metavar="PREFIX", help="also rewrite the architecture table from experiments named PREFIX<arch>")
+    parser.add_argument("--hidden", metavar="PREFIX", help="also rewrite the hidden_mlp vs stale gate table from experiments PREFIX<h>")
     parser.add_argument("--domain-split", metavar="EXPERIMENT", help="also rewrite the domain-split section from this experiment")
     args = parser.parse_args()
     text = README.read_text()
@@ -171,6 +220,8 @@ def main() -> None:
         new = render(new, "archs", archs_section(args.archs, metrics))
     if args.domain_split:
         new = render(new, "domain-split", domain_split_section(args.domain_split, metrics))
+    if args.hidden:
+        new = render(new, "hidden", hidden_section(args.hidden))
     if args.check:
         sys.exit(0 if new == text else 1)
     README.write_text(new)

@@ -7,27 +7,33 @@ Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every le
   lookup          per (target layer, context) table fit on train, with back-off
   previous_token  the same layer's experts of the previous token (then frequency)
   stale_gate      layer t's own router applied h layers early (when the collector captured look-ahead)
+With evaluate.max_horizon > 0 the baselines are also scored at horizons 1..max_horizon on windows rebuilt from
+the shards (same document split), next to the predictor at the horizon it was trained for (`per_horizon`).
 
-    python -m stages.evaluate --windows data/windows --predictor data/predictor --metrics metrics/evaluate.json --plots plots
+    python -m stages.evaluate --windows data/windows --shards data/shards --predictor data/predictor \
+        --metrics metrics/evaluate.json --plots plots
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 
 from stages.common import atomic_path, run_stage, stage_arguments, write_json
+from stages.errors import PipelineError
 from stages.evaluation.bounds import conditional_entropy_bounds
 from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
-from stages.params import EvaluateParams
+from stages.params import EvaluateParams, parse_section
 from stages.predictors import FrequencyPredictor, LookupPredictor, load_predictor
 from stages.predictors.tables import context_keys
 from stages.prefetch import cache_report
 from stages.report import write_cache_plots, write_plots
 from stages.train import geometry_of
-from stages.window_data import WindowSet, read_summary, read_windows
+from stages.window_data import WindowSet, read_summary, read_windows, windows_from_table
+from stages.windows import windows_in_memory
 
 HIGHEST_WEIGHT_BONUS = 2.0  # ranks a copied expert list best-first: slot s scores (k - s) + bonus for slot 0
 
@@ -43,27 +49,67 @@ def copied_scores(experts: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return scores
 
 
-class Strategies:
-    """Every scorer evaluated: name -> function(windows batch) -> (scores (n, E), confidence (n,) or None)."""
+def baseline_scorers(train: WindowSet, summary: dict) -> dict:
+    """name -> function(windows batch) -> (scores (n, E), None or confidence (n,)) of every baseline fit on
+    `train` (stale_gate only when the windows carry the look-ahead)."""
+    params = {"lookup": {"max_context": summary["context_length"]}}  # the baseline keys on the full context
+    frequency = FrequencyPredictor(geometry_of(summary), params)
+    frequency.fit(train, train, lambda row: None)
+    lookup = LookupPredictor(geometry_of(summary), params)
+    lookup.fit(train, train, lambda row: None)
 
-    def __init__(self, predictor, train: WindowSet, summary: dict, seed: int):
-        geometry = geometry_of(summary)
-        params = {**predictor.params, "lookup": {"max_context": summary["context_length"]}}  # baseline: full context
-        self.frequency = FrequencyPredictor(geometry, params)
-        self.frequency.fit(train, train, lambda row: None)
-        self.lookup = LookupPredictor(geometry, params)
-        self.lookup.fit(train, train, lambda row: None)
-        self.num_experts = summary["num_experts"]
-        self.rng = np.random.default_rng(seed)
-        self.scorers = {
-            "predictor": predictor.score,
-            "random": lambda w: (self.rng.random((len(w), self.num_experts)).astype(np.float32), None),
-            "frequency": self.frequency.score,
-            "lookup": self.lookup.score,
-            "previous_token": lambda w: (copied_scores(w.prev_token_experts, self.frequency.score(w)[0]), None),
-        }
-        if summary["has_stale_gate"]:
-            self.scorers["stale_gate"] = lambda w: (copied_scores(w.stale_gate_experts, self.frequency.score(w)[0]), None)
+    def copied(column: str):
+        return lambda w: (copied_scores(getattr(w, column), frequency.score(w)[0]), None)
+
+    scorers = {"frequency": frequency.score, "lookup": lookup.score, "previous_token": copied("prev_token_experts")}
+    if train.stale_gate_experts is not None:
+        scorers["stale_gate"] = copied("stale_gate_experts")
+    return scorers
+
+
+def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary: dict,
+             calibration: CalibrationAccumulator | None = None) -> dict[str, RankingAccumulator]:
+    """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain and (when
+    recorded) prompt (0) vs generated (1) token. `calibration` collects the predictor's confidence."""
+    accumulators = {name: RankingAccumulator(params.topk, summary["num_experts"], summary["top_k"]) for name in scorers}
+    for start in range(0, len(windows), params.batch_size):
+        batch = windows.subset(np.arange(start, min(start + params.batch_size, len(windows))))
+        groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
+        if windows.generated is not None:
+            groups["generated"] = batch.generated.astype(np.int64)
+        for name, scorer in scorers.items():
+            scores, confidence = scorer(batch)
+            accumulators[name].update(scores, batch.target_experts, groups)
+            if name == "predictor" and calibration is not None and confidence is not None:
+                has_target = batch.target_experts[:, 0] >= 0
+                correct = scores.argmax(axis=1) == batch.target_experts[:, 0]
+                calibration.update(np.clip(confidence[has_target], 0, 1), correct[has_target])
+    return accumulators
+
+
+HORIZON_METRICS = ("top1", "recall_at_k", "recall_at_2k")
+
+
+def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: WindowSet, test: WindowSet,
+                predictor_result: dict) -> dict:
+    """h -> strategy -> top1/recall@k/recall@2k for h = 1..max_horizon: baselines refit on each horizon's train
+    windows (rebuilt from the shards, same document split), the predictor at the horizon it was trained for."""
+    windows_params = parse_section("windows", summary["params"])
+    results = {}
+    for h in range(1, params.max_horizon + 1):
+        if h == summary["horizon"]:  # the stage's own windows
+            train_h, test_h, summary_h = train, test, summary
+        else:
+            at_h = dataclasses.replace(windows_params, horizon=h, token_context=0, token_horizon=0)
+            summary_h = {**summary, "horizon": h, "token_context": 0, "token_horizon": 0}
+            tables = windows_in_memory(shard_dir, at_h, ("train", "test"))
+            train_h, test_h = (windows_from_table(tables[split], summary_h) for split in ("train", "test"))
+        accumulators = rank_all(baseline_scorers(train_h, summary_h), test_h, params, summary_h)
+        row = {name: {m: acc.result()[m] for m in HORIZON_METRICS} for name, acc in accumulators.items()}
+        if h == summary["horizon"]:
+            row = {"predictor": {m: predictor_result[m] for m in HORIZON_METRICS}, **row}
+        results[f"h{h}"] = {"test_windows": len(test_h), **row}
+    return results
 
 
 def clean(value):
@@ -89,27 +135,23 @@ def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
     return conditional_entropy_bounds(codes, subset.target_experts[:, 0].astype(np.int64), num_experts)
 
 
-def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plots_dir: Path) -> dict:
+def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predictor_dir: Path, plots_dir: Path) -> dict:
     summary = read_summary(windows_dir)
+    c, L = summary["context_length"], summary["num_layers"]
+    if c + params.max_horizon > L:
+        raise PipelineError(f"evaluate.max_horizon: {params.max_horizon} with windows.context_length {c} exceeds the model's "
+                            f"{L} MoE layers; accepted: 0..{L - c}")
     predictor = load_predictor(predictor_dir)
     train, test = read_windows(windows_dir, "train"), read_windows(windows_dir, "test")
-    strategies = Strategies(predictor, train, summary, params.seed)
+    rng = np.random.default_rng(params.seed)
+    scorers = {
+        "predictor": predictor.score,
+        "random": lambda w: (rng.random((len(w), summary["num_experts"])).astype(np.float32), None),
+        **baseline_scorers(train, summary),
+    }
     E, k = summary["num_experts"], summary["top_k"]
-    accumulators = {name: RankingAccumulator(params.topk, E, k) for name in strategies.scorers}
     calibration = CalibrationAccumulator(bins=10)
-    for start in range(0, len(test), params.batch_size):
-        batch = test.subset(np.arange(start, min(start + params.batch_size, len(test))))
-        groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
-        if test.generated is not None:  # prompt (0) vs generated (1) tokens
-            groups["generated"] = batch.generated.astype(np.int64)
-        for name, scorer in strategies.scorers.items():
-            scores, confidence = scorer(batch)
-            accumulators[name].update(scores, batch.target_experts, groups)
-            if name == "predictor" and confidence is not None:
-                has_target = batch.target_experts[:, 0] >= 0
-                correct = scores.argmax(axis=1) == batch.target_experts[:, 0]
-                calibration.update(np.clip(confidence[has_target], 0, 1), correct[has_target])
-
+    accumulators = rank_all(scorers, test, params, summary, calibration)
     results = {name: acc.result() for name, acc in accumulators.items()}
     metrics = {
         "test_windows": len(test),
@@ -131,7 +173,9 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
     if test.generated is not None:
         by_kind = breakdown(accumulators, "generated")
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
-    metrics["cache"], by_capacity, by_batch = cache_report(test, strategies.scorers, params.cache, summary)
+    if params.max_horizon:
+        metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, test, results["predictor"])
+    metrics["cache"], by_capacity, by_batch = cache_report(test, scorers, params.cache, summary)
     write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
     write_cache_plots(plots_dir, by_capacity, by_batch)
     return clean(metrics)
@@ -139,10 +183,10 @@ def evaluate(params: EvaluateParams, windows_dir: Path, predictor_dir: Path, plo
 
 def main() -> None:
     params, args = stage_arguments("evaluate", "Evaluate the predictor and the baselines on the test split.",
-                                   "windows", "predictor", "metrics", "plots")
+                                   "windows", "shards", "predictor", "metrics", "plots")
     with atomic_path(args.plots) as plots_dir:
         plots_dir.mkdir()
-        metrics = evaluate(params, args.windows, args.predictor, plots_dir)
+        metrics = evaluate(params, args.windows, args.shards, args.predictor, plots_dir)
         write_json(args.metrics, metrics)
     p, b = metrics["predictor"], metrics["baselines"]
     print(f"evaluate: predictor top1 {p['top1']:.4f} recall@k {p['recall_at_k']:.4f} | lookup top1 "

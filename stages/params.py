@@ -248,15 +248,23 @@ class HiddenMLPParams:
 
 @dataclass
 class TrainParams:
-    arch: str = _doc("Predictor architecture (see stages/predictors/__init__.py ARCHITECTURES).", "speculation_transformer")
-    epochs: int = _doc("Maximum epochs (learned predictors).", 4)
-    batch_size: int = _doc("Windows per optimisation step.", 512)
+    arch: str = _doc("Predictor architecture (see stages/predictors/__init__.py ARCHITECTURES).", "mlp")
+    epochs: int = _doc("Maximum epochs (learned predictors).", 12)
+    batch_size: int = _doc("Windows per optimisation step (the global batch: split across processes under DDP).", 1024)
     lr: float = _doc("Peak learning rate (AdamW, cosine decay).", 2e-3)
     weight_decay: float = _doc("AdamW weight decay.", 0.01)
-    patience: int = _doc("Stop after this many epochs without a better validation loss.", 2)
+    patience: int = _doc("Stop after this many epochs without a better validation loss.", 3)
     max_train_windows: int = _doc("Subsample train windows to at most this many (0 = all).", 0)
     device: str = _doc("cpu, cuda or auto.", "cpu")
     seed: int = _doc("Seed of initialisation and batch order.", 0)
+    stream_buffer: int = _doc(
+        "0: read the whole train split into memory. N > 0: stream it from disk instead, reading its row groups in a "
+        "random order and shuffling N windows at a time (memory ~ N windows, not the split), for splits larger than "
+        "RAM. Neural archs only; not with max_train_windows.", 0)
+    launcher: str = _doc(
+        "The command dvc.yaml runs the train stage with: python (one process) or a distributed launcher, e.g. "
+        "'accelerate launch --multi_gpu --num_processes 8' (DDP over 8 GPUs; on a CPU-only machine, 8 gloo "
+        "processes). Read by dvc.yaml only.", "python")
     lookup: LookupParams = _doc("Hyper-parameters of arch lookup.", factory=LookupParams)
     speculation_transformer: SpeculationTransformerParams = _doc(
         "Hyper-parameters of arch speculation_transformer.", factory=SpeculationTransformerParams
@@ -277,6 +285,14 @@ class TrainParams:
         _positive("train", self, "epochs", "batch_size", "lr", "patience")
         if self.max_train_windows < 0:
             raise PipelineError(f"train.max_train_windows: must be >= 0, got {self.max_train_windows}")
+        if self.stream_buffer < 0:
+            raise PipelineError(f"train.stream_buffer: must be >= 0 (0 = in memory), got {self.stream_buffer}")
+        if self.stream_buffer and self.max_train_windows:
+            raise PipelineError(f"train.stream_buffer: {self.stream_buffer} streams the whole split; accepted with "
+                                f"max_train_windows 0 only (got {self.max_train_windows})")
+        if self.stream_buffer and self.arch in ("frequency", "lookup", "ensemble"):
+            raise PipelineError(f"train.stream_buffer: {self.stream_buffer} streams neural archs only; {self.arch} counts "
+                                f"its split in memory: set 0")
         if self.device not in ("cpu", "cuda", "auto"):
             raise PipelineError(f"train.device: {self.device!r} is not one of cpu, cuda, auto")
         _positive("train.lookup", self.lookup, "max_context")
@@ -321,12 +337,20 @@ class EvaluateParams:
     topk: list = _doc("m values of the top-m accuracy of the highest-weight target expert.", factory=lambda: [1, 3, 5, 10])
     batch_size: int = _doc("Windows scored per batch.", 4096)
     seed: int = _doc("Seed of the random baseline.", 0)
+    max_horizon: int = _doc(
+        "Also score the baselines (lookup, frequency, previous_token, stale_gate) at horizons 1..max_horizon, each on "
+        "windows rebuilt from the shards with the windows split, and the predictor at its own horizon (metrics "
+        "per_horizon, plot per_horizon); 0 = off. Needs windows.context_length + max_horizon <= MoE layers.", 4)
     cache: CacheParams = _doc("Expert-cache prefetch simulation.", factory=CacheParams)
 
     def validate(self) -> None:
         if not self.topk or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in self.topk):
             raise PipelineError(f"evaluate.topk: must be a non-empty list of integers >= 1, got {self.topk}")
+        if 1 not in self.topk:
+            raise PipelineError(f"evaluate.topk: must include 1 (top-1 is the headline metric), got {self.topk}")
         _positive("evaluate", self, "batch_size")
+        if self.max_horizon < 0:
+            raise PipelineError(f"evaluate.max_horizon: must be >= 0 (0 = off), got {self.max_horizon}")
         self.cache.validate()
 
 

@@ -48,6 +48,9 @@ def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumula
     _figure(directory / "top_m.png", "Top-m accuracy", "m (experts predicted)", "accuracy",
             {n: (list(topk), [row[n] for row in top_m]) for n in names})
 
+    if "per_horizon" in metrics:
+        write_horizon_plot(directory, metrics["per_horizon"])
+
     reliability = calibration.reliability()
     coverage = calibration.coverage_curve()
     _dump(directory / "calibration.json", reliability)
@@ -58,6 +61,17 @@ def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumula
                     "predictor": ([r["mean_confidence"] for r in reliability], [r["accuracy"] for r in reliability]),
                     "perfect": ([0, 1], [0, 1]),
                 })
+
+
+def write_horizon_plot(directory: Path, per_horizon: dict) -> None:
+    """Top-1 vs horizon: every baseline at each horizon, the predictor at the one it was trained for."""
+    horizons = sorted(int(key[1:]) for key in per_horizon)
+    rows = [{"horizon": h, **{name: result["top1"] for name, result in per_horizon[f"h{h}"].items() if name != "test_windows"}}
+            for h in horizons]
+    _dump(directory / "per_horizon.json", rows)
+    names = list(dict.fromkeys(name for row in rows for name in row if name != "horizon"))
+    _figure(directory / "per_horizon.png", "Top-1 vs horizon (target = MoE layer l + h)", "horizon h (layers ahead)",
+            "top-1 accuracy", {n: ([r["horizon"] for r in rows if n in r], [r[n] for r in rows if n in r]) for n in names})
 
 
 def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict]) -> None:

@@ -48,6 +48,7 @@ non-empty, so the default windows are byte-identical to those written before the
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ from stages.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 SUMMARY_NAME = "summary.json"
+ROW_GROUP_WINDOWS = 65536  # windows per Parquet row group: the unit a streamed read loads
 
 
 @dataclass
@@ -114,15 +116,63 @@ def _optional(table: pa.Table, name: str, *shape: int) -> np.ndarray | None:
     return _fixed(table[name], *shape) if name in table.column_names else None
 
 
-def read_windows(directory: Path, split: str) -> WindowSet:
-    """Read one split; a missing or empty split is a one-line error."""
-    summary = read_summary(directory)
+def _split_file(directory: Path, split: str) -> pq.ParquetFile:
     path = directory / f"{split}.parquet"
     if not path.exists():
         raise PipelineError(f"{path}: missing; re-run the windows stage (dvc repro -f windows)")
-    table = pq.read_table(path)
-    if table.num_rows == 0:
+    handle = pq.ParquetFile(path)
+    if handle.metadata.num_rows == 0:
         raise PipelineError(f"{path}: the {split} split has no windows; check windows.split (fractions, test_domain)")
+    return handle
+
+
+def read_windows(directory: Path, split: str) -> WindowSet:
+    """Read one split; a missing or empty split is a one-line error."""
+    summary = read_summary(directory)
+    return windows_from_table(_split_file(directory, split).read(), summary)
+
+
+class WindowStream:
+    """One split read from disk a few row groups at a time, for training on splits larger than memory."""
+
+    def __init__(self, directory: Path, split: str, buffer_windows: int):
+        self.summary = read_summary(directory)
+        self.file = _split_file(directory, split)
+        self.buffer_windows = buffer_windows
+
+    def __len__(self) -> int:
+        return self.file.metadata.num_rows
+
+    def head(self) -> WindowSet:
+        """The first row group: enough to read the column widths off (data_geometry)."""
+        return windows_from_table(self.file.read_row_group(0), self.summary)
+
+    def shuffled_batches(self, batch_size: int, generator: np.random.Generator) -> Iterator[WindowSet]:
+        """One epoch: row groups in a random order, read until >= buffer_windows rows are loaded, those rows
+        shuffled and cut into full batches; the remainder joins the next buffer, so an epoch has
+        ceil(len / batch_size) batches, the last one possibly short."""
+        groups = generator.permutation(self.file.num_row_groups)
+        leftover, buffer, loaded = None, [], 0
+        for index, group in enumerate(groups):
+            buffer.append(int(group))
+            loaded += self.file.metadata.row_group(int(group)).num_rows
+            last = index == len(groups) - 1
+            if loaded < self.buffer_windows and not last:
+                continue
+            table = self.file.read_row_groups(buffer)
+            if leftover is not None:
+                table = pa.concat_tables([leftover, table])
+            order = generator.permutation(table.num_rows)
+            full = table.num_rows if last else table.num_rows // batch_size * batch_size
+            windows = windows_from_table(table.take(pa.array(order[:full])), self.summary)
+            for begin in range(0, full, batch_size):
+                yield windows.subset(np.arange(begin, min(begin + batch_size, full)))
+            leftover = table.take(pa.array(order[full:]))
+            buffer, loaded = [], 0
+
+
+def windows_from_table(table: pa.Table, summary: dict) -> WindowSet:
+    """A windows table (the schema above) as numpy arrays; `summary` gives the sizes (c, k and the optional T, H, D)."""
     c, k = summary["context_length"], summary["top_k"]
     T, H, D = (summary.get(name, 0) for name in ("token_context", "token_horizon", "hidden_dim"))
     domain_index, domains = _codes(table["domain"])

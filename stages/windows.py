@@ -21,7 +21,7 @@ from stages import traces
 from stages.common import atomic_path, run_stage, stage_arguments, write_json
 from stages.errors import PipelineError
 from stages.params import WindowsParams, as_dict
-from stages.window_data import SPLITS, SUMMARY_NAME
+from stages.window_data import ROW_GROUP_WINDOWS, SPLITS, SUMMARY_NAME
 
 
 def assign_splits(document_ids: list[str], domains_of: dict[str, str], params: WindowsParams, known_domains: list[str]) -> dict[str, str]:
@@ -199,52 +199,79 @@ def summary_params(params: WindowsParams) -> dict:
     return recorded
 
 
-def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict:
-    """Write {train,val,test}.parquet and summary.json into out_dir; return the summary."""
-    manifest = traces.Manifest.read(shard_dir)
-    L = manifest.num_layers
-    if params.context_length + params.horizon > L:
-        raise PipelineError(
-            f"windows.context_length + windows.horizon: {params.context_length} + {params.horizon} exceeds the model's "
-            f"{L} MoE layers; need context_length + horizon <= {L}"
-        )
+def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsParams) -> tuple[dict[str, str], bool]:
+    """document_id -> split name, and whether any token was generated (windows then carry `generated`)."""
     domains_of: dict[str, str] = {}
-    has_generated = False  # generate-mode or imported traces: windows then carry the `generated` flag
+    has_generated = False
     for entry in manifest.shards:  # distinct (document, domain) pairs, one shard at a time: memory ~ documents
         docs = traces.read_shard(shard_dir, entry, manifest, columns=["document_id", "domain", "generated"])
         pairs = docs.group_by(["document_id", "domain"]).aggregate([])
         domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
         has_generated = has_generated or bool(pc.any(docs["generated"]).as_py())
-    assignment = assign_splits(list(domains_of), domains_of, params, manifest.domains)
+    return assign_splits(list(domains_of), domains_of, params, manifest.domains), has_generated
 
+
+def check_geometry(params: WindowsParams, manifest: traces.Manifest, key: str = "windows.horizon") -> None:
+    """A context plus horizon must fit in the model's MoE layers; `key` names the param blamed."""
+    L = manifest.num_layers
+    if params.context_length + params.horizon > L:
+        raise PipelineError(
+            f"{key}: windows.context_length + horizon = {params.context_length} + {params.horizon} exceeds the "
+            f"model's {L} MoE layers; need context_length + horizon <= {L}"
+        )
+
+
+def split_windows(shard_dir: Path, manifest: traces.Manifest, params: WindowsParams, assignment: dict[str, str],
+                  has_generated: bool, splits: tuple[str, ...] = SPLITS):
+    """Yield (split name, windows table, shard table, shard rows in that split) shard by shard, for `splits`."""
+    L = manifest.num_layers
+    per_token = L - params.context_length - params.horizon + 1  # target layers: windows per token
+    carry = None
+    for number, entry in enumerate(manifest.shards):
+        table = traces.read_shard(shard_dir, entry, manifest)  # checksum, readable, ids in range, finite weights
+        documents = table["document_id"].combine_chunks().dictionary_encode()
+        split_of_document = np.array([SPLITS.index(assignment[d]) for d in documents.dictionary.to_pylist()])
+        split_of_row = split_of_document[documents.indices.to_numpy()]
+        following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
+        windows, carry = shard_windows(table, manifest, params, carry, following)
+        if has_generated:
+            windows = windows.append_column("generated", table["generated"].take(np.repeat(np.arange(table.num_rows), per_token)))
+        for name in splits:
+            rows = np.flatnonzero(split_of_row == SPLITS.index(name))
+            if len(rows):
+                window_rows = (rows[:, None] * per_token + np.arange(per_token)[None, :]).reshape(-1)
+                yield name, windows.take(pa.array(window_rows)), table, rows
+
+
+def windows_in_memory(shard_dir: Path, params: WindowsParams, splits: tuple[str, ...]) -> dict[str, pa.Table]:
+    """The windows of `splits` as in-memory tables, split exactly as the stage splits them (for evaluating
+    baselines at other horizons than the stage's)."""
+    manifest = traces.Manifest.read(shard_dir)
+    check_geometry(params, manifest)
+    assignment, has_generated = document_splits(shard_dir, manifest, params)
+    parts: dict[str, list[pa.Table]] = {name: [] for name in splits}
+    for name, part, _, _ in split_windows(shard_dir, manifest, params, assignment, has_generated, splits):
+        parts[name].append(part)
+    return {name: pa.concat_tables(tables) for name, tables in parts.items() if tables}
+
+
+def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict:
+    """Write {train,val,test}.parquet and summary.json into out_dir; return the summary."""
+    manifest = traces.Manifest.read(shard_dir)
+    L = manifest.num_layers
+    check_geometry(params, manifest)
+    assignment, has_generated = document_splits(shard_dir, manifest, params)
     writers: dict[str, pq.ParquetWriter] = {}
     counts = {name: {"windows": 0, "tokens": 0, "sequences": set(), "documents": set()} for name in SPLITS}
-    carry = None
     try:
-        for number, entry in enumerate(manifest.shards):
-            table = traces.read_shard(shard_dir, entry, manifest)  # checksum, readable, ids in range, finite weights
-            documents = table["document_id"].combine_chunks().dictionary_encode()
-            split_of_document = np.array([SPLITS.index(assignment[d]) for d in documents.dictionary.to_pylist()])
-            split_of_row = split_of_document[documents.indices.to_numpy()]
-            following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
-            windows, carry = shard_windows(table, manifest, params, carry, following)
-            if has_generated:
-                per_token = L - params.context_length - params.horizon + 1  # target layers: windows per token
-                windows = windows.append_column("generated", table["generated"].take(np.repeat(np.arange(table.num_rows), per_token)))
-            per_token = windows.num_rows // max(table.num_rows, 1)
-            for code, name in enumerate(SPLITS):
-                rows = np.flatnonzero(split_of_row == code)
-                if not len(rows):
-                    continue
-                window_rows = (rows[:, None] * per_token + np.arange(per_token)[None, :]).reshape(-1)
-                part = windows.take(pa.array(window_rows))
-                if name not in writers:
-                    writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", part.schema)
-                writers[name].write_table(part)
-                counts[name]["windows"] += part.num_rows
-                counts[name]["tokens"] += len(rows)
-                for column, key in (("sequence_id", "sequences"), ("document_id", "documents")):
-                    counts[name][key].update(pc.unique(table[column].take(rows)).to_pylist())
+        for name, part, table, rows in split_windows(shard_dir, manifest, params, assignment, has_generated):
+            if name not in writers:
+                writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", part.schema)
+            writers[name].write_table(part, row_group_size=ROW_GROUP_WINDOWS)
+            counts[name]["windows"] += part.num_rows
+            counts[name]["tokens"] += len(rows)
+            for column, key in (("sequence_id", "sequences"), ("document_id", "documents")):
+                counts[name][key].update(pc.unique(table[column].take(rows)).to_pylist())
     finally:
         for writer in writers.values():
             writer.close()

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ TINY = {
                 "min_tokens": 8, "batch_size": 4, "sequences_per_chunk": 4},
     "shard": {"rows_per_shard": 200},
     "windows": {"context_length": 2, "horizon": 1, "split": {"by": "sequence", "fractions": [0.6, 0.2, 0.2], "seed": 0}},
-    "train": {"arch": "speculation_transformer", "epochs": 1, "batch_size": 64, "max_train_windows": 2000,
+    "train": {"arch": "speculation_transformer", "epochs": 1, "batch_size": 64, "max_train_windows": 2000, "launcher": "python",
               "speculation_transformer": {"d_model": 16, "heads": 2, "ff": 32, "layers": 1, "dropout": 0.0}},
-    "evaluate": {"topk": [1, 3, 5, 10], "batch_size": 512},
+    "evaluate": {"topk": [1, 3, 5, 10], "batch_size": 512, "max_horizon": 3},
 }
 
 
@@ -111,6 +112,20 @@ def subprocess_env() -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on, for a distributed launch's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_command(num_processes: int, stage: str, *args: str) -> list[str]:
+    """`accelerate launch` of a stage module with `num_processes` processes (gloo on a CPU-only machine)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m", f"stages.{stage}", *map(str, args)]
+
+
 def stage_command(stage: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"stages.{stage}", *map(str, args)]
 
@@ -173,7 +188,7 @@ def tiny(tmp_path_factory) -> Tiny:
         summary = build_windows(paths["shards"], paths["windows"], tiny_params("windows"))
         train_result = train(tiny_params("train"), paths["windows"], paths["predictor"], paths["live"])
         train(tiny_params("train", arch="lookup"), paths["windows"], paths["lookup"], root / "live-lookup")
-        metrics = evaluate(tiny_params("evaluate"), paths["windows"], paths["predictor"], paths["plots"])
+        metrics = evaluate(tiny_params("evaluate"), paths["windows"], paths["shards"], paths["predictor"], paths["plots"])
     return Tiny(root=root, **paths, manifest=manifest, summary=summary, train_result=train_result, metrics=metrics)
 
 

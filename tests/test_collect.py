@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import MODEL, TINY, subprocess_env, tiny_params
+from conftest import MODEL, TINY, accelerate_command, subprocess_env, tiny_params
 from stages import traces
 from stages.collect import collect, plan_digest
 from stages.models import model_fingerprint
@@ -203,17 +202,9 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, forward, forwar
     assert [e["sha256"] for e in manifest.shards] == [e["sha256"] for e in reference.shards]  # bytes equal too
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_data_parallel_under_accelerate_equals_one_process(tmp_path, forward):
     write_yaml(tmp_path)  # 6 sequences, 4 per chunk: rank 0 takes chunk 0, rank 1 chunk 1
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "stages.collect", "--out", "traces", "--params", "params.yaml"]
+    command = accelerate_command(2, "collect", "--out", "traces", "--params", "params.yaml")
     result = subprocess.run(command, cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "collect[0/2]: 1 chunks written" in result.stdout and "collect[1/2]: 1 chunks written" in result.stdout

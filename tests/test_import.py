@@ -117,7 +117,7 @@ def test_imported_traces_run_through_windows_train_evaluate(imported, tmp_path):
         (tmp_path / name).mkdir()
     build_windows(shards, tmp_path / "windows", tiny_params("windows"))
     train(tiny_params("train", arch="lookup"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "live")
-    metrics = evaluate(tiny_params("evaluate"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "plots")
+    metrics = evaluate(tiny_params("evaluate", max_horizon=2), tmp_path / "windows", shards, tmp_path / "predictor", tmp_path / "plots")
     assert metrics
 
 
@@ -136,7 +136,8 @@ def test_generated_tokens_get_their_own_evaluation(tmp_path):
     test = pq.read_table(tmp_path / "windows" / "test.parquet")
     assert test["generated"].to_pylist() == [p >= 3 for p in test["position"].to_pylist()]
     train(tiny_params("train", arch="lookup"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "live")
-    metrics = evaluate(tiny_params("evaluate"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "plots")
+    metrics = evaluate(tiny_params("evaluate", max_horizon=0), tmp_path / "windows", tmp_path / "shards", tmp_path / "predictor",
+                       tmp_path / "plots")
     kinds = metrics["per_token_kind"]
     generated_windows = sum(test["generated"].to_pylist())
     assert kinds["generated"]["predictor"]["windows"] == generated_windows > 0

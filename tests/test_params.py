@@ -48,11 +48,16 @@ def parse(section: str, **overrides):
         # choices
         ("train", {"arch": "no_such_arch"}, ["train.arch", "'no_such_arch'", "frequency", "lookup", "speculation_transformer"]),
         ("train", {"device": "tpu"}, ["train.device", "cpu"]),
+        ("train", {"stream_buffer": -1}, ["train.stream_buffer", ">= 0"]),
+        ("train", {"stream_buffer": 1000, "max_train_windows": 10}, ["train.stream_buffer", "max_train_windows 0"]),
+        ("train", {"stream_buffer": 1000, "max_train_windows": 0, "arch": "lookup"}, ["train.stream_buffer", "neural archs only"]),
         ("evaluate", {"topk": [0, 1]}, ["evaluate.topk", ">= 1"]),
         ("evaluate", {"topk": []}, ["evaluate.topk"]),
         ("evaluate", {"topk": [1, "3"]}, ["evaluate.topk"]),
         ("evaluate", {"topk": [True]}, ["evaluate.topk"]),
         ("evaluate", {"topk": 5}, ["evaluate.topk", "expected list"]),
+        ("evaluate", {"topk": [3, 5]}, ["evaluate.topk", "must include 1"]),
+        ("evaluate", {"max_horizon": -1}, ["evaluate.max_horizon", ">= 0"]),
         ("collect", {"device": "gpu"}, ["collect.device", "'gpu'", "cuda:N"]),
         ("collect", {"batch_size": 4, "sequences_per_chunk": 10}, ["collect.sequences_per_chunk", "multiple", "collect.batch_size"]),
         ("collect", {"min_tokens": 64, "seq_len": 32}, ["collect.min_tokens", "collect.seq_len"]),
@@ -131,6 +136,6 @@ def test_topk_beyond_num_experts_is_clipped(tiny, tmp_path):
     from stages.evaluate import evaluate
 
     E = tiny.manifest.num_experts
-    metrics = evaluate(tiny_params("evaluate", topk=[1, E, E + 4]), tiny.windows, tiny.lookup, tmp_path)
+    metrics = evaluate(tiny_params("evaluate", topk=[1, E, E + 4]), tiny.windows, tiny.shards, tiny.lookup, tmp_path)
     for result in [metrics["predictor"], *metrics["baselines"].values()]:
         assert result[f"top{E}"] == result[f"top{E + 4}"] == 1.0

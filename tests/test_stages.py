@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from conftest import read_shard_tables, tiny_params
+from conftest import read_shard_tables, tiny_params, write_params
 from stages import traces
 from stages.predictors import load_predictor
 from stages.predictors.base import WEIGHTS_NAME
-from stages.window_data import SPLITS
+from stages.window_data import SPLITS, read_windows
 from stages.windows import build_windows
 
 RANKING_KEYS = {"top1", "top3", "top5", "top10", "recall_at_k"}
@@ -193,6 +193,39 @@ def test_metrics_have_predictor_and_baselines(tiny):
     json.dumps(metrics, allow_nan=False)  # NaN never reaches the metrics file
     for name in ("per_layer_top1.json", "top_m.json", "calibration.json", "per_layer_top1.png", "top_m.png"):
         assert (tiny.plots / name).stat().st_size > 0
+
+
+def test_per_horizon_equals_a_windows_run_at_that_horizon(tiny, tmp_path):
+    """per_horizon scores the baselines at h = 1..max_horizon in one run: at the stage's own horizon they are the
+    headline baselines, at another horizon they equal what a windows run at that horizon gives (same split)."""
+    from stages.evaluate import baseline_scorers, rank_all
+
+    per_horizon, params = tiny.metrics["per_horizon"], tiny_params("evaluate")
+    assert sorted(per_horizon) == [f"h{h}" for h in range(1, params.max_horizon + 1)]
+    assert tiny.summary["horizon"] == 1 and "predictor" in per_horizon["h1"] and "predictor" not in per_horizon["h2"]
+    for name in ("predictor", "lookup", "frequency", "previous_token"):
+        source = tiny.metrics["predictor"] if name == "predictor" else tiny.metrics["baselines"][name]
+        assert per_horizon["h1"][name] == {m: source[m] for m in ("top1", "recall_at_k", "recall_at_2k")}, name
+    summary = build_windows(tiny.shards, tmp_path, tiny_params("windows", horizon=2))
+    train_set, test_set = read_windows(tmp_path, "train"), read_windows(tmp_path, "test")
+    accumulators = rank_all(baseline_scorers(train_set, summary), test_set, params, summary)
+    assert per_horizon["h2"]["test_windows"] == summary["splits"]["test"]["windows"] < tiny.metrics["test_windows"]
+    for name, acc in accumulators.items():
+        assert per_horizon["h2"][name] == pytest.approx({m: acc.result()[m] for m in ("top1", "recall_at_k", "recall_at_2k")}, abs=1e-6), name
+    rows = json.loads((tiny.plots / "per_horizon.json").read_text())
+    assert [row["horizon"] for row in rows] == [1, 2, 3] and (tiny.plots / "per_horizon.png").stat().st_size > 0
+
+
+def test_max_horizon_beyond_the_layers_fails_before_writing(tiny, tmp_path, run_main):
+    from stages import evaluate
+
+    L, c = tiny.manifest.num_layers, tiny.summary["context_length"]
+    params = write_params(tmp_path, {"evaluate": {"max_horizon": L - c + 1}})
+    code, errors = run_main(evaluate, "--windows", tiny.windows, "--shards", tiny.shards, "--predictor", tiny.lookup,
+                            "--metrics", tmp_path / "metrics.json", "--plots", tmp_path / "plots", "--params", params)
+    assert code == 1 and len(errors) == 1
+    assert errors[0].startswith("error: evaluate.max_horizon:") and f"accepted: 0..{L - c}" in errors[0]
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "plots").exists()
 
 
 def test_bounds_only_where_guaranteed(tiny):

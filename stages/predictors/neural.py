@@ -13,7 +13,7 @@ expert". Hooks for architectures that need more: `batch()` (extra inputs: extend
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from stages.errors import PipelineError
 from stages.predictors.base import Predictor
-from stages.window_data import WindowSet
+from stages.window_data import WindowSet, WindowStream
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,6 +31,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device: 'cuda' requested but no CUDA device is available; use cpu or auto")
     return torch.device(name)
+
+
+def on_cpu(device_name: str) -> bool:
+    """Whether train.device resolves to the CPU (accelerate then runs DDP over gloo, not NCCL)."""
+    return resolve_device(device_name).type == "cpu"
 
 
 def target_distribution(windows: WindowSet, num_experts: int) -> np.ndarray:
@@ -48,6 +53,16 @@ def gate_distribution(routed: np.ndarray, gate_weights: np.ndarray, num_experts:
     np.add.at(dist, (rows[keep], experts[keep]), weights[keep])
     total = dist.sum(axis=1, keepdims=True)
     return np.divide(dist, total, out=np.zeros_like(dist), where=total > 0)
+
+
+def epoch_batches(train: WindowSet | WindowStream, batch_size: int, generator: np.random.Generator) -> Iterator[WindowSet]:
+    """One epoch of shuffled batches: a permutation of the in-memory split, or the stream's shuffle buffers."""
+    if isinstance(train, WindowStream):
+        yield from train.shuffled_batches(batch_size, generator)
+        return
+    order = generator.permutation(len(train))
+    for start in range(0, len(train), batch_size):
+        yield train.subset(order[start : start + batch_size])
 
 
 def expert_ids(experts: np.ndarray, num_experts: int, device: torch.device) -> torch.Tensor:
@@ -91,28 +106,36 @@ class NeuralPredictor(Predictor):
         """Loss of extra heads (outputs[2:]), added to the target loss; 0 for single-head models."""
         return 0.0
 
-    def _loss(self, inputs, target, top1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs = self.module(inputs)
+    def _loss(self, model: nn.Module, inputs, target, top1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs = model(inputs)
         logits, confidence_logit = outputs[0], outputs[1]
         loss = self.target_loss(logits.float(), target)
         correct = (logits.argmax(dim=-1) == top1).float()
         loss = loss + 0.1 * F.binary_cross_entropy_with_logits(confidence_logit.float(), correct)
         return loss + self.auxiliary_loss(outputs, inputs), logits, correct
 
-    def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
+    def fit(self, train: WindowSet | WindowStream, val: WindowSet, log: Callable[[dict], None]) -> None:
+        """Train on `train` (in memory, or streamed from disk), early-stopping on `val`. Started by `accelerate
+        launch` with N processes, this is DDP: every global batch of train.batch_size windows is split across the
+        processes, gradients are averaged, and every process sees the same validation loss, so all stop together."""
+        from accelerate import Accelerator
+
         p = self.params
-        extra = self.data_geometry(train)
+        extra = self.data_geometry(train.head() if isinstance(train, WindowStream) else train)
         if self.module is None or any(self.geometry.get(name) != value for name, value in extra.items()):
             self.geometry = {**self.geometry, **extra}
             self.module = self._build()
-        device = resolve_device(p["device"])
+        accelerator = Accelerator(cpu=on_cpu(p["device"]))  # 1 process unless launched
+        device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        if rank:
+            torch.manual_seed(p["seed"] + rank)  # own dropout masks; the initial weights are rank 0's (DDP broadcasts them)
         self.module.to(device)
-        generator = np.random.default_rng(p["seed"])
+        generator = np.random.default_rng(p["seed"])  # the same batch order in every process
         if p["max_train_windows"] and len(train) > p["max_train_windows"]:
             train = train.subset(np.sort(generator.choice(len(train), p["max_train_windows"], replace=False)))
-        train_target = torch.from_numpy(target_distribution(train, self.num_experts))
         steps_per_epoch = math.ceil(len(train) / p["batch_size"])
         optimizer = torch.optim.AdamW(self.module.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        model, optimizer = accelerator.prepare(self.module, optimizer)
         total = steps_per_epoch * p["epochs"]
         warmup = max(1, min(200, total // 20))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -121,27 +144,31 @@ class NeuralPredictor(Predictor):
         use_amp = device.type == "cuda"
         best_loss, best_state, stale_epochs = math.inf, None, 0
         for epoch in range(p["epochs"]):
-            self.module.train()
-            order = generator.permutation(len(train))
+            model.train()
             running, seen = 0.0, 0
-            for step in range(steps_per_epoch):
-                rows = order[step * p["batch_size"] : (step + 1) * p["batch_size"]]
-                inputs = self.batch(train, rows, device)
-                target = train_target[rows].to(device)
-                top1 = torch.from_numpy(train.target_experts[rows, 0].astype(np.int64)).to(device)
+            for step, batch in enumerate(epoch_batches(train, p["batch_size"], generator)):
+                if len(batch) < world:  # a last batch too small to give every process a window (DDP only)
+                    continue
+                local = batch.subset(np.array_split(np.arange(len(batch)), world)[rank])  # this process's share
+                inputs = self.batch(local, np.arange(len(local)), device)
+                target = torch.from_numpy(target_distribution(local, self.num_experts)).to(device)
+                top1 = torch.from_numpy(local.target_experts[:, 0].astype(np.int64)).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, _, _ = self._loss(inputs, target, top1)
-                if not torch.isfinite(loss):
-                    raise PipelineError(f"train: non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; lower train.lr")
+                    loss, _, _ = self._loss(model, inputs, target, top1)
+                if world > 1:  # DDP averages gradients over processes: weigh each by its share of the global batch
+                    loss = loss * (len(local) * world / len(batch))
+                batch_loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's mean loss, on every process
+                if not torch.isfinite(batch_loss):
+                    raise PipelineError(f"train: non-finite loss ({batch_loss.item()}) at epoch {epoch + 1}, step {step + 1}; lower train.lr")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+                accelerator.backward(loss)
+                grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)  # gradients already averaged
                 if not torch.isfinite(grad_norm):
                     raise PipelineError(f"train: non-finite gradient at epoch {epoch + 1}, step {step + 1}; lower train.lr")
                 optimizer.step()
                 schedule.step()
-                running += loss.item() * len(rows)
-                seen += len(rows)
+                running += batch_loss.item() * len(batch)
+                seen += len(batch)
             val_loss, val_top1 = self.evaluate_loss(val, device)
             log({"epoch": epoch + 1, "train_loss": running / seen, "val_loss": val_loss, "val_top1": val_top1,
                  "lr": schedule.get_last_lr()[0]})
@@ -164,7 +191,7 @@ class NeuralPredictor(Predictor):
         for start in range(0, len(windows), batch_size):
             rows = np.arange(start, min(start + batch_size, len(windows)))
             top1 = torch.from_numpy(windows.target_experts[rows, 0].astype(np.int64)).to(device)
-            loss, logits, _ = self._loss(self.batch(windows, rows, device), torch.from_numpy(target_all[rows]).to(device), top1)
+            loss, logits, _ = self._loss(self.module, self.batch(windows, rows, device), torch.from_numpy(target_all[rows]).to(device), top1)
             total_loss += loss.item() * len(rows)
             total_correct += (logits.argmax(dim=-1) == top1).sum().item()
         return total_loss / len(windows), total_correct / len(windows)
