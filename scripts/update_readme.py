@@ -127,11 +127,11 @@ def hidden_section(prefix: str) -> str:
                      pct(p["top1"]), pct(stale["top1"]), pct(lookup["recall_at_k"]), f"{m['test_windows']:,}"])
     params = runs[min(runs)]["params"]["params.yaml"]["data"]
     capture = params["collect"]["capture"]
-    width = capture["hidden_dim"] or "full (model width)"
+    width = f"a {capture['hidden_dim']}-dim projection" if capture["hidden_dim"] else "the model's full width"
     return "\n\n".join([
         f"Experiments `{prefix}<h>`: `dvc exp run -n {prefix}<h> -S collect.capture.hidden_states=true "
         f"-S collect.capture.lookahead={capture['lookahead']} -S windows.context_length={params['windows']['context_length']} "
-        f"-S windows.horizon=<h> -S train.arch=hidden_mlp` (hidden states stored at width {width}); the table is written by "
+        f"-S windows.horizon=<h> -S train.arch=hidden_mlp` (hidden states stored at {width}); the table is written by "
         f"`python scripts/update_readme.py --hidden {prefix}` from `dvc exp show --json`. Both read the same thing: the hidden "
         "state of token i entering MoE layer l. The stale gate applies layer l+h's own router to it; hidden_mlp is trained "
         "to map it to layer l+h's routing. Same test windows per row; lookup (routing history only) for reference.",
