@@ -148,12 +148,22 @@ def experiments_by_name() -> dict[str, dict]:
     return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name")}
 
 
+def fit_seconds(experiment: str) -> str:
+    """The fit time the train stage printed (wall clock, not stored in any output so that `dvc repro --force` is
+    byte-identical), read back from the experiment queue's log; '-' when the experiment did not run queued."""
+    import subprocess
+
+    log = subprocess.run(["dvc", "queue", "logs", experiment], capture_output=True, text=True).stdout
+    match = re.search(r"fitted in ([0-9.]+)s", log)
+    return f"{float(match.group(1)):.0f}" if match else "-"
+
+
 def archs_section(prefix: str, baseline: dict) -> str:
     """One row per experiment named `<prefix><arch>` plus the committed default, from `dvc exp show --json`."""
     runs = {"mlp (default)": (baseline, None)}
     for name, data in sorted(experiments_by_name().items()):
         finished = "data" in data.get("metrics", {}).get("metrics/evaluate.json", {}) and "data" in data["metrics"].get("dvclive/metrics.json", {})
-        if name.startswith(prefix) and finished:  # a queued or failed experiment has no metrics yet
+        if name.startswith(prefix) and finished and name != f"{prefix}mlp":  # queued or failed: no metrics yet
             runs[name[len(prefix):]] = (data["metrics"]["metrics/evaluate.json"]["data"], data)
     rows = []
     for arch, (metrics, data) in runs.items():
@@ -162,15 +172,17 @@ def archs_section(prefix: str, baseline: dict) -> str:
         note = "" if not train or not train["max_train_windows"] else f"{train['max_train_windows']:,} windows, {train['epochs']} epochs"
         p = metrics["predictor"]
         rows.append([arch, pct(p["top1"]), pct(p["top5"]), pct(p["recall_at_k"]), f"{p['arch_parameters']:,}",
-                     str(live.get("epochs", "")), note])
+                     str(live.get("epochs", "")), fit_seconds(prefix + arch.split()[0]), note])
     b = baseline["baselines"]
     return "\n\n".join([
         f"Test split of the default data (lookup baseline: top-1 {pct(b['lookup']['top1'])}, recall@k "
         f"{pct(b['lookup']['recall_at_k'])}; frequency: top-1 {pct(b['frequency']['top1'])}). Each row is "
         f"`dvc exp run -n {prefix}<arch> -S train.arch=<arch>` at the arch's default size; the table is written by "
         f"`python scripts/update_readme.py --archs {prefix}` from `dvc exp show --json`. Parameters of the tables "
-        "are their entries.",
-        table(["arch", "top-1", "top-5", "recall@k", "parameters", "epochs", "deviation from defaults"], rows),
+        "are their entries. Train time is the wall-clock fit the train stage printed in the experiment's queue log "
+        f"(`dvc queue logs {prefix}<arch>`; the default's from `{prefix}mlp`), on the shared 2-core development machine "
+        "while other jobs ran: a rough guide, not a benchmark (that is `benchmarks/bench_training.py`).",
+        table(["arch", "top-1", "top-5", "recall@k", "parameters", "epochs", "train time (s)", "deviation from defaults"], rows),
     ])
 
 

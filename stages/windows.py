@@ -140,27 +140,30 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     after = [TokenRows.of(following, manifest, current)] if following is not None else []
     rows = TokenRows.concat([before, current, *after])
     start, stop = len(before), len(before) + n
-    index, exists = neighbours(rows, start, stop, np.array([-1]))
-    previous = np.where(exists[:, :, None, None], rows.experts[index], -1)[:, 0]  # (n, L, k)
-    targets = np.arange(c - 1 + h, L)  # target MoE layers that have a full context
+    first = c - 1 + h  # the first target MoE layer with a full context; targets are first .. L-1
+    targets = np.arange(first, L)
     G = len(targets)
+    # Gathers along the layer axis use slices and np.take: numpy's x[:, index] returns a transposed result
+    # here, and the copy into row-major order cost more than the rest of the function.
+    index, exists = neighbours(rows, start, stop, np.array([-1]))
+    previous = np.where(exists[:, 0, None, None], rows.experts[index[:, 0], first:], -1)  # (n, G, k)
     # context[i, j] = experts[i, t_j - h - c + 1 : t_j - h + 1]
     context_layers = targets[:, None] - h - c + 1 + np.arange(c)[None, :]  # (G, c)
-    context = experts[:, context_layers, :]  # (n, G, c, k)
+    context = np.take(experts, context_layers, axis=1)  # (n, G, c, k)
     columns = {
         "sequence_id": table["sequence_id"].take(np.repeat(np.arange(n), G)),
         "domain": table["domain"].take(np.repeat(np.arange(n), G)),
         "position": pa.array(np.repeat(current.position, G), type=pa.int32()),
         "target_layer": pa.array(np.tile(targets, n).astype(np.int16), type=pa.int16()),
         "context_experts": traces.nested_array(context.reshape(n * G, c * k), pa.int16()),
-        "target_experts": traces.nested_array(experts[:, targets].reshape(n * G, k), pa.int16()),
-        "target_weights": traces.nested_array(weights[:, targets].reshape(n * G, k), pa.float32()),
-        "prev_token_experts": traces.nested_array(previous[:, targets].reshape(n * G, k), pa.int16()),
+        "target_experts": traces.nested_array(experts[:, first:].reshape(n * G, k), pa.int16()),
+        "target_weights": traces.nested_array(weights[:, first:].reshape(n * G, k), pa.float32()),
+        "prev_token_experts": traces.nested_array(previous.reshape(n * G, k), pa.int16()),
     }
     lookahead = manifest.capture.get("lookahead") or 0
     if lookahead >= h:
         stale = traces.column_to_numpy(table["lookahead_experts"], (L, lookahead, k))  # (n, L, H, k)
-        columns["stale_gate_experts"] = traces.nested_array(stale[:, targets - h, h - 1].reshape(n * G, k), pa.int16())
+        columns["stale_gate_experts"] = traces.nested_array(stale[:, first - h : L - h, h - 1].reshape(n * G, k), pa.int16())
     if T:
         index, exists = neighbours(rows, start, stop, np.arange(-T, 0))  # (n, T), oldest token first
         layers = np.concatenate([context_layers, targets[:, None]], axis=1)  # (G, c+1): context layers, then t
@@ -177,8 +180,9 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     hidden_dim = manifest.capture.get("hidden_dim") or 0
     if hidden_dim:
         hidden = traces.column_to_numpy(table["hidden_states"], (L, hidden_dim))  # (n, L, D) float16
-        columns["hidden_state"] = traces.nested_array(hidden[:, targets - h].reshape(n * G, hidden_dim), pa.float16())
-    new_carry = TokenRows.concat([before, current])[-max(T, 1):]  # enough rows for the next shard's look-backs
+        columns["hidden_state"] = traces.nested_array(hidden[:, first - h : L - h].reshape(n * G, hidden_dim), pa.float16())
+    keep = max(T, 1)  # rows the next shard's look-backs need
+    new_carry = TokenRows.concat([before[-keep:], current[-keep:]])[-keep:]
     return pa.table(columns), new_carry
 
 
