@@ -241,9 +241,14 @@ class HiddenMLPParams:
     layer_dim: int = _doc("Width of the target layer's embedding, concatenated to the normalised hidden state.", 16)
     hidden: list = _doc("Hidden layer widths (GELU).", factory=lambda: [256])
     dropout: float = _doc("Dropout after each hidden layer.", 0.1)
+    routing_embedding_dim: int = _doc(
+        "0: the hidden state only. N > 0: hidden+routing, also the routing context (the c context layers' experts, "
+        "each slot embedded in N dims), joined to the hidden state.", 0)
 
     def validate(self) -> None:
         _check_network("train.hidden_mlp", self, ("layer_dim",), ("hidden",))
+        if self.routing_embedding_dim < 0:
+            raise PipelineError(f"train.hidden_mlp.routing_embedding_dim: must be >= 0 (0 = hidden state only), got {self.routing_embedding_dim}")
 
 
 @dataclass

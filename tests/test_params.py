@@ -51,6 +51,7 @@ def parse(section: str, **overrides):
         ("train", {"stream_buffer": -1}, ["train.stream_buffer", ">= 0"]),
         ("train", {"stream_buffer": 1000, "max_train_windows": 10}, ["train.stream_buffer", "max_train_windows 0"]),
         ("train", {"stream_buffer": 1000, "max_train_windows": 0, "arch": "lookup"}, ["train.stream_buffer", "neural archs only"]),
+        ("train", {"hidden_mlp": {"routing_embedding_dim": -1}}, ["train.hidden_mlp.routing_embedding_dim", ">= 0"]),
         ("evaluate", {"topk": [0, 1]}, ["evaluate.topk", ">= 1"]),
         ("evaluate", {"topk": []}, ["evaluate.topk"]),
         ("evaluate", {"topk": [1, "3"]}, ["evaluate.topk"]),

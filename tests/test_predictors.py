@@ -3,6 +3,7 @@ is deterministic for a seed, and stops on a non-finite loss with a one-line erro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -157,6 +158,24 @@ def test_multiscale_stays_finite_at_a_high_learning_rate() -> None:
     predictor.fit(synthetic(2000, 0), synthetic(200, 1), lambda row: None)  # raises PipelineError if not finite
     scores, confidence = predictor.score(synthetic(200, 2))
     assert np.isfinite(scores).all() and np.isfinite(confidence).all()
+
+
+def test_hidden_plus_routing_reads_the_routing_context_too(tmp_path) -> None:
+    """Targets set by the routing context, hidden states pure noise: the hidden-only model stays near chance,
+    hidden+routing (routing_embedding_dim > 0) learns the mapping."""
+    def noisy_hidden(windows: WindowSet, seed: int) -> WindowSet:
+        noise = np.random.default_rng(seed).normal(0, 1, (len(windows), 16)).astype(np.float16)
+        return dataclasses.replace(windows, hidden_state=noise)
+
+    train, val = noisy_hidden(synthetic(3000, 0), 0), noisy_hidden(synthetic(500, 1), 1)
+    accuracy = {}
+    for routing_dim in (0, 8):
+        predictor = make("hidden_mlp", lr=0.03, hidden_mlp={"dropout": 0.0, "routing_embedding_dim": routing_dim})
+        predictor.fit(train, val, lambda row: None)
+        accuracy[routing_dim] = top1(predictor, noisy_hidden(synthetic(500, 2), 2))
+        predictor.save(tmp_path / str(routing_dim))
+        np.testing.assert_array_equal(load_predictor(tmp_path / str(routing_dim)).score(val)[0], predictor.score(val)[0])
+    assert accuracy[0] < 0.25 and accuracy[8] > 0.9, accuracy
 
 
 def test_hidden_mlp_without_hidden_states_is_a_one_line_error() -> None:

@@ -5,6 +5,8 @@ Needs `collect.capture.hidden_states: true` (windows then carry column `hidden_s
 The hidden state is LayerNorm-ed (raw residual streams differ in scale between layers and models), joined with
 the target layer's embedding (each target has its own router) and passed through an MLP. Trained like every
 neural predictor against the target router's gate-weight distribution (soft cross-entropy, neural.py).
+With `routing_embedding_dim: N > 0` it is "hidden+routing": the context layers' routed experts, each slot
+embedded in N dims, are joined to the hidden state too.
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ from stages.window_data import WindowSet
 
 
 class HiddenMLP(nn.Module):
-    def __init__(self, hidden_dim: int, num_layers: int, num_experts: int, layer_dim: int, hidden: list[int], dropout: float):
+    def __init__(self, hidden_dim: int, num_layers: int, num_experts: int, layer_dim: int, hidden: list[int], dropout: float,
+                 routing_slots: int = 0, routing_dim: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_dim)
         self.target = nn.Embedding(num_layers, layer_dim)
-        self.trunk, width = mlp_stack(hidden_dim + layer_dim, hidden, dropout)
+        # hidden+routing: one embedding per context slot's expert (index E = no expert)
+        self.routing = nn.Embedding(num_experts + 1, routing_dim, padding_idx=num_experts) if routing_dim else None
+        self.trunk, width = mlp_stack(hidden_dim + layer_dim + routing_slots * routing_dim, hidden, dropout)
         self.heads = Heads(width, num_experts)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.norm(inputs["hidden_state"])  # (B, D)
-        return self.heads(self.trunk(torch.cat([state, self.target(inputs["target_layer"])], dim=1)))
+        parts = [self.norm(inputs["hidden_state"]), self.target(inputs["target_layer"])]  # (B, D), (B, layer_dim)
+        if self.routing is not None:
+            parts.append(self.routing(inputs["context_experts"]).flatten(1))  # (B, c*k*routing_dim)
+        return self.heads(self.trunk(torch.cat(parts, dim=1)))
 
 
 class HiddenMLPPredictor(NeuralPredictor):
@@ -45,7 +52,9 @@ class HiddenMLPPredictor(NeuralPredictor):
         if not self.geometry.get("hidden_dim"):
             return None  # the width is known once fit sees the windows (or the checkpoint's geometry has it)
         g, s = self.geometry, self.section
-        return HiddenMLP(g["hidden_dim"], g["num_layers"], g["num_experts"], s["layer_dim"], s["hidden"], s["dropout"])
+        routing_dim = s.get("routing_embedding_dim", 0)  # absent in checkpoints written before it existed
+        return HiddenMLP(g["hidden_dim"], g["num_layers"], g["num_experts"], s["layer_dim"], s["hidden"], s["dropout"],
+                         g["context_length"] * g["top_k"] if routing_dim else 0, routing_dim)
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         if windows.hidden_state is None:
