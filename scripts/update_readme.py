@@ -111,21 +111,35 @@ def horizon_lines(per_horizon: dict | None) -> list[str]:
     ]
 
 
-def hidden_section(prefix: str) -> str:
-    """hidden_mlp vs the stale gate at each horizon, from experiments named `<prefix><h>`."""
+def finished_by_horizon(prefix: str) -> dict[int, dict]:
+    """h -> evaluate metrics of the finished experiments named `<prefix><h>`."""
     runs = {}
     for name, data in experiments_by_name().items():
         if name.startswith(prefix) and "data" in data.get("metrics", {}).get("metrics/evaluate.json", {}):
             runs[int(name[len(prefix):])] = data
     if not runs:
         raise SystemExit(f"no finished experiment named {prefix}<h> in `dvc exp show`")
+    return runs
+
+
+def hidden_section(prefix: str, routing_prefix: str | None) -> str:
+    """hidden_mlp vs the stale gate at each horizon, from experiments named `<prefix><h>` (and hidden+routing
+    from `<routing_prefix><h>`, when given)."""
+    runs = finished_by_horizon(prefix)
+    routing = finished_by_horizon(routing_prefix) if routing_prefix else {}
     rows = []
     for h, data in sorted(runs.items()):
         m = data["metrics"]["metrics/evaluate.json"]["data"]
         p, stale, lookup = m["predictor"], m["baselines"]["stale_gate"], m["baselines"]["lookup"]
-        rows.append([str(h), pct(p["recall_at_k"]), pct(stale["recall_at_k"]), f"{100 * (p['recall_at_k'] - stale['recall_at_k']):+.1f}",
-                     pct(p["top1"]), pct(stale["top1"]), pct(lookup["recall_at_k"]), f"{m['test_windows']:,}"])
+        row = [str(h), pct(p["recall_at_k"]), pct(stale["recall_at_k"]), f"{100 * (p['recall_at_k'] - stale['recall_at_k']):+.1f}",
+               pct(p["top1"]), pct(stale["top1"]), pct(lookup["recall_at_k"]), f"{m['test_windows']:,}"]
+        if routing_prefix:
+            both = routing[h]["metrics"]["metrics/evaluate.json"]["data"] if h in routing else None
+            same = both is not None and both["test_windows"] == m["test_windows"]
+            row[6:6] = [pct(both["predictor"]["recall_at_k"]) if same else "-", pct(both["predictor"]["top1"]) if same else "-"]
+        rows.append(row)
     params = runs[min(runs)]["params"]["params.yaml"]["data"]
+    routing_dim = routing[min(routing)]["params"]["params.yaml"]["data"]["train"]["hidden_mlp"]["routing_embedding_dim"] if routing else 0
     capture = params["collect"]["capture"]
     width = f"a {capture['hidden_dim']}-dim projection" if capture["hidden_dim"] else "the model's full width"
     return "\n\n".join([
@@ -134,9 +148,11 @@ def hidden_section(prefix: str) -> str:
         f"-S windows.horizon=<h> -S train.arch=hidden_mlp` (hidden states stored at {width}); the table is written by "
         f"`python scripts/update_readme.py --hidden {prefix}` from `dvc exp show --json`. Both read the same thing: the hidden "
         "state of token i entering MoE layer l. The stale gate applies layer l+h's own router to it; hidden_mlp is trained "
-        "to map it to layer l+h's routing. Same test windows per row; lookup (routing history only) for reference.",
+        "to map it to layer l+h's routing. Same test windows per row; lookup (routing history only) for reference."
+        + (f" hidden+routing: the same with `-S train.hidden_mlp.routing_embedding_dim={routing_dim}` (experiments "
+           f"`{routing_prefix}<h>`): the context layers' routed experts join the hidden state." if routing_prefix else ""),
         table(["h", "hidden_mlp recall@k", "stale gate recall@k", "difference (points)", "hidden_mlp top-1", "stale gate top-1",
-               "lookup recall@k", "test windows"], rows),
+               *(["hidden+routing recall@k", "hidden+routing top-1"] if routing_prefix else []), "lookup recall@k", "test windows"], rows),
     ])
 
 
@@ -222,6 +238,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
     parser.add_argument("--archs", metavar="PREFIX", help="also rewrite the architecture table from experiments named PREFIX<arch>")
     parser.add_argument("--hidden", metavar="PREFIX", help="also rewrite the hidden_mlp vs stale gate table from experiments PREFIX<h>")
+    parser.add_argument("--hidden-routing", metavar="PREFIX", help="with --hidden: add hidden+routing from experiments PREFIX<h>")
     parser.add_argument("--domain-split", metavar="EXPERIMENT", help="also rewrite the domain-split section from this experiment")
     args = parser.parse_args()
     text = README.read_text()
@@ -233,7 +250,7 @@ def main() -> None:
     if args.domain_split:
         new = render(new, "domain-split", domain_split_section(args.domain_split, metrics))
     if args.hidden:
-        new = render(new, "hidden", hidden_section(args.hidden))
+        new = render(new, "hidden", hidden_section(args.hidden, args.hidden_routing))
     if args.check:
         sys.exit(0 if new == text else 1)
     README.write_text(new)
