@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator  # noqa: E402
 
@@ -21,8 +22,10 @@ def _dump(path: Path, rows: list[dict]) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]]) -> None:
+def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], integer_x: bool = False) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, STYLE.get(name, "-"), label=name)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -71,7 +74,8 @@ def write_horizon_plot(directory: Path, per_horizon: dict) -> None:
     _dump(directory / "per_horizon.json", rows)
     names = list(dict.fromkeys(name for row in rows for name in row if name != "horizon"))
     _figure(directory / "per_horizon.png", "Top-1 vs horizon (target = MoE layer l + h)", "horizon h (layers ahead)",
-            "top-1 accuracy", {n: ([r["horizon"] for r in rows if n in r], [r[n] for r in rows if n in r]) for n in names})
+            "top-1 accuracy", {n: ([r["horizon"] for r in rows if n in r], [r[n] for r in rows if n in r]) for n in names},
+            integer_x=True)
 
 
 def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict]) -> None:
