@@ -1,5 +1,6 @@
 """The training loop every neural predictor shares: AdamW with a cosine schedule, early stopping on validation
-loss (the test split is never seen here), non-finite checks, seeded batch order, per-epoch logging.
+loss (the test split is never seen here), non-finite checks, seeded batch order, per-epoch logging; the train
+split in memory or streamed from disk (`WindowStream`), one process or DDP under `accelerate launch`.
 
 A subclass provides `build_module()` (an nn.Module mapping a batch dict to (expert_logits (B, E),
 confidence_logit (B,), *extra outputs)) and inherits fit/score/state. The loss is soft-target cross-entropy
