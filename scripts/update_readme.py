@@ -142,11 +142,12 @@ def hidden_section(prefix: str, routing_prefix: str | None) -> str:
     routing_dim = routing[min(routing)]["params"]["params.yaml"]["data"]["train"]["hidden_mlp"]["routing_embedding_dim"] if routing else 0
     capture = params["collect"]["capture"]
     width = f"a {capture['hidden_dim']}-dim projection" if capture["hidden_dim"] else "the model's full width"
+    command = f"python scripts/update_readme.py --hidden {prefix}" + (f" --hidden-routing {routing_prefix}" if routing_prefix else "")
     return "\n\n".join([
         f"Experiments `{prefix}<h>`: `dvc exp run -n {prefix}<h> -S collect.capture.hidden_states=true "
         f"-S collect.capture.lookahead={capture['lookahead']} -S windows.context_length={params['windows']['context_length']} "
         f"-S windows.horizon=<h> -S train.arch=hidden_mlp` (hidden states stored at {width}); the table is written by "
-        f"`python scripts/update_readme.py --hidden {prefix}` from `dvc exp show --json`. Both read the same thing: the hidden "
+        f"`{command}` from `dvc exp show --json`. Both read the same thing: the hidden "
         "state of token i entering MoE layer l. The stale gate applies layer l+h's own router to it; hidden_mlp is trained "
         "to map it to layer l+h's routing. Same test windows per row; lookup (routing history only) for reference."
         + (f" hidden+routing: the same with `-S train.hidden_mlp.routing_embedding_dim={routing_dim}` (experiments "
