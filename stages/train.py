@@ -5,7 +5,7 @@ Writes the checkpoint (`<out>/predictor.safetensors`, params and architecture in
 is printed, not stored, so that `dvc repro --force` reproduces every output byte for byte.
 
     python -m stages.train --windows data/windows --out data/predictor --live dvclive
-    accelerate launch --cpu --num_processes 2 -m stages.train ...   # DDP (train.launcher in params.yaml)
+    accelerate launch --multi_gpu --num_processes 2 -m stages.train ...   # DDP (train.launcher); on CPU: 2 gloo processes
 
 Under a distributed launcher every process trains (neural.py splits each batch), and only the main process
 writes the checkpoint and the logs.

@@ -215,12 +215,12 @@ def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsP
     return assign_splits(list(domains_of), domains_of, params, manifest.domains), has_generated
 
 
-def check_geometry(params: WindowsParams, manifest: traces.Manifest, key: str = "windows.horizon") -> None:
-    """A context plus horizon must fit in the model's MoE layers; `key` names the param blamed."""
+def check_geometry(params: WindowsParams, manifest: traces.Manifest) -> None:
+    """A context plus horizon must fit in the model's MoE layers."""
     L = manifest.num_layers
     if params.context_length + params.horizon > L:
         raise PipelineError(
-            f"{key}: windows.context_length + horizon = {params.context_length} + {params.horizon} exceeds the "
+            f"windows.horizon: windows.context_length + horizon = {params.context_length} + {params.horizon} exceeds the "
             f"model's {L} MoE layers; need context_length + horizon <= {L}"
         )
 
