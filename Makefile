@@ -13,10 +13,11 @@ export HF_HUB_OFFLINE ?= 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .   # the moe_prefetch package (its dependencies are pinned above)
 	touch $@
 
 repro: setup

@@ -1,5 +1,5 @@
 """Inference: per-token latency of `Predictor.score` for all target layers of a token (one window per target layer)
-at batch 1 and batch 256 tokens on CPU, for every architecture in stages.predictors.ARCHITECTURES (default params,
+at batch 1 and batch 256 tokens on CPU, for every architecture in moe_prefetch.predictors.ARCHITECTURES (default params,
 fit for one epoch on synthetic windows: weights do not change the cost); batch sizes and architectures alternate
 round by round. And FLOPs per prediction (one window = one token, one target layer) as a share of one MoE layer's
 FLOPs per token at Mixtral-8x7B shape (2 experts x 3 matmuls x 2 x 4096 x 14336 = 704.6 MFLOPs), target <= 1%.
@@ -98,9 +98,9 @@ def modules_of(predictor) -> list:
 
 
 def run(args) -> list[Row]:
-    from stages.predictors import ARCHITECTURES
-    from stages.train import geometry_of
-    from stages.window_data import read_summary, read_windows
+    from moe_prefetch.predictors import ARCHITECTURES
+    from moe_prefetch.windows.data import geometry_of
+    from moe_prefetch.windows.data import read_summary, read_windows
 
     set_threads(args.threads)
     rows: list[Row] = []
@@ -108,7 +108,7 @@ def run(args) -> list[Row]:
     try:
         hybrid = None
         try:
-            from stages.params import parse_section
+            from moe_prefetch.params import parse_section
 
             hybrid = getattr(parse_section("train", {**train_section(), "arch": "lookup"}), "hybrid", None)
         except Exception:  # noqa: BLE001

@@ -1,9 +1,9 @@
-"""Storage: bytes per token-layer of the Parquet shards (stages/traces.py schema, written by stages/shard.py) vs
+"""Storage: bytes per token-layer of the Parquet shards (moe_prefetch/traces.py schema, written by stages/shard.py) vs
 (a) a pickle of the same records as Python dicts of lists, one per token (the prior research's format):
     {'sequence_id', 'position', 'token_id', 'experts': [[e]*k]*L, 'weights': [[w]*k]*L}   target: <= 1/20 of it
 (b) raw packed numpy: int16 experts + float32 weights + int32 position + int32 token id + the bytes of the id
     strings (sequence_id, document_id, domain once per sequence; rows are ordered by sequence)   target: <= 1.2x
-and read throughput (token-layers/s) into numpy: stages.traces.read_routing vs pickle.loads + np.array vs np.load.
+and read throughput (token-layers/s) into numpy: moe_prefetch.traces.read_routing vs pickle.loads + np.array vs np.load.
 
 Data: the real routing of the tiny model in data/shards (written by `dvc repro`; read only) when it is there and
 verifies, and synthetic routing (random distinct experts best-first, Dirichlet weights sorted, summing to 1) written
@@ -34,7 +34,7 @@ TARGET_RAW = 1.2
 
 def load_all(shard_dir: Path):
     """Manifest + the full table of every shard (all columns), verifying checksums."""
-    from stages import traces
+    from moe_prefetch import traces
 
     manifest = traces.Manifest.read(shard_dir)
     tables = [pq.read_table(traces.verify_shard(shard_dir, entry)) for entry in manifest.shards]
@@ -42,7 +42,7 @@ def load_all(shard_dir: Path):
 
 
 def records_of(table: pa.Table, L: int, k: int) -> list[dict]:
-    from stages.traces import column_to_numpy
+    from moe_prefetch.traces import column_to_numpy
 
     experts = column_to_numpy(table["experts"], (L, k)).tolist()
     weights = column_to_numpy(table["weights"], (L, k)).tolist()
@@ -55,7 +55,7 @@ def records_of(table: pa.Table, L: int, k: int) -> list[dict]:
 
 def raw_bytes(table: pa.Table, L: int, k: int, ids_per_row: bool = False) -> bytes:
     """np.save of the packed arrays + the id strings (once per sequence, or per row)."""
-    from stages.traces import column_to_numpy
+    from moe_prefetch.traces import column_to_numpy
 
     buffer = io.BytesIO()
     np.save(buffer, column_to_numpy(table["experts"], (L, k)).astype(np.int16))
@@ -86,8 +86,8 @@ def parquet_column_bytes(paths: list[Path]) -> dict[str, int]:
 
 def what_if(table: pa.Table, L: int, k: int, rows_per_group: int) -> dict[str, int]:
     """Sizes of the same rows under other encodings (not the stage's format; for the report)."""
-    from stages import traces
-    from stages.traces import column_to_numpy
+    from moe_prefetch import traces
+    from moe_prefetch.traces import column_to_numpy
 
     out = {}
 
@@ -113,7 +113,7 @@ def what_if(table: pa.Table, L: int, k: int, rows_per_group: int) -> dict[str, i
 
 
 def measure(label: str, shard_dir: Path, args, rows: list[Row], throughput: bool) -> None:
-    from stages import traces
+    from moe_prefetch import traces
 
     manifest, table = load_all(shard_dir)
     L, k, N = manifest.num_layers, manifest.top_k, table.num_rows
@@ -192,7 +192,7 @@ def run(args) -> list[Row]:
     real_ok = False
     if not args.no_real and (real_dir / "manifest.json").exists():
         try:
-            from stages import traces
+            from moe_prefetch import traces
 
             manifest = traces.Manifest.read(real_dir)
             for entry in manifest.shards:

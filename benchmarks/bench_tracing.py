@@ -25,8 +25,8 @@ def text_batch(tokenizer, batch: int, seq_len: int) -> tuple[list, "torch.Tensor
     """The first `batch` full seq_len-token chunks of the built-in python-docs text (as the collect stage cuts them)."""
     import torch
 
-    from stages.collect import PlannedSequence
-    from stages.sources import SourceSpec, iter_documents
+    from moe_prefetch.collect.collector import PlannedSequence
+    from moe_prefetch.collect.sources import SourceSpec, iter_documents
 
     sequences = []
     for doc_index, (name, text) in enumerate(iter_documents(SourceSpec.parse("python-docs"), 0)):
@@ -43,12 +43,12 @@ def text_batch(tokenizer, batch: int, seq_len: int) -> tuple[list, "torch.Tensor
 def run(args) -> list[Row]:
     import torch
 
-    from stages import traces
-    from stages.collect import chunk_table
-    from stages.models import load_model_and_tokenizer
-    from stages.params import CaptureParams
-    from stages.routing import adapter_for
-    from stages.routing.recorder import RoutingRecorder
+    from moe_prefetch import traces
+    from moe_prefetch.collect.chunks import chunk_table
+    from moe_prefetch.collect.models import load_model_and_tokenizer
+    from moe_prefetch.collect.config import CaptureParams
+    from moe_prefetch.routing import adapter_for
+    from moe_prefetch.routing.recorder import RoutingRecorder
 
     set_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(str(TINY_MODEL), "float32", "cpu")
@@ -77,8 +77,8 @@ def run(args) -> list[Row]:
             recorders[name] = RoutingRecorder(adapter, captures[name], projection_seed=0)
             active.append(recorders[name])
 
-    try:  # the collect loop's per-batch function (stages/generation.py); older code inlined it in collect()
-        from stages.generation import forward_rows
+    try:  # the collect loop's per-batch function (moe_prefetch/collect/generation.py); older code inlined it in collect()
+        from moe_prefetch.collect.generation import forward_rows
     except ImportError:
         forward_rows = None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -144,7 +144,7 @@ def run(args) -> list[Row]:
     table_times = alternate({"chunk_table": lambda: chunk_table(sequences, table_input, schema)}, rounds=rounds_of(args))
     table = Stats.of(table_times["chunk_table"])
     print(f"  collect.chunk_table for this batch: median {table.median * 1e3:.1f} ms")
-    print(f"  per-batch path measured: {'stages.generation.forward_rows' if forward_rows else 'forward + recorder.take + np.pad'}")
+    print(f"  per-batch path measured: {'moe_prefetch.collect.generation.forward_rows' if forward_rows else 'forward + recorder.take + np.pad'}")
 
     plain = stats["plain"].median
     ratio = stats["ids+weights"].median / plain

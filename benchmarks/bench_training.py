@@ -1,5 +1,5 @@
 """Training: (1) throughput (train windows/s through `Predictor.fit`, one epoch) of every architecture in
-stages.predictors.ARCHITECTURES at its default params (params.yaml `train:` section, arch swapped in), on synthetic
+moe_prefetch.predictors.ARCHITECTURES at its default params (params.yaml `train:` section, arch swapped in), on synthetic
 windows of the default geometry built by stages.windows.build_windows (with the token context/horizon and hidden
 states that hybrid / hidden_mlp need); architectures alternate round by round. (2) Time for the default
 architecture (all neural ones with --big) to reach the lookup baseline's val top-1, on the real windows in
@@ -36,8 +36,8 @@ def train_section() -> dict:
 
 def make(name: str, geometry: dict, **overrides):
     """A fresh predictor of architecture `name` with the default train params (+ overrides)."""
-    from stages.params import as_dict, parse_section
-    from stages.predictors import ARCHITECTURES
+    from moe_prefetch.params import as_dict, parse_section
+    from moe_prefetch.predictors import ARCHITECTURES
 
     params = parse_section("train", {**train_section(), **overrides, "arch": name})
     return ARCHITECTURES[name](geometry, as_dict(params))
@@ -55,10 +55,10 @@ def top1(predictor, windows) -> float:
 
 
 def throughput(args, rows: list[Row]) -> None:
-    from stages.params import parse_section
-    from stages.predictors import ARCHITECTURES
-    from stages.train import geometry_of
-    from stages.window_data import read_summary, read_windows
+    from moe_prefetch.params import parse_section
+    from moe_prefetch.predictors import ARCHITECTURES
+    from moe_prefetch.windows.data import geometry_of
+    from moe_prefetch.windows.data import read_summary, read_windows
 
     raw = {**train_section()}
     hybrid = parse_section("train", {**raw, "arch": "lookup"}).__dict__.get("hybrid")
@@ -108,10 +108,10 @@ def throughput(args, rows: list[Row]) -> None:
 
 
 def time_to_lookup(args, rows: list[Row]) -> None:
-    from stages.predictors import ARCHITECTURES
-    from stages.predictors.neural import NeuralPredictor
-    from stages.train import geometry_of
-    from stages.window_data import read_summary, read_windows
+    from moe_prefetch.predictors import ARCHITECTURES
+    from moe_prefetch.predictors.neural import NeuralPredictor
+    from moe_prefetch.windows.data import geometry_of
+    from moe_prefetch.windows.data import read_summary, read_windows
 
     work = Path(tempfile.mkdtemp(prefix="bench-training-target-"))
     try:
@@ -176,9 +176,9 @@ def profile_step(args, name: str) -> None:
     import torch
     from torch.profiler import profile
 
-    from stages.predictors.neural import NeuralPredictor, target_distribution
-    from stages.train import geometry_of
-    from stages.window_data import read_summary, read_windows
+    from moe_prefetch.predictors.neural import NeuralPredictor, target_distribution
+    from moe_prefetch.windows.data import geometry_of
+    from moe_prefetch.windows.data import read_summary, read_windows
 
     work = Path(tempfile.mkdtemp(prefix="bench-training-profile-"))
     try:

@@ -3,7 +3,7 @@ same windows (checked equal), target >= 50x; (2) peak RSS of `python -m stages.w
 data size (synthetic shards written by stages.shard.write_shards: 1x ~128k tokens, 8 MoE layers, k=2, E=16, shards
 of 100k rows; 10x = ten times the tokens), target 10x / 1x <= 1.5. One subprocess per measurement, started by a small
 launcher process whose RUSAGE_CHILDREN ru_maxrss is then that run's peak alone. Shards are cut in memory and written
-with the stages/traces.py helpers and shard.py's write options (bench_storage.py goes through shard.write_shards).
+with the moe_prefetch/traces.py helpers and shard.py's write options (bench_storage.py goes through shard.write_shards).
 On a miss (or with --memtrace) the stage is re-run with its phases instrumented to show where memory grows.
 
     python benchmarks/bench_windows.py [--tokens 128000] [--loop-tokens 20000] [--memtrace]
@@ -57,8 +57,8 @@ def loop_windows(table: pa.Table, num_layers: int, top_k: int, context_length: i
 
 
 def speed(args, shard_dir: Path, params, rows: list[Row]) -> None:
-    from stages import traces
-    from stages.windows import build_windows, shard_windows
+    from moe_prefetch import traces
+    from moe_prefetch.windows.build import build_windows, shard_windows
 
     manifest = traces.Manifest.read(shard_dir)
     table = pq.read_table(shard_dir / manifest.shards[0]["file"]).slice(0, args.loop_tokens)
@@ -109,7 +109,7 @@ def profile_stage(table: pa.Table, manifest, params, shard_dir: Path) -> None:
     import io
     import pstats
 
-    from stages.windows import build_windows, shard_windows
+    from moe_prefetch.windows.build import build_windows, shard_windows
 
     for label, call in (("shard_windows x5", lambda: [shard_windows(table, manifest, params, None) for _ in range(5)]),
                         ("build_windows (1x)", None)):
@@ -131,8 +131,8 @@ def profile_stage(table: pa.Table, manifest, params, shard_dir: Path) -> None:
     # the lines cProfile cannot split: shard_windows' own time, piece by piece
     import numpy as np
 
-    from stages import traces
-    from stages.windows import TokenRows
+    from moe_prefetch import traces
+    from moe_prefetch.windows.build import TokenRows
 
     def timed(label, fn, n=5):
         started = time.perf_counter()
@@ -171,7 +171,8 @@ def run_child(argv: list[str], cwd: Path) -> tuple[float, float, int, str]:
 MEMTRACE = r"""
 import sys, time
 import numpy as np
-import stages.windows as w
+import moe_prefetch.windows.build as w
+import stages.windows
 
 def rss():
     fields = dict(line.split(':', 1) for line in open('/proc/self/status'))
@@ -190,14 +191,14 @@ for name in ('assign_splits', 'shard_windows', 'write_json'):
     wrap(name)
 print(f"  memtrace: after imports          {rss()}", flush=True)
 sys.argv = ['stages.windows'] + sys.argv[1:]
-w.main()
+stages.windows.main()
 print(f"  memtrace: end                    {rss()}", flush=True)
 """
 
 
 def memory(args, shard_dirs: dict[str, Path], params_file: Path, work: Path, rows: list[Row]) -> None:
     python = sys.executable
-    floor, _, _, _ = run_child([python, "-c", "import stages.windows, pyarrow.parquet, numpy"], work)
+    floor, _, _, _ = run_child([python, "-c", "import stages.windows, moe_prefetch.windows.build, pyarrow.parquet, numpy"], work)
     print(f"memory: peak RSS of importing the stage's modules alone: {floor:.0f} MiB")
     peaks: dict[str, list[float]] = {name: [] for name in shard_dirs}
     repeats = 2 if args.big else 1

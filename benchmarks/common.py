@@ -190,11 +190,11 @@ def synthetic_plan(num_tokens: int, seq_len: int = 128, seed: int = 0, chunks_pe
 
 
 def chunk_table(sequences: list[SyntheticSequence], experts: np.ndarray, weights: np.ndarray, schema, hidden: np.ndarray | None = None) -> "pa.Table":
-    """One trace chunk in the stages/traces.py schema: the sequences' tokens in order, routing (N, L, k) per token.
+    """One trace chunk in the moe_prefetch/traces.py schema: the sequences' tokens in order, routing (N, L, k) per token.
     (Built here with traces.nested_array rather than through stages.collect.chunk_table, whose signature changes.)"""
     import pyarrow as pa
 
-    from stages import traces
+    from moe_prefetch import traces
 
     lengths = [len(s.token_ids) for s in sequences]
     columns = {
@@ -217,7 +217,7 @@ def synthetic_chunks(num_tokens: int, num_layers: int = 8, top_k: int = 2, num_e
                      sequences_per_chunk: int = 256, seed: int = 0, hidden_dim: int = 0):
     """(plan, iterator of trace-chunk tables of `sequences_per_chunk` sequences each) with synthetic routing (and
     random float16 hidden states of width hidden_dim when > 0)."""
-    from stages import traces
+    from moe_prefetch import traces
 
     planned = synthetic_plan(num_tokens, seq_len, seed)
     schema = traces.schema(num_layers, top_k, num_experts, hidden_dim)
@@ -252,7 +252,7 @@ def synthetic_meta(planned: list[SyntheticSequence], chunks: int, num_layers: in
 
 def write_synthetic_traces(trace_dir: Path, num_tokens: int, num_layers: int = 8, top_k: int = 2, num_experts: int = 16,
                            seq_len: int = 128, sequences_per_chunk: int = 256, seed: int = 0) -> int:
-    """A trace directory as stages/collect.py writes it (chunk-NNNNN.parquet in the stages/traces.py schema +
+    """A trace directory as stages/collect.py writes it (chunk-NNNNN.parquet in the moe_prefetch/traces.py schema +
     meta.json), with synthetic routing. Returns the number of token rows."""
     import pyarrow.parquet as pq
 
@@ -277,14 +277,14 @@ def write_synthetic_shards(out_dir: Path, num_tokens: int, rows_per_shard: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import traces
+    from moe_prefetch import traces
 
     geometry = dict(num_layers=num_layers, top_k=top_k, num_experts=num_experts)
     out_dir.mkdir(parents=True, exist_ok=True)
     if via_shard_stage:
         assert not hidden_dim, "hidden states: use via_shard_stage=False"
-        from stages.params import ShardParams
-        from stages.shard import write_shards
+        from moe_prefetch.sharding import ShardParams
+        from moe_prefetch.sharding import write_shards
 
         trace_dir = out_dir.parent / f"{out_dir.name}.traces"
         write_synthetic_traces(trace_dir, num_tokens, seq_len=seq_len, seed=seed, **geometry)
@@ -325,7 +325,7 @@ def synthetic_windows(work: Path, num_tokens: int, seed: int = 0, hidden_dim: in
     then `windows_overrides` where the schema has them). Returns the windows directory."""
     import dataclasses
 
-    from stages.windows import build_windows
+    from moe_prefetch.windows.build import build_windows
 
     params, _ = default_section("windows")
     known = {f.name for f in dataclasses.fields(params)}
@@ -343,7 +343,7 @@ def default_section(name: str):
     defaults if params.yaml cannot be read or validated (it may be mid-edit)."""
     import yaml
 
-    from stages.params import parse_section
+    from moe_prefetch.params import parse_section
 
     try:
         raw = yaml.safe_load((REPO / "params.yaml").read_text()) or {}

@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
 
-from stages.sources import SourceSpec, iter_documents
+from moe_prefetch.collect.sources import SourceSpec, iter_documents
 
 
 @dataclass

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import traces
-from stages.errors import PipelineError
-from stages.params import parse_section
+from moe_prefetch import traces
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.params import parse_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-moe"
@@ -139,7 +139,7 @@ def run_cli(stage: str, *args: str, cwd: Path, timeout: float = 120) -> subproce
 @pytest.fixture
 def run_main(monkeypatch, capsys):
     """Run a stage module's CLI in-process through run_stage: returns (exit code, stderr lines)."""
-    from stages.common import run_stage
+    from moe_prefetch.cli import run_stage
 
     def run(module, *args) -> tuple[int, list[str]]:
         monkeypatch.setattr(sys, "argv", [module.__name__, *map(str, args)])
@@ -172,11 +172,11 @@ class Tiny:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
-    from stages.collect import collect
-    from stages.evaluate import evaluate
-    from stages.shard import write_shards
-    from stages.train import train
-    from stages.windows import build_windows
+    from moe_prefetch.collect.collector import collect
+    from moe_prefetch.evaluation.evaluate import evaluate
+    from moe_prefetch.sharding import write_shards
+    from moe_prefetch.training import train
+    from moe_prefetch.windows.build import build_windows
 
     root = tmp_path_factory.mktemp("tiny")
     paths = {name: root / name for name in ("traces", "shards", "windows", "predictor", "lookup", "live", "plots")}

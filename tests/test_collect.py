@@ -25,10 +25,10 @@ import torch
 import yaml
 
 from conftest import MODEL, TINY, accelerate_command, subprocess_env, tiny_params
-from stages import traces
-from stages.collect import collect, plan_digest
-from stages.models import model_fingerprint
-from stages.shard import write_shards
+from moe_prefetch import traces
+from moe_prefetch.collect.collector import collect, plan_digest
+from moe_prefetch.collect.models import model_fingerprint
+from moe_prefetch.sharding import write_shards
 
 SMALL = {"sources": ["python-docs"], "num_sequences": 6, "seq_len": 32, "min_tokens": 8, "batch_size": 2, "sequences_per_chunk": 4}
 
@@ -81,11 +81,11 @@ def test_generate_records_prompt_then_decode_routing(tmp_path, forward):
     assert prompt.equals(forward)  # prefill of a right-padded batch routes exactly as forward mode
     generated = table.filter(table["generated"])
     assert generated.num_rows > 0
-    from stages.generation import forward_rows
-    from stages.models import load_model_and_tokenizer
-    from stages.params import CaptureParams
-    from stages.routing import adapter_for
-    from stages.routing.recorder import RoutingRecorder
+    from moe_prefetch.collect.generation import forward_rows
+    from moe_prefetch.collect.models import load_model_and_tokenizer
+    from moe_prefetch.collect.config import CaptureParams
+    from moe_prefetch.routing import adapter_for
+    from moe_prefetch.routing.recorder import RoutingRecorder
 
     model, _ = load_model_and_tokenizer(params.model, "float32", "cpu")
     adapter = adapter_for(model)
@@ -160,10 +160,12 @@ def one_thread_env() -> dict:
 # SIGKILL always lands after one finished chunk and in the middle of the next write.
 STALLING_COLLECT = """
 import sys, time
-import stages.collect as collect
-from stages.common import atomic_path, run_stage
+import moe_prefetch.collect.collector as collector
+import stages.collect
+from moe_prefetch.cli import run_stage
+from moe_prefetch.files import atomic_path
 
-write = collect.write_chunk
+write = collector.write_chunk
 
 def write_or_stall(path, table):
     if path.name != "chunk-00000.parquet":
@@ -172,9 +174,9 @@ def write_or_stall(path, table):
             time.sleep(600)
     write(path, table)
 
-collect.write_chunk = write_or_stall
+collector.write_chunk = write_or_stall
 sys.argv = ["stages.collect", "--out", "traces", "--params", "params.yaml"]
-run_stage(collect.main)
+run_stage(stages.collect.main)
 """
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import PipelineError
-from stages.generation import check_generate, forward_rows, generate_rows
-from stages.params import CaptureParams
-from stages.routing import adapter_for
-from stages.routing.recorder import RoutingRecorder
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.collect.generation import check_generate, forward_rows, generate_rows
+from moe_prefetch.collect.config import CaptureParams
+from moe_prefetch.routing import adapter_for
+from moe_prefetch.routing.recorder import RoutingRecorder
 from test_collect import one_thread  # noqa: F401  (autouse fixture: one torch thread)
 from test_routing_families import CASES, build
 

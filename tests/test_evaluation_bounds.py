@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 
-from stages.evaluation.bounds import (  # noqa: E402
+from moe_prefetch.evaluation.bounds import (  # noqa: E402
     binary_entropy_bits,
     conditional_entropy_bounds,
     fano_top1_upper_bound,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 
-from stages.evaluation.cache import (  # noqa: E402
+from moe_prefetch.evaluation.cache import (  # noqa: E402
     CacheConfig,
     CostModel,
     oracle_prefetch,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 
-from stages.evaluation.metrics import CalibrationAccumulator, RankingAccumulator, rank_positions  # noqa: E402
+from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator, rank_positions  # noqa: E402
 
 # E = 4, k = 2. Predicted rankings (stable on -score, ties to the lower id):
 #   row 0: [1, 2, 3, 0]   targets [1, 2]   top1 hit; top-2 {1,2} == routed -> recall 1, exact, overlap

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from conftest import TINY, assert_error, tiny_params
-from stages import traces
-from stages.collect import collect
-from stages.params import parse_section
-from stages.shard import write_shards
+from moe_prefetch import traces
+from moe_prefetch.collect.collector import collect
+from moe_prefetch.params import parse_section
+from moe_prefetch.sharding import write_shards
 from test_collect_errors import assert_fails_cleanly
 
 LAYERS = [1, 3, 5, 6]
@@ -108,9 +108,9 @@ def test_imported_rows_hold_the_records_best_first(imported):
 
 
 def test_imported_traces_run_through_windows_train_evaluate(imported, tmp_path):
-    from stages.evaluate import evaluate
-    from stages.train import train
-    from stages.windows import build_windows
+    from moe_prefetch.evaluation.evaluate import evaluate
+    from moe_prefetch.training import train
+    from moe_prefetch.windows.build import build_windows
 
     shards = imported["jsonl"][0].parent / "jsonl-shards"
     for name in ("windows", "plots"):
@@ -123,9 +123,9 @@ def test_imported_traces_run_through_windows_train_evaluate(imported, tmp_path):
 
 def test_generated_tokens_get_their_own_evaluation(tmp_path):
     """Records marked `generated` flow into the windows and evaluate reports prompt and generated tokens apart."""
-    from stages.evaluate import evaluate
-    from stages.train import train
-    from stages.windows import build_windows
+    from moe_prefetch.evaluation.evaluate import evaluate
+    from moe_prefetch.training import train
+    from moe_prefetch.windows.build import build_windows
 
     records = [{**r, "generated": r["position"] >= 3} for r in good_records(sequences=30, tokens=6)]
     collect(import_params(str(write_records(tmp_path / "r.jsonl", records))), tmp_path / "traces")

@@ -1,6 +1,6 @@
 """params.yaml validation: every bad value stops the run with one line naming the key (and what is accepted).
 
-Static checks go through stages.params; checks that need data (layers, domains) through the windows stage.
+Static checks go through moe_prefetch.params; checks that need data (layers, domains) through the windows stage.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import TINY, assert_error, merged, run_cli, tiny_params, write_params
-from stages.params import load_section, parse_section
-from stages.windows import build_windows
+from moe_prefetch.params import load_section, parse_section
+from moe_prefetch.windows.build import build_windows
 
 
 def parse(section: str, **overrides):
@@ -134,7 +134,7 @@ def test_a_split_without_documents_is_named(tiny, tmp_path):
 def test_topk_beyond_num_experts_is_clipped(tiny, tmp_path):
     """Decision: evaluate.topk may exceed the number of experts E; m is clipped to E, so top-m is 1.0 (every expert
     is predicted). top_k > E cannot come from params: k and E are read from the model (no collect/import knob)."""
-    from stages.evaluate import evaluate
+    from moe_prefetch.evaluation.evaluate import evaluate
 
     E = tiny.manifest.num_experts
     metrics = evaluate(tiny_params("evaluate", topk=[1, E, E + 4]), tiny.windows, tiny.shards, tiny.lookup, tmp_path)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import single_thread
 
-from stages.errors import PipelineError
-from stages.params import as_dict, parse_section
-from stages.predictors import ARCHITECTURES, load_predictor
-from stages.predictors.hybrid import HybridPredictor
-from stages.predictors.neural import NeuralPredictor
-from stages.window_data import WindowSet
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.params import as_dict, parse_section
+from moe_prefetch.predictors import ARCHITECTURES, load_predictor
+from moe_prefetch.predictors.hybrid import HybridPredictor
+from moe_prefetch.predictors.neural import NeuralPredictor
+from moe_prefetch.windows.data import WindowSet
 
 GEOMETRY = {"num_experts": 16, "top_k": 2, "num_layers": 8, "context_length": 3, "horizon": 1}
 NEXT_TOKENS = 2

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.errors import PipelineError
-from stages.params import TrainParams, as_dict, parse_section
-from stages.predictors import ARCHITECTURES
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.params import as_dict, parse_section
+from moe_prefetch.training import TrainParams
+from moe_prefetch.predictors import ARCHITECTURES
 
 GEOMETRY = {"num_experts": 16, "top_k": 2, "num_layers": 8, "context_length": 3, "horizon": 1}
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import traces
-from stages.params import parse_section
-from stages.window_data import SPLITS, read_summary, read_windows
-from stages.windows import build_windows
+from moe_prefetch import traces
+from moe_prefetch.params import parse_section
+from moe_prefetch.windows.data import SPLITS, read_summary, read_windows
+from moe_prefetch.windows.build import build_windows
 
 L, K, E, D = 6, 2, 8, 4
 LENGTHS = [7, 5, 6]  # tokens per sequence

@@ -19,7 +19,11 @@ import pytest
 
 from conftest import (assert_error, copy_dir, hidden_leftovers, reseal_shard, rewrite_routing, single_thread,
                       stage_command, subprocess_env, synthetic_shards, tiny_params, tree_digest, write_params)
-from stages import common, shard, traces, train, windows
+from moe_prefetch import files, traces
+from moe_prefetch.sharding import write_shards
+from moe_prefetch.training import train as train_predictor
+from moe_prefetch.windows.build import build_windows
+from stages import shard, train, windows
 
 
 def assert_fails_cleanly(run_main, module, args: list, out: Path, *fragments: str) -> str:
@@ -234,7 +238,7 @@ def test_atomic_path_removes_stale_temp_siblings(tmp_path):
     keep = [tmp_path / ".windows.json", tmp_path / ".windows_other.abcd1234", tmp_path / ".dvc"]
     for path in keep:
         path.mkdir()
-    with common.atomic_path(tmp_path / "windows") as temp:
+    with files.atomic_path(tmp_path / "windows") as temp:
         temp.mkdir()
         (temp / "a").write_text("a")
     assert (tmp_path / "windows" / "a").read_text() == "a"
@@ -243,9 +247,9 @@ def test_atomic_path_removes_stale_temp_siblings(tmp_path):
 
 def test_atomic_path_failure_keeps_previous_output(tmp_path):
     final = tmp_path / "out.json"
-    common.write_json(final, {"v": 1})
+    files.write_json(final, {"v": 1})
     with pytest.raises(RuntimeError):
-        with common.atomic_path(final) as temp:
+        with files.atomic_path(final) as temp:
             temp.write_text("partial")
             raise RuntimeError("boom")
     assert json.loads(final.read_text()) == {"v": 1} and hidden_leftovers(tmp_path) == []
@@ -275,7 +279,7 @@ def test_windows_killed_mid_run_reruns_to_the_same_output(tmp_path):
     synthetic_shards(data / "shards", documents=120, seq_len=500, rows_per_shard=3000)
     reference = tmp_path / "reference"
     reference.mkdir()
-    windows.build_windows(data / "shards", reference, tiny_params("windows"))
+    build_windows(data / "shards", reference, tiny_params("windows"))
     command = stage_command("windows", "--shards", data / "shards", "--out", data / "windows")
 
     # Kill once the first shard's windows are written into the temp dir (19 shards still to go).
@@ -298,7 +302,7 @@ def test_shard_killed_mid_run_reruns_to_the_same_output(tmp_path):
     (data / "traces").mkdir(parents=True)
     for index, entry in enumerate(manifest.shards):
         shutil.copy(tmp_path / "source" / entry["file"], data / "traces" / f"chunk-{index:05d}.parquet")
-    common.write_json(data / "traces" / traces.META_NAME, {
+    files.write_json(data / "traces" / traces.META_NAME, {
         "model": manifest.model, "family": manifest.family, "moe_layers": manifest.moe_layers,
         "layer_stacks": manifest.layer_stacks, "num_experts": manifest.num_experts, "top_k": manifest.top_k,
         "shared_experts": 0, "capture": manifest.capture,
@@ -306,7 +310,7 @@ def test_shard_killed_mid_run_reruns_to_the_same_output(tmp_path):
     })
     reference = tmp_path / "reference"
     reference.mkdir()
-    shard.write_shards(data / "traces", reference, tiny_params("shard", rows_per_shard=500))
+    write_shards(data / "traces", reference, tiny_params("shard", rows_per_shard=500))
     command = stage_command("shard", "--traces", data / "traces", "--out", data / "shards")
 
     kill_when(command, tmp_path, lambda p: any(data.glob(".shards.*/shards/shard-00000.parquet")))
@@ -324,7 +328,7 @@ def test_train_killed_mid_run_reruns_to_the_same_output(project, tiny):
     write_params(project, overrides)
     reference = project / "reference"
     with single_thread():
-        train.train(tiny_params("train", **overrides["train"]), project / "data" / "windows", reference / "predictor",
+        train_predictor(tiny_params("train", **overrides["train"]), project / "data" / "windows", reference / "predictor",
                     reference / "dvclive")
     command = stage_command("train", *train_args(project))
     for path in (project / "data" / "predictor", project / "dvclive"):

@@ -18,10 +18,10 @@ import torch
 import transformers
 from torch import nn
 
-from stages.errors import PipelineError
-from stages.params import CaptureParams
-from stages.routing import FAMILIES, adapter_for
-from stages.routing.recorder import RoutingRecorder
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.collect.config import CaptureParams
+from moe_prefetch.routing import FAMILIES, adapter_for
+from moe_prefetch.routing.recorder import RoutingRecorder
 
 VOCAB = 64
 ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 
 from conftest import accelerate_command, stage_command, synthetic_shards, subprocess_env, tiny_params, write_params
-from stages import traces
-from stages import windows as windows_stage
-from stages.predictors import load_predictor
-from stages.train import train
-from stages.window_data import WindowStream, read_windows
-from stages.windows import build_windows
+from moe_prefetch import traces
+from moe_prefetch.windows import build as windows_stage
+from moe_prefetch.predictors import load_predictor
+from moe_prefetch.training import train
+from moe_prefetch.windows.data import WindowStream, read_windows
+from moe_prefetch.windows.build import build_windows
 
 MLP = {"arch": "mlp", "epochs": 6, "batch_size": 64, "max_train_windows": 0, "lr": 0.01,
        "mlp": {"embedding_dim": 16, "hidden": [64], "dropout": 0.0}}

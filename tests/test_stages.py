@@ -13,11 +13,11 @@ import pytest
 from safetensors import safe_open
 
 from conftest import read_shard_tables, tiny_params, write_params
-from stages import traces
-from stages.predictors import load_predictor
-from stages.predictors.base import WEIGHTS_NAME
-from stages.window_data import SPLITS, read_windows
-from stages.windows import build_windows
+from moe_prefetch import traces
+from moe_prefetch.predictors import load_predictor
+from moe_prefetch.predictors.base import WEIGHTS_NAME
+from moe_prefetch.windows.data import SPLITS, read_windows
+from moe_prefetch.windows.build import build_windows
 
 RANKING_KEYS = {"top1", "top3", "top5", "top10", "recall_at_k"}
 BASELINES = {"random", "frequency", "lookup", "previous_token"}
@@ -52,7 +52,7 @@ def test_shards_keep_trace_rows_in_order(tiny):
 # --- windows: the oracle -------------------------------------------------------------------------------------
 
 def oracle_windows(tiny, context_length: int, horizon: int, split_of_document: dict) -> dict[str, list[tuple]]:
-    """Every window, per split, by a plain loop over the shard rows (the definition in stages/window_data.py)."""
+    """Every window, per split, by a plain loop over the shard rows (the definition in moe_prefetch/windows/data.py)."""
     rows = read_shard_tables(tiny.shards).to_pylist()
     L = tiny.manifest.num_layers
     none = [-1] * tiny.manifest.top_k
@@ -198,7 +198,7 @@ def test_metrics_have_predictor_and_baselines(tiny):
 def test_per_horizon_equals_a_windows_run_at_that_horizon(tiny, tmp_path):
     """per_horizon scores the baselines at h = 1..max_horizon in one run: at the stage's own horizon they are the
     headline baselines, at another horizon they equal what a windows run at that horizon gives (same split)."""
-    from stages.evaluate import baseline_scorers, rank_all
+    from moe_prefetch.evaluation.evaluate import baseline_scorers, rank_all
 
     per_horizon, params = tiny.metrics["per_horizon"], tiny_params("evaluate")
     assert sorted(per_horizon) == [f"h{h}" for h in range(1, params.max_horizon + 1)]

@@ -1,0 +1,214 @@
+"""Stage collect: run a Hugging Face MoE model over the text sources and record its routing.
+
+Writes `<out>/chunk-NNNNN.parquet` (one row per non-padding token, schema in moe_prefetch/traces.py) as collection
+proceeds, and `<out>/meta.json` last. Resumable: chunk files are complete or absent (written to a temp name,
+then renamed), and a re-run with the same plan (params, model, token ids) skips the chunks already written.
+Data-parallel: under `accelerate launch --multi_gpu --num_processes N` (also on a CPU-only machine: gloo) or
+`torchrun --nproc_per_node N`, process r collects chunks r, r+N, ...; the shard stage merges them. (`accelerate
+launch --cpu --num_processes N` starts a single process unless an MPI hostfile is given.)
+
+collect.mode generate records decode-time routing (moe_prefetch/collect/generation.py); collect.import reads routing recorded
+elsewhere instead of running a model (moe_prefetch/collect/importer.py). Memory: the plan (token ids) plus one chunk of rows.
+
+    python -m stages.collect --out data/traces
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moe_prefetch import traces
+from moe_prefetch.collect.chunks import chunk_table, run_summary, write_chunk
+from moe_prefetch.collect.config import CollectParams
+from moe_prefetch.collect.sources import SourceSpec, iter_documents, source_fingerprint
+from moe_prefetch.config import as_dict
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.files import write_json
+
+PLAN_NAME = "plan.json"
+
+
+@dataclass
+class PlannedSequence:
+    sequence_id: str
+    document_id: str
+    domain: str
+    token_ids: list[int]
+
+
+def plan_sequences(params: CollectParams, tokenizer) -> list[PlannedSequence]:
+    """Chunk each source's documents into up to `chunks_per_document` sequences of <= seq_len tokens, until
+    `num_sequences` per source. Deterministic given the params and the tokenizer."""
+    planned = []
+    for raw in params.sources:
+        spec = SourceSpec.parse(raw)
+        taken = 0
+        for doc_index, (doc_name, text) in enumerate(iter_documents(spec, params.seed)):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for chunk_index in range(min(params.chunks_per_document, -(-len(ids) // params.seq_len))):
+                chunk = ids[chunk_index * params.seq_len : (chunk_index + 1) * params.seq_len]
+                if len(chunk) < params.min_tokens or taken == params.num_sequences:
+                    break
+                planned.append(PlannedSequence(f"{spec.name}/{doc_index}/{chunk_index}", f"{spec.name}/{doc_name}", spec.name, chunk))
+                taken += 1
+            if taken == params.num_sequences:
+                break
+        if taken == 0:
+            raise PipelineError(f"collect.sources: source {spec.name!r} yielded no chunk of >= {params.min_tokens} tokens (empty or too short text)")
+        if taken < params.num_sequences:
+            print(f"note: source {spec.name!r} has only {taken} chunks (< collect.num_sequences={params.num_sequences})")
+    if len({s.domain for s in planned}) != len(params.sources):
+        raise PipelineError("collect.sources: two sources share a name; each source is a domain and needs its own name")
+    return planned
+
+
+def plan_digest(params: CollectParams, planned: list[PlannedSequence], model_fingerprint: str) -> str:
+    """Identifies what a run will produce: the params, the model's weights and every planned token id."""
+    digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode())
+    digest.update(model_fingerprint.encode())
+    for seq in planned:
+        digest.update(f"{seq.sequence_id}\t{seq.document_id}\t{','.join(map(str, seq.token_ids))}\n".encode())
+    return digest.hexdigest()
+
+
+def prepare_output(out: Path, digest: str, is_main: bool) -> None:
+    """Keep finished chunks of an interrupted run with the same plan; otherwise start from an empty directory."""
+    plan_file = out / PLAN_NAME
+    if is_main:
+        same = plan_file.exists() and json.loads(plan_file.read_text()).get("digest") == digest
+        if not same and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / traces.META_NAME).unlink(missing_ok=True)  # meta marks a finished run; it is rewritten at the end
+        for stale in out.glob(".chunk-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        write_json(plan_file, {"digest": digest})
+
+
+def model_info(params: CollectParams, adapter, stored_hidden_dim: int) -> dict:
+    return {
+        "model": params.model,
+        "family": adapter.family,
+        "moe_layers": [layer.layer_index for layer in adapter.layers],
+        "layer_stacks": [layer.stack for layer in adapter.layers],
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "shared_experts": adapter.shared_experts,
+        "capture": {
+            "router_probs": params.capture.router_probs,
+            "hidden_dim": stored_hidden_dim,
+            "hidden_projection_seed": params.seed if params.capture.hidden_dim else None,
+            "lookahead": params.capture.lookahead,
+        },
+    }
+
+
+def distributed_state(device: str):
+    """accelerate's PartialState; cpu=True unless the model runs on CUDA (else a CPU-only launch is not distributed)."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu, timeout=timedelta(hours=12))  # ranks wait for the slowest at the end: allow long runs
+
+
+def collect(params: CollectParams, out: Path) -> None:
+    """Run the model over the planned sequences and write trace chunks plus meta.json into `out`."""
+    if params.import_glob is not None:
+        from moe_prefetch.collect.importer import import_traces
+
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer if launched with several processes
+            import_traces(params, out)
+        return
+    for raw in params.sources:  # a bad source spec fails before the model is loaded
+        SourceSpec.parse(raw)
+    # torch and the model code load here, not at module import: shard and collect.import use this module's helpers
+    import torch
+
+    from moe_prefetch.collect.generation import (
+        check_generate,
+        eos_token_ids,
+        forward_rows,
+        generate_rows,
+    )
+    from moe_prefetch.collect.models import (
+        load_config,
+        load_model,
+        load_tokenizer,
+        model_fingerprint,
+    )
+    from moe_prefetch.routing import FAMILIES, adapter_for
+    from moe_prefetch.routing.recorder import RoutingRecorder
+
+    state = distributed_state(params.device)
+    torch.manual_seed(params.seed)
+    model_type = getattr(load_config(params.model), "model_type", None)
+    if model_type not in FAMILIES:  # checked before the weights load
+        raise PipelineError(f"collect.model: {params.model!r} is a {model_type!r} model, not one of the supported MoE families "
+                            f"({', '.join(sorted(FAMILIES))}); a dense model has no routing to record")
+    tokenizer = load_tokenizer(params.model)
+    planned = plan_sequences(params, tokenizer)  # before the weights load: a bad source fails fast
+    digest = plan_digest(params, planned, model_fingerprint(params.model))
+    device = str(state.device) if params.device == "cuda" and state.num_processes > 1 else params.device  # one GPU per rank
+    model = load_model(params.model, params.dtype, device)
+    adapter = adapter_for(model)
+    if params.mode == "generate":
+        check_generate(adapter)
+    prepare_output(out, digest, state.is_main_process)  # only now: a failure above leaves `out` as it was
+    state.wait_for_everyone()
+
+    stored_hidden = (params.capture.hidden_dim or int(model.config.hidden_size)) if params.capture.hidden_states else 0
+    table_schema = traces.schema(
+        len(adapter.layers), adapter.top_k, adapter.num_experts, stored_hidden, params.capture.lookahead, params.capture.router_probs,
+    )
+    recorder = RoutingRecorder(adapter, params.capture, projection_seed=params.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model_device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model)
+    chunk_starts = list(range(0, len(planned), params.sequences_per_chunk))
+    mine = chunk_starts[state.process_index :: state.num_processes]
+    progress = tqdm(total=sum(len(planned[s : s + params.sequences_per_chunk]) for s in mine), unit="seq",
+                    desc=f"collect[{state.process_index}]", disable=None)
+    tokens_done, resumed, started = 0, [], time.perf_counter()
+    for start in mine:
+        path = out / f"chunk-{start // params.sequences_per_chunk:05d}.parquet"
+        sequences = planned[start : start + params.sequences_per_chunk]
+        if path.exists():
+            resumed.append(path.name)
+            progress.update(len(sequences))
+            continue
+        rows: list[dict] = []  # this chunk only: memory does not grow with num_sequences
+        for b in range(0, len(sequences), params.batch_size):
+            token_lists = [s.token_ids for s in sequences[b : b + params.batch_size]]
+            if params.mode == "generate":
+                batch_rows = generate_rows(model, adapter, recorder, token_lists, pad_id, model_device, params.max_new_tokens, eos_ids)
+            else:
+                batch_rows = forward_rows(model, adapter, recorder, token_lists, pad_id, model_device)
+            rows.extend(batch_rows)
+            tokens_done += sum(len(r["position"]) for r in batch_rows)
+            progress.update(len(token_lists))
+            progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
+        write_chunk(path, chunk_table(sequences, rows, table_schema))
+    progress.close()
+    recorder.remove()
+    print(f"collect[{state.process_index}/{state.num_processes}]: {len(mine) - len(resumed)} chunks written "
+          f"({tokens_done} tokens, {tokens_done / (time.perf_counter() - started):.0f} tok/s), "
+          f"{len(resumed)} kept from an interrupted run", flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        info = model_info(params, adapter, stored_hidden)
+        info["collect"] = {
+            **run_summary(params, planned, len(chunk_starts)),
+            "builtin_text_python_version": source_fingerprint(),
+            "plan_digest": digest,
+        }
+        write_json(out / traces.META_NAME, info)

@@ -1,0 +1,99 @@
+"""Loading a checkpoint exactly as a hub id would be loaded, with one-line errors for the ways it goes wrong."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from moe_prefetch.errors import PipelineError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+
+
+def load_config(name: str):
+    """The checkpoint's config, or a one-line error: not a directory, unreachable hub (offline), unknown model type."""
+    from transformers import AutoConfig
+
+    if _looks_local(name) and not Path(name).is_dir():
+        raise PipelineError(f"collect.model: {name!r} is not a checkpoint directory (and not an owner/name hub id)")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+        hint = " (no network: the hub cannot be reached offline; download it first or use a local directory)" if offline else ""
+        raise PipelineError(f"collect.model: cannot load config of {name!r}{hint}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise PipelineError(f"collect.model: {name!r}: {str(err).splitlines()[0]}") from None
+
+
+FINGERPRINT_FULL_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones by size + head + tail
+FINGERPRINT_EDGE_BYTES = 8 << 20
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies the weights a run routes with: for a local checkpoint a sha256 over its files (large
+    weight files by size, first and last 8 MiB, so a 100 GB model is not read twice); for a hub id its commit."""
+    import hashlib
+
+    if not Path(name).is_dir():
+        return f"hub:{name}@{getattr(load_config(name), '_commit_hash', None) or 'unknown'}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(name).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(name)}\t{size}\n".encode())
+        with open(path, "rb") as handle:
+            if size <= FINGERPRINT_FULL_BYTES:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(FINGERPRINT_EDGE_BYTES))
+                handle.seek(size - FINGERPRINT_EDGE_BYTES)
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def load_tokenizer(name: str):
+    """The checkpoint's tokenizer (the config is checked first, for the same one-line errors as the model)."""
+    from transformers import AutoTokenizer
+
+    load_config(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise PipelineError(f"collect.model: cannot load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_model(name: str, dtype: str, device: str):
+    """AutoModel from a local directory or a hub id, in eval mode on `device`.
+
+    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = load_config(name)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"collect.device: {device!r} requested but no CUDA device is available; use cpu")
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    kwargs = {"dtype": DTYPES[dtype]}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = auto.from_pretrained(name, **kwargs)
+    except SafetensorError as err:
+        raise PipelineError(f"collect.model: {name!r} has a corrupted safetensors file ({err})") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise PipelineError(f"collect.model: cannot load {name!r}: {str(err).splitlines()[0]}") from None
+    if device != "auto":
+        model = model.to(device)
+    return model.eval()
+
+
+def load_model_and_tokenizer(name: str, dtype: str, device: str):
+    """load_model + load_tokenizer."""
+    return load_model(name, dtype, device), load_tokenizer(name)

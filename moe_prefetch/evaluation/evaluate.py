@@ -1,0 +1,187 @@
+"""Stage evaluate: score the trained predictor and the baselines on the test split.
+
+Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every leaf) and plot data + PNGs into
+`<plots>`. Baselines that could embarrass the predictor, all scored by the same code on the same windows:
+  random          seeded random ranking (expected top-m = m/E)
+  frequency       per target layer, experts by gate mass in train
+  lookup          per (target layer, context) table fit on train, with back-off
+  previous_token  the same layer's experts of the previous token (then frequency)
+  stale_gate      layer t's own router applied h layers early (when the collector captured look-ahead)
+With evaluate.max_horizon > 0 the baselines are also scored at horizons 1..max_horizon on windows rebuilt from
+the shards (same document split), next to the predictor at the horizon it was trained for (`per_horizon`).
+
+    python -m stages.evaluate --windows data/windows --shards data/shards --predictor data/predictor \
+        --metrics metrics/evaluate.json --plots plots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+
+from moe_prefetch.config import parse
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.evaluation.bounds import conditional_entropy_bounds
+from moe_prefetch.evaluation.config import EvaluateParams
+from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
+from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
+from moe_prefetch.evaluation.replay import cache_report
+from moe_prefetch.predictors import FrequencyPredictor, LookupPredictor, load_predictor
+from moe_prefetch.predictors.tables import context_keys
+from moe_prefetch.windows.build import windows_in_memory
+from moe_prefetch.windows.config import WindowsParams
+from moe_prefetch.windows.data import (
+    WindowSet,
+    geometry_of,
+    read_summary,
+    read_windows,
+    windows_from_table,
+)
+
+HIGHEST_WEIGHT_BONUS = 2.0  # ranks a copied expert list best-first: slot s scores (k - s) + bonus for slot 0
+
+
+def copied_scores(experts: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Scores that rank the given best-first experts (N, k) first, in order, then the prior (N, E)."""
+    scores = prior / max(prior.max(), 1e-12)  # < 1, below any copied expert
+    rows = np.arange(len(experts))
+    k = experts.shape[1]
+    for slot in range(k):
+        present = experts[:, slot] >= 0
+        scores[rows[present], experts[present, slot]] = 1.0 + (k - slot) + (HIGHEST_WEIGHT_BONUS if slot == 0 else 0.0)
+    return scores
+
+
+def baseline_scorers(train: WindowSet, summary: dict) -> dict:
+    """name -> function(windows batch) -> (scores (n, E), None or confidence (n,)) of every baseline fit on
+    `train` (stale_gate only when the windows carry the look-ahead)."""
+    params = {"lookup": {"max_context": summary["context_length"]}}  # the baseline keys on the full context
+    frequency = FrequencyPredictor(geometry_of(summary), params)
+    frequency.fit(train, train, lambda row: None)
+    lookup = LookupPredictor(geometry_of(summary), params)
+    lookup.fit(train, train, lambda row: None)
+
+    def copied(column: str):
+        return lambda w: (copied_scores(getattr(w, column), frequency.score(w)[0]), None)
+
+    scorers = {"frequency": frequency.score, "lookup": lookup.score, "previous_token": copied("prev_token_experts")}
+    if train.stale_gate_experts is not None:
+        scorers["stale_gate"] = copied("stale_gate_experts")
+    return scorers
+
+
+def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary: dict,
+             calibration: CalibrationAccumulator | None = None) -> dict[str, RankingAccumulator]:
+    """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain and (when
+    recorded) prompt (0) vs generated (1) token. `calibration` collects the predictor's confidence."""
+    accumulators = {name: RankingAccumulator(params.topk, summary["num_experts"], summary["top_k"]) for name in scorers}
+    for start in range(0, len(windows), params.batch_size):
+        batch = windows.subset(np.arange(start, min(start + params.batch_size, len(windows))))
+        groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
+        if windows.generated is not None:
+            groups["generated"] = batch.generated.astype(np.int64)
+        for name, scorer in scorers.items():
+            scores, confidence = scorer(batch)
+            accumulators[name].update(scores, batch.target_experts, groups)
+            if name == "predictor" and calibration is not None and confidence is not None:
+                has_target = batch.target_experts[:, 0] >= 0
+                correct = scores.argmax(axis=1) == batch.target_experts[:, 0]
+                calibration.update(np.clip(confidence[has_target], 0, 1), correct[has_target])
+    return accumulators
+
+
+HORIZON_METRICS = ("top1", "recall_at_k", "recall_at_2k")
+
+
+def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: WindowSet, test: WindowSet,
+                predictor_result: dict) -> dict:
+    """h -> strategy -> top1/recall@k/recall@2k for h = 1..max_horizon: baselines refit on each horizon's train
+    windows (rebuilt from the shards, same document split), the predictor at the horizon it was trained for."""
+    windows_params = parse(WindowsParams, summary["params"], "windows")
+    results = {}
+    for h in range(1, params.max_horizon + 1):
+        if h == summary["horizon"]:  # the stage's own windows
+            train_h, test_h, summary_h = train, test, summary
+        else:
+            at_h = dataclasses.replace(windows_params, horizon=h, token_context=0, token_horizon=0)
+            summary_h = {**summary, "horizon": h, "token_context": 0, "token_horizon": 0}
+            tables = windows_in_memory(shard_dir, at_h, ("train", "test"))
+            train_h, test_h = (windows_from_table(tables[split], summary_h) for split in ("train", "test"))
+        accumulators = rank_all(baseline_scorers(train_h, summary_h), test_h, params, summary_h)
+        row = {name: {m: acc.result()[m] for m in HORIZON_METRICS} for name, acc in accumulators.items()}
+        if h == summary["horizon"]:
+            row = {"predictor": {m: predictor_result[m] for m in HORIZON_METRICS}, **row}
+        results[f"h{h}"] = {"test_windows": len(test_h), **row}
+    return results
+
+
+def clean(value):
+    """JSON-safe numbers: NaN (no qualifying rows) becomes None, which DVC shows as missing, never as a number."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    return value
+
+
+def breakdown(accumulators: dict[str, RankingAccumulator], group: str) -> dict[int, dict[str, dict]]:
+    """group code -> strategy -> metrics, for every code of breakdown `group` (ascending)."""
+    by_strategy = {name: acc.result_by_group(group) for name, acc in accumulators.items()}
+    return {code: {name: results[code] for name, results in by_strategy.items()} for code in by_strategy["predictor"]}
+
+
+def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
+    """Information bounds on top-1 for the lookup's context (target layer + all context layers), on test."""
+    has_target = test.target_experts[:, 0] >= 0
+    subset = test.subset(has_target)
+    _, codes = np.unique(context_keys(subset, subset.context_experts.shape[1]), return_inverse=True)
+    return conditional_entropy_bounds(codes, subset.target_experts[:, 0].astype(np.int64), num_experts)
+
+
+def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predictor_dir: Path, plots_dir: Path) -> dict:
+    summary = read_summary(windows_dir)
+    c, L = summary["context_length"], summary["num_layers"]
+    if c + params.max_horizon > L:
+        raise PipelineError(f"evaluate.max_horizon: {params.max_horizon} with windows.context_length {c} exceeds the model's "
+                            f"{L} MoE layers; accepted: 0..{L - c}")
+    predictor = load_predictor(predictor_dir)
+    train, test = read_windows(windows_dir, "train"), read_windows(windows_dir, "test")
+    rng = np.random.default_rng(params.seed)
+    scorers = {
+        "predictor": predictor.score,
+        "random": lambda w: (rng.random((len(w), summary["num_experts"])).astype(np.float32), None),
+        **baseline_scorers(train, summary),
+    }
+    E, k = summary["num_experts"], summary["top_k"]
+    calibration = CalibrationAccumulator(bins=10)
+    accumulators = rank_all(scorers, test, params, summary, calibration)
+    results = {name: acc.result() for name, acc in accumulators.items()}
+    metrics = {
+        "test_windows": len(test),
+        "data": {
+            "context_length": summary["context_length"], "horizon": summary["horizon"],
+            "num_experts": E, "top_k": k, "num_layers": summary["num_layers"],
+            **{f"{split}_{key}": counts[key] for split, counts in summary["splits"].items() for key in ("windows", "documents")},
+        },
+        "predictor": {**results["predictor"], "arch_parameters": predictor.parameter_count()},
+        "baselines": {name: r for name, r in results.items() if name != "predictor"},
+        "bounds": {**lookup_bounds(test, E), "predictor_top1": results["predictor"]["top1"]},
+        "calibration": calibration.result(),
+        "per_domain": {test.domains[code]: by_strategy for code, by_strategy in breakdown(accumulators, "domain").items()},
+        "per_layer": {
+            f"layer_{code}": {name: result["top1"] for name, result in by_strategy.items()}
+            for code, by_strategy in breakdown(accumulators, "layer").items()
+        },
+    }
+    if test.generated is not None:
+        by_kind = breakdown(accumulators, "generated")
+        metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
+    if params.max_horizon:
+        metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, test, results["predictor"])
+    metrics["cache"], by_capacity, by_batch = cache_report(test, scorers, params.cache, summary)
+    write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
+    write_cache_plots(plots_dir, by_capacity, by_batch)
+    return clean(metrics)

@@ -1,0 +1,90 @@
+"""Plot data (JSON, for `dvc plots`) and PNGs (matplotlib) of the evaluation, written into the plots directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator  # noqa: E402
+
+STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v",
+         "on_demand": ":x", "oracle": "-*"}
+
+
+def _dump(path: Path, rows: list[dict]) -> None:
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], integer_x: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, STYLE.get(name, "-"), label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: identical bytes on every run
+    plt.close(fig)
+
+
+def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumulator, topk: list[int],
+                accumulators: dict[str, RankingAccumulator]) -> None:
+    names = list(accumulators)
+    layers = sorted(int(key.split("_")[1]) for key in metrics["per_layer"])
+    per_layer = [{"layer": layer, **metrics["per_layer"][f"layer_{layer}"]} for layer in layers]
+    _dump(directory / "per_layer_top1.json", per_layer)
+    _figure(directory / "per_layer_top1.png", "Top-1 of the highest-weight expert per target layer", "target MoE layer",
+            "top-1 accuracy", {n: (layers, [row[n] for row in per_layer]) for n in names})
+
+    results = {name: acc.result() for name, acc in accumulators.items()}
+    top_m = [{"m": m, **{n: results[n][f"top{m}"] for n in names}} for m in topk]
+    _dump(directory / "top_m.json", top_m)
+    _figure(directory / "top_m.png", "Top-m accuracy", "m (experts predicted)", "accuracy",
+            {n: (list(topk), [row[n] for row in top_m]) for n in names})
+
+    if "per_horizon" in metrics:
+        write_horizon_plot(directory, metrics["per_horizon"])
+
+    reliability = calibration.reliability()
+    coverage = calibration.coverage_curve()
+    _dump(directory / "calibration.json", reliability)
+    _dump(directory / "coverage.json", [row for row in coverage if not math.isnan(row["accuracy"])])
+    if reliability:
+        _figure(directory / "calibration.png", f"Confidence head (ECE {metrics['calibration']['ece']:.3f})",
+                "confidence", "accuracy", {
+                    "predictor": ([r["mean_confidence"] for r in reliability], [r["accuracy"] for r in reliability]),
+                    "perfect": ([0, 1], [0, 1]),
+                })
+
+
+def write_horizon_plot(directory: Path, per_horizon: dict) -> None:
+    """Top-1 vs horizon: every baseline at each horizon, the predictor at the one it was trained for."""
+    horizons = sorted(int(key[1:]) for key in per_horizon)
+    rows = [{"horizon": h, **{name: result["top1"] for name, result in per_horizon[f"h{h}"].items() if name != "test_windows"}}
+            for h in horizons]
+    _dump(directory / "per_horizon.json", rows)
+    names = list(dict.fromkeys(name for row in rows for name in row if name != "horizon"))
+    _figure(directory / "per_horizon.png", "Top-1 vs horizon (target = MoE layer l + h)", "horizon h (layers ahead)",
+            "top-1 accuracy", {n: ([r["horizon"] for r in rows if n in r], [r[n] for r in rows if n in r]) for n in names},
+            integer_x=True)
+
+
+def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict]) -> None:
+    """Hit rate and speedup of each prefetch strategy vs cache capacity and vs decode batch size."""
+    _dump(directory / "cache_by_capacity.json", by_capacity)
+    _dump(directory / "cache_by_batch.json", by_batch)
+    strategies = [key[: -len("_hit_rate")] for key in by_capacity[0] if key.endswith("_hit_rate")]
+    for rows, axis, label in ((by_capacity, "capacity", "experts cached per layer"), (by_batch, "batch_size", "decode batch size")):
+        xs = [row[axis] for row in rows]
+        for metric, title in (("hit_rate", "Expert-cache hit rate"), ("speedup_vs_on_demand", "Speedup over on-demand loading")):
+            _figure(directory / f"cache_{metric}_by_{axis}.png", title, label, metric.replace("_", " "),
+                    {name: (xs, [row[f"{name}_{metric}"] for row in rows]) for name in strategies})

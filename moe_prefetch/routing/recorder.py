@@ -1,0 +1,108 @@
+"""Forward hooks that record, for one forward pass, what every MoE layer's router dispatched.
+
+Hooks only read tensors; the model's own outputs are untouched. The stale-gate look-ahead calls later routers'
+`forward` directly (bypassing hooks), after the model's forward, so it never disturbs the recorded routing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moe_prefetch.collect.config import CaptureParams
+from moe_prefetch.routing import RoutingAdapter
+
+
+class RoutingRecorder:
+    """Attach to a model through its adapter; `take(batch, seq)` returns numpy arrays for the last forward."""
+
+    def __init__(self, adapter: RoutingAdapter, capture: CaptureParams, projection_seed: int):
+        self.adapter = adapter
+        self.capture = capture
+        self.outputs: dict[int, tuple] = {}
+        self.router_inputs: dict[int, torch.Tensor] = {}
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.handles = []
+        self.projection = None
+        for index, layer in enumerate(adapter.layers):
+            self.handles.append(layer.router.register_forward_hook(self._keep(self.outputs, index, output=True)))
+            if capture.hidden_states:
+                self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index)))
+            if capture.lookahead:
+                if layer.pre_norm is None:
+                    raise ValueError(f"{adapter.family}: look-ahead needs the pre-MoE norm of layer {layer.layer_index}")
+                self.handles.append(layer.pre_norm.register_forward_pre_hook(self._keep(self.residuals, index)))
+        if capture.hidden_states and capture.hidden_dim:
+            hidden_size = int(adapter.config.hidden_size)
+            generator = torch.Generator().manual_seed(projection_seed)
+            # A fixed Gaussian projection approximately preserves inner products (Johnson-Lindenstrauss).
+            self.projection = torch.randn(hidden_size, capture.hidden_dim, generator=generator) / capture.hidden_dim**0.5
+
+    @staticmethod
+    def _keep(store: dict, index: int, output: bool = False):
+        def hook(_module, inputs, result=None):
+            value = result if output else inputs[0]
+            if index in store:  # a second call in one forward would mean we misread the model's routing
+                raise RuntimeError(f"router of MoE layer {index} ran twice in one forward pass")
+            store[index] = value
+
+        if output:
+            return lambda module, inputs, result: hook(module, inputs, result)
+        return lambda module, inputs: hook(module, inputs)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def reset(self) -> None:
+        self.outputs.clear()
+        self.router_inputs.clear()
+        self.residuals.clear()
+
+    @torch.no_grad()
+    def take(self, batch: int, seq: int) -> dict[str, np.ndarray]:
+        """Arrays for the last forward: experts (B, S, L, k) int16, weights (B, S, L, k) float32, and the captures."""
+        layers = range(len(self.adapter.layers))
+        missing = [i for i in layers if i not in self.outputs]
+        if missing:
+            raise RuntimeError(f"no routing recorded for MoE layers {missing}; the adapter does not match this model")
+        experts, weights, probs = [], [], []
+        for index in layers:
+            ids, gate_weights, logits = self.adapter.decode(self.outputs[index])
+            experts.append(ids.reshape(batch, seq, -1))
+            weights.append(gate_weights.reshape(batch, seq, -1))
+            if self.capture.router_probs:
+                probs.append(self.adapter.router_probs(logits).reshape(batch, seq, -1))
+        out = {
+            "experts": torch.stack(experts, dim=2).to(torch.int16).cpu().numpy(),
+            "weights": torch.stack(weights, dim=2).float().cpu().numpy(),
+        }
+        if probs:
+            out["router_probs"] = torch.stack(probs, dim=2).to(torch.float16).cpu().numpy()
+        if self.capture.hidden_states:
+            hidden = torch.stack([self.router_inputs[i].reshape(batch, seq, -1).float().cpu() for i in layers], dim=2)
+            if self.projection is not None:
+                hidden = hidden @ self.projection  # (B, S, L, D) @ (D, d) -> (B, S, L, d)
+            out["hidden_states"] = hidden.to(torch.float16).numpy()
+        if self.capture.lookahead:
+            out["lookahead_experts"] = self._lookahead(batch, seq)
+        self.reset()
+        return out
+
+    def _lookahead(self, batch: int, seq: int) -> np.ndarray:
+        """(B, S, L, H, k) int16: MoE layer l+h's router applied to layer l's residual stream, after l+h's norm;
+        -1 where l+h is past the last MoE layer of l's stack."""
+        moe = self.adapter.layers
+        horizon = self.capture.lookahead
+        top_k = self.adapter.top_k
+        out = np.full((batch, seq, len(moe), horizon, top_k), -1, dtype=np.int16)
+        for index in range(len(moe)):
+            residual = self.residuals[index]
+            for h in range(1, horizon + 1):
+                if index + h >= len(moe) or moe[index + h].stack != moe[index].stack:
+                    break  # no later MoE layer in this stack (an encoder's residual never reaches the decoder's routers)
+                later = moe[index + h]
+                normed = later.pre_norm.forward(residual.to(later.pre_norm.weight.device))
+                ids, _, _ = self.adapter.decode(later.router.forward(normed))
+                out[:, :, index, h - 1, :] = ids.reshape(batch, seq, -1).to(torch.int16).cpu().numpy()
+        return out

@@ -1,0 +1,310 @@
+"""Stage windows: (context -> target) samples from the shards, split by whole documents or by domain.
+
+Vectorised per shard (no per-token Python loop) and streamed: one shard in memory at a time, each shard's
+windows appended to the split files as a row group. Every chunk of a document lands in the same split, so no
+text seen in training is tested on; the stage checks this and records it in summary.json.
+
+    python -m stages.windows --shards data/shards --out data/windows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from moe_prefetch import traces
+from moe_prefetch.config import as_dict
+from moe_prefetch.errors import PipelineError
+from moe_prefetch.files import write_json
+from moe_prefetch.windows.config import WindowsParams
+from moe_prefetch.windows.data import ROW_GROUP_WINDOWS, SPLITS, SUMMARY_NAME
+
+
+def assign_splits(document_ids: list[str], domains_of: dict[str, str], params: WindowsParams, known_domains: list[str]) -> dict[str, str]:
+    """document_id -> split name. Documents are shuffled with the split seed, then cut by the fractions."""
+    split = params.split
+    documents = sorted(document_ids)
+    rng = np.random.default_rng(split.seed)
+    assignment = {}
+    if split.by == "domain":
+        if split.test_domain not in known_domains:
+            raise PipelineError(f"windows.split.test_domain: {split.test_domain!r} is not a collected domain; accepted: {', '.join(known_domains)}")
+        for doc in documents:
+            if domains_of[doc] == split.test_domain:
+                assignment[doc] = "test"
+        rest = [d for d in documents if d not in assignment]
+        names, fractions = ("train", "val"), split.fractions
+    else:
+        rest, names, fractions = documents, SPLITS, split.fractions
+    order = [rest[i] for i in rng.permutation(len(rest))]
+    bounds = np.round(np.cumsum(fractions) * len(order)).astype(int)
+    start = 0
+    for name, end in zip(names, bounds):
+        for doc in order[start:end]:
+            assignment[doc] = name
+        start = end
+    for name in SPLITS:
+        if name not in assignment.values():
+            raise PipelineError(
+                f"windows.split: the {name} split got no document ({len(documents)} documents; by={split.by}, "
+                f"fractions={split.fractions}); collect more sequences or change the fractions"
+            )
+    return assignment
+
+
+@dataclass
+class TokenRows:
+    """Consecutive token rows (ordered by sequence, then position): what neighbouring-token lookups index."""
+
+    sequence: np.ndarray  # (n,) int64 run code: equal for adjacent rows of one sequence, consistent across shards
+    position: np.ndarray  # (n,) int32
+    experts: np.ndarray  # (n, L, k) int16
+    weights: np.ndarray  # (n, L, k) float32
+    last_sequence_id: str | None = None  # id of the last row, so the next shard continues its run code
+
+    @staticmethod
+    def of(table: pa.Table, manifest: traces.Manifest, before: TokenRows | None = None) -> TokenRows:
+        """Rows of `table`; run codes continue those of `before` (the rows just before it), if given."""
+        L, k = manifest.num_layers, manifest.top_k
+        ids = table["sequence_id"].combine_chunks()
+        n = len(ids)
+        change = np.ones(n, dtype=bool)  # a new sequence starts at this row
+        if n > 1:  # Arrow compares the strings without building Python objects
+            change[1:] = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        previous = int(before.sequence[-1]) if before is not None and len(before) else -1
+        if n and before is not None and before.last_sequence_id == ids[0].as_py():
+            change[0] = False
+        return TokenRows(
+            previous + np.cumsum(change),
+            table["position"].to_numpy(),
+            traces.column_to_numpy(table["experts"], (L, k)),
+            traces.column_to_numpy(table["weights"], (L, k)),
+            ids[n - 1].as_py() if n else (before.last_sequence_id if before is not None else None),
+        )
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def __getitem__(self, rows: slice) -> TokenRows:
+        return TokenRows(self.sequence[rows], self.position[rows], self.experts[rows], self.weights[rows], self.last_sequence_id)
+
+    @staticmethod
+    def concat(parts: list[TokenRows]) -> TokenRows:
+        arrays = (np.concatenate([getattr(p, f) for p in parts]) for f in ("sequence", "position", "experts", "weights"))
+        return TokenRows(*arrays, next((p.last_sequence_id for p in reversed(parts) if len(p)), None))
+
+
+def neighbours(rows: TokenRows, start: int, stop: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows start..stop-1 and each offset d, the row holding the same sequence's token at position + d:
+    (n, D) row indices (clipped into range; meaningless where missing) and (n, D) whether that token exists."""
+    base = np.arange(start, stop)
+    index = base[:, None] + offsets[None, :]  # (n, D)
+    inside = (index >= 0) & (index < len(rows))
+    index = index.clip(0, max(len(rows) - 1, 0))
+    same_sequence = rows.sequence[index] == rows.sequence[base][:, None]
+    exists = inside & same_sequence & (rows.position[index] == rows.position[base][:, None] + offsets[None, :])
+    return index, exists
+
+
+def following_rows(shard_dir: Path, entries: list[dict], count: int) -> pa.Table | None:
+    """The first `count` token rows of the shards in `entries` (the next-token look-ups past a shard's end),
+    read batch by batch so that only those rows are decoded."""
+    if count <= 0:
+        return None
+    batches, need = [], count
+    for entry in entries:
+        handle = pq.ParquetFile(shard_dir / entry["file"])
+        for batch in handle.iter_batches(batch_size=need, columns=["sequence_id", "position", "experts", "weights"]):
+            batches.append(batch.slice(0, need))
+            need -= batches[-1].num_rows
+            if need <= 0:
+                return pa.Table.from_batches(batches)
+    return pa.Table.from_batches(batches) if batches else None
+
+
+def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsParams, carry: TokenRows | None,
+                  following: pa.Table | None = None):
+    """All windows of one shard as a pyarrow Table (token-major, then target layer), plus the new carry.
+    `carry` = the last token rows before this shard, `following` = the first rows after it (token context and
+    next-token columns of the shard's edge tokens look there)."""
+    L, k = manifest.num_layers, manifest.top_k
+    c, h, T, H = params.context_length, params.horizon, params.token_context, params.token_horizon
+    n = table.num_rows
+    current = TokenRows.of(table, manifest, carry)
+    experts, weights = current.experts, current.weights  # (n, L, k)
+    before = carry if carry is not None else current[:0]
+    after = [TokenRows.of(following, manifest, current)] if following is not None else []
+    rows = TokenRows.concat([before, current, *after])
+    start, stop = len(before), len(before) + n
+    first = c - 1 + h  # the first target MoE layer with a full context; targets are first .. L-1
+    targets = np.arange(first, L)
+    G = len(targets)
+    # Gathers along the layer axis use slices and np.take: numpy's x[:, index] returns a transposed result
+    # here, and the copy into row-major order cost more than the rest of the function.
+    index, exists = neighbours(rows, start, stop, np.array([-1]))
+    previous = np.where(exists[:, 0, None, None], rows.experts[index[:, 0], first:], -1)  # (n, G, k)
+    # context[i, j] = experts[i, t_j - h - c + 1 : t_j - h + 1]
+    context_layers = targets[:, None] - h - c + 1 + np.arange(c)[None, :]  # (G, c)
+    context = np.take(experts, context_layers, axis=1)  # (n, G, c, k)
+    columns = {
+        "sequence_id": table["sequence_id"].take(np.repeat(np.arange(n), G)),
+        "domain": table["domain"].take(np.repeat(np.arange(n), G)),
+        "position": pa.array(np.repeat(current.position, G), type=pa.int32()),
+        "target_layer": pa.array(np.tile(targets, n).astype(np.int16), type=pa.int16()),
+        "context_experts": traces.nested_array(context.reshape(n * G, c * k), pa.int16()),
+        "target_experts": traces.nested_array(experts[:, first:].reshape(n * G, k), pa.int16()),
+        "target_weights": traces.nested_array(weights[:, first:].reshape(n * G, k), pa.float32()),
+        "prev_token_experts": traces.nested_array(previous.reshape(n * G, k), pa.int16()),
+    }
+    lookahead = manifest.capture.get("lookahead") or 0
+    if lookahead >= h:
+        stale = traces.column_to_numpy(table["lookahead_experts"], (L, lookahead, k))  # (n, L, H, k)
+        columns["stale_gate_experts"] = traces.nested_array(stale[:, first - h : L - h, h - 1].reshape(n * G, k), pa.int16())
+    if T:
+        index, exists = neighbours(rows, start, stop, np.arange(-T, 0))  # (n, T), oldest token first
+        layers = np.concatenate([context_layers, targets[:, None]], axis=1)  # (G, c+1): context layers, then t
+        past = rows.experts[index[:, None, :, None], layers[None, :, None, :]]  # (n, G, T, c+1, k)
+        past = np.where(exists[:, None, :, None, None], past, -1)
+        columns["token_context_experts"] = traces.nested_array(past.reshape(n * G, T * (c + 1) * k), pa.int16())
+    if H:
+        index, exists = neighbours(rows, start, stop, np.arange(1, H + 1))  # (n, H)
+        cell = (index[:, None, :], targets[None, :, None])  # -> (n, G, H, k): layer t of tokens i+1..i+H
+        mask = exists[:, None, :, None]
+        upcoming = np.where(mask, rows.experts[cell], -1).reshape(n * G, H * k)
+        columns["next_token_experts"] = traces.nested_array(upcoming, pa.int16())
+        columns["next_token_weights"] = traces.nested_array(np.where(mask, rows.weights[cell], 0).reshape(n * G, H * k), pa.float32())
+    hidden_dim = manifest.capture.get("hidden_dim") or 0
+    if hidden_dim:
+        hidden = traces.column_to_numpy(table["hidden_states"], (L, hidden_dim))  # (n, L, D) float16
+        columns["hidden_state"] = traces.nested_array(hidden[:, first - h : L - h].reshape(n * G, hidden_dim), pa.float16())
+    keep = max(T, 1)  # rows the next shard's look-backs need
+    new_carry = TokenRows.concat([before[-keep:], current[-keep:]])[-keep:]
+    return pa.table(columns), new_carry
+
+
+def temporal_extents(params: WindowsParams, manifest: traces.Manifest) -> dict:
+    """summary.json keys the reader needs for the optional columns; absent when 0 (default output unchanged)."""
+    extents = {"token_context": params.token_context, "token_horizon": params.token_horizon,
+               "hidden_dim": manifest.capture.get("hidden_dim") or 0}
+    return {name: value for name, value in extents.items() if value}
+
+
+def summary_params(params: WindowsParams) -> dict:
+    """The windows params as recorded in summary.json; zero temporal extents are left out so that default
+    windows stay byte-identical to those written before the keys existed."""
+    recorded = as_dict(params)
+    for name in ("token_context", "token_horizon"):
+        if not recorded[name]:
+            del recorded[name]
+    return recorded
+
+
+def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsParams) -> tuple[dict[str, str], bool]:
+    """document_id -> split name, and whether any token was generated (windows then carry `generated`)."""
+    domains_of: dict[str, str] = {}
+    has_generated = False
+    for entry in manifest.shards:  # distinct (document, domain) pairs, one shard at a time: memory ~ documents
+        docs = traces.read_shard(shard_dir, entry, manifest, columns=["document_id", "domain", "generated"])
+        pairs = docs.group_by(["document_id", "domain"]).aggregate([])
+        domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
+        has_generated = has_generated or bool(pc.any(docs["generated"]).as_py())
+    return assign_splits(list(domains_of), domains_of, params, manifest.domains), has_generated
+
+
+def check_geometry(params: WindowsParams, manifest: traces.Manifest) -> None:
+    """A context plus horizon must fit in the model's MoE layers."""
+    L = manifest.num_layers
+    if params.context_length + params.horizon > L:
+        raise PipelineError(
+            f"windows.horizon: windows.context_length + horizon = {params.context_length} + {params.horizon} exceeds the "
+            f"model's {L} MoE layers; need context_length + horizon <= {L}"
+        )
+
+
+def split_windows(shard_dir: Path, manifest: traces.Manifest, params: WindowsParams, assignment: dict[str, str],
+                  has_generated: bool, splits: tuple[str, ...] = SPLITS):
+    """Yield (split name, windows table, shard table, shard rows in that split) shard by shard, for `splits`."""
+    L = manifest.num_layers
+    per_token = L - params.context_length - params.horizon + 1  # target layers: windows per token
+    carry = None
+    for number, entry in enumerate(manifest.shards):
+        table = traces.read_shard(shard_dir, entry, manifest)  # checksum, readable, ids in range, finite weights
+        documents = table["document_id"].combine_chunks().dictionary_encode()
+        split_of_document = np.array([SPLITS.index(assignment[d]) for d in documents.dictionary.to_pylist()])
+        split_of_row = split_of_document[documents.indices.to_numpy()]
+        following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
+        windows, carry = shard_windows(table, manifest, params, carry, following)
+        if has_generated:
+            windows = windows.append_column("generated", table["generated"].take(np.repeat(np.arange(table.num_rows), per_token)))
+        for name in splits:
+            rows = np.flatnonzero(split_of_row == SPLITS.index(name))
+            if len(rows):
+                window_rows = (rows[:, None] * per_token + np.arange(per_token)[None, :]).reshape(-1)
+                yield name, windows.take(pa.array(window_rows)), table, rows
+
+
+def windows_in_memory(shard_dir: Path, params: WindowsParams, splits: tuple[str, ...]) -> dict[str, pa.Table]:
+    """The windows of `splits` as in-memory tables, split exactly as the stage splits them (for evaluating
+    baselines at other horizons than the stage's)."""
+    manifest = traces.Manifest.read(shard_dir)
+    check_geometry(params, manifest)
+    assignment, has_generated = document_splits(shard_dir, manifest, params)
+    parts: dict[str, list[pa.Table]] = {name: [] for name in splits}
+    for name, part, _, _ in split_windows(shard_dir, manifest, params, assignment, has_generated, splits):
+        parts[name].append(part)
+    return {name: pa.concat_tables(tables) for name, tables in parts.items() if tables}
+
+
+def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict:
+    """Write {train,val,test}.parquet and summary.json into out_dir; return the summary."""
+    manifest = traces.Manifest.read(shard_dir)
+    L = manifest.num_layers
+    check_geometry(params, manifest)
+    assignment, has_generated = document_splits(shard_dir, manifest, params)
+    writers: dict[str, pq.ParquetWriter] = {}
+    counts = {name: {"windows": 0, "tokens": 0, "sequences": set(), "documents": set()} for name in SPLITS}
+    try:
+        for name, part, table, rows in split_windows(shard_dir, manifest, params, assignment, has_generated):
+            if name not in writers:
+                writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", part.schema)
+            writers[name].write_table(part, row_group_size=ROW_GROUP_WINDOWS)
+            counts[name]["windows"] += part.num_rows
+            counts[name]["tokens"] += len(rows)
+            for column, key in (("sequence_id", "sequences"), ("document_id", "documents")):
+                counts[name][key].update(pc.unique(table[column].take(rows)).to_pylist())
+    finally:
+        for writer in writers.values():
+            writer.close()
+    overlap = (counts["train"]["documents"] | counts["val"]["documents"]) & counts["test"]["documents"]
+    if overlap or counts["train"]["documents"] & counts["val"]["documents"]:
+        raise PipelineError(f"windows: document {sorted(overlap)[:1]} is in two splits; this is a bug, please report it")
+    summary = {
+        "context_length": params.context_length,
+        "horizon": params.horizon,
+        "num_layers": L,
+        "num_experts": manifest.num_experts,
+        "top_k": manifest.top_k,
+        "target_layers": list(range(params.context_length - 1 + params.horizon, L)),
+        "domains": manifest.domains,
+        "has_stale_gate": (manifest.capture.get("lookahead") or 0) >= params.horizon,
+        **temporal_extents(params, manifest),
+        "params": summary_params(params),
+        "leakage_check": "passed: no document in more than one split",
+        "splits": {
+            name: {
+                "windows": c["windows"],
+                "tokens": c["tokens"],
+                "sequences": len(c["sequences"]),
+                "documents": len(c["documents"]),
+                "domains": sorted({d.split("/", 1)[0] for d in c["documents"]}),
+            }
+            for name, c in counts.items()
+        },
+    }
+    write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
