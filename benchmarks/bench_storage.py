@@ -6,8 +6,9 @@
 and read throughput (token-layers/s) into numpy: moe_prefetch.traces.read_routing vs pickle.loads + np.array vs np.load.
 
 Data: the real routing of the tiny model in data/shards (written by `dvc repro`; read only) when it is there and
-verifies, and synthetic routing (random distinct experts best-first, Dirichlet weights sorted, summing to 1) written
-through collect.chunk_table + shard.write_shards. Also prints what-if sizes of other Parquet encodings.
+verifies, and synthetic routing (moe_prefetch/synthetic.py: distinct experts best-first, Dirichlet weights sorted,
+summing to 1) written through collect's chunk_table and the shard stage's writer. Also prints what-if sizes of other
+Parquet encodings.
 
     python benchmarks/bench_storage.py [--tokens 128000] [--shards data/shards] [--no-real]
 """
@@ -25,8 +26,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import (
+    REPO,
+    Row,
+    alternate,
+    command_line,
+    finish,
+    parser,
+    print_sides,
+    rounds_of,
+)
 
-from common import REPO, Row, alternate, command_line, finish, parser, print_sides, rounds_of, write_synthetic_shards
+from moe_prefetch.synthetic import write_synthetic_shards
 
 TARGET_PICKLE = 1 / 20
 TARGET_RAW = 1.2

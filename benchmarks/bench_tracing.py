@@ -15,8 +15,19 @@ import pstats
 import time
 
 import numpy as np
-
-from common import TINY_MODEL, Row, Stats, alternate, command_line, default_section, finish, parser, print_sides, rounds_of, set_threads
+from common import (
+    TINY_MODEL,
+    Row,
+    Stats,
+    alternate,
+    command_line,
+    default_section,
+    finish,
+    parser,
+    print_sides,
+    rounds_of,
+    set_threads,
+)
 
 TARGET = 1.10
 
@@ -45,13 +56,13 @@ def run(args) -> list[Row]:
 
     from moe_prefetch import traces
     from moe_prefetch.collect.chunks import chunk_table
-    from moe_prefetch.collect.models import load_model_and_tokenizer
     from moe_prefetch.collect.config import CaptureParams
+    from moe_prefetch.collect.models import load_model, load_tokenizer
     from moe_prefetch.routing import adapter_for
     from moe_prefetch.routing.recorder import RoutingRecorder
 
     set_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(str(TINY_MODEL), "float32", "cpu")
+    model, tokenizer = load_model(str(TINY_MODEL), "float32", "cpu"), load_tokenizer(str(TINY_MODEL))
     adapter = adapter_for(model)
     sequences, input_ids, mask = text_batch(tokenizer, args.batch, args.seq_len)
     inputs = adapter.forward_inputs(input_ids, mask)
@@ -136,7 +147,7 @@ def run(args) -> list[Row]:
         print(f"  {name}: forward with hooks (+ row building) {fwd:.1f} ms + recorder.take {take:.1f} ms (medians)")
 
     # Arrow table building, per batch (collect.chunk_table runs once per chunk of sequences; cost is per row)
-    schema = traces.schema(len(adapter.layers), adapter.top_k, adapter.num_experts)
+    schema = traces.schema(traces.TraceGeometry(len(adapter.layers), adapter.top_k, adapter.num_experts))
     if "rows" in inspect.signature(chunk_table).parameters:
         table_input = [{n: v for n, v in r.items() if n not in ("hidden_states", "lookahead_experts")} for r in batch_rows["ids+weights"]]
     else:
@@ -187,7 +198,8 @@ def captures_profile(model, inputs, recorders, B, S, attach) -> None:
 def profile(model, inputs, recorders, adapter, B, S, attach) -> None:
     """Where the traced batch spends its time: cProfile of forward + take (Python level), then torch ops."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     attach("ids+weights")
     recorder = recorders["ids+weights"]

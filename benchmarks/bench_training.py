@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--no-target", action="store_true", help="throughput only")
     p.add_argument("--all-epochs", action="store_true", help="keep training after the lookup's top-1 is reached")
     p.add_argument("--profile", nargs="?", const="", default=None,
-                   help="torch-profile one training step of ARCH (default: params.yaml train.arch); on by default in quick mode")
+                   help="torch-profile one training step of ARCH (default: params.yaml train.arch)")
     args = p.parse_args()
     args.windows = args.windows or (65_536 if args.big else 8192)
     args.target_windows = args.target_windows or (200_000 if args.big else 24_000)

@@ -1,10 +1,8 @@
 """Windows stage: (1) speed of stages.windows.shard_windows vs a straightforward per-token Python loop producing the
 same windows (checked equal), target >= 50x; (2) peak RSS of `python -m stages.windows` at 1x and 10x the default
-data size (synthetic shards written by stages.shard.write_shards: 1x ~128k tokens, 8 MoE layers, k=2, E=16, shards
-of 100k rows; 10x = ten times the tokens), target 10x / 1x <= 1.5. One subprocess per measurement, started by a small
-launcher process whose RUSAGE_CHILDREN ru_maxrss is then that run's peak alone. Shards are cut in memory and written
-with the moe_prefetch/traces.py helpers and shard.py's write options (bench_storage.py goes through shard.write_shards).
-On a miss (or with --memtrace) the stage is re-run with its phases instrumented to show where memory grows.
+data size (synthetic shards of moe_prefetch/synthetic.py: 1x ~128k tokens, 8 MoE layers, k=2, E=16, shards of 100k
+rows; 10x = ten times the tokens), target 10x / 1x <= 1.5. One subprocess per measurement, started by a small
+launcher process whose RUSAGE_CHILDREN ru_maxrss is then that run's peak alone. On a miss (or with --memtrace) the stage is re-run with its phases instrumented to show where memory grows.
 
     python benchmarks/bench_windows.py [--tokens 128000] [--loop-tokens 20000] [--memtrace]
 """
@@ -22,8 +20,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from common import (
+    REPO,
+    Row,
+    Stats,
+    alternate,
+    command_line,
+    default_section,
+    finish,
+    parser,
+    print_sides,
+    rounds_of,
+)
 
-from common import REPO, Row, Stats, alternate, command_line, default_section, finish, parser, print_sides, rounds_of, write_synthetic_shards
+from moe_prefetch.synthetic import write_synthetic_shards
 
 TARGET_SPEED = 50.0
 TARGET_RSS = 1.5
@@ -241,7 +251,7 @@ def run(args) -> list[Row]:
         params_file.write_text(yaml.safe_dump({"windows": (raw or {}).get("windows") or {}}))
         started = time.perf_counter()
         shard_dirs = {"1x": work / "shards-1x"}
-        write_synthetic_shards(shard_dirs["1x"], args.tokens, rows_per_shard=args.rows_per_shard, seed=1, via_shard_stage=False)
+        write_synthetic_shards(shard_dirs["1x"], args.tokens, rows_per_shard=args.rows_per_shard, seed=1)
         print(f"windows params from {source}: context {params.context_length}, horizon {params.horizon}, "
               f"token_context {getattr(params, 'token_context', 0)}, token_horizon {getattr(params, 'token_horizon', 0)}")
         speed(args, shard_dirs["1x"], params, rows)
@@ -249,7 +259,7 @@ def run(args) -> list[Row]:
         if not args.no_memory:
             started = time.perf_counter()
             shard_dirs["10x"] = work / "shards-10x"
-            write_synthetic_shards(shard_dirs["10x"], args.tokens * 10, rows_per_shard=args.rows_per_shard, seed=2, via_shard_stage=False)
+            write_synthetic_shards(shard_dirs["10x"], args.tokens * 10, rows_per_shard=args.rows_per_shard, seed=2)
             print(f"(synthetic shards written in {generated:.0f} s (1x) + {time.perf_counter() - started:.0f} s (10x))")
             memory(args, shard_dirs, params_file, work, rows)
     finally:

@@ -71,7 +71,7 @@ class TrainLoopParams:
             getattr(self, name).validate()
 
 
-ARCH_SECTIONS = [name for name, cls in ARCHITECTURES.items() if cls.config is not None]  # registry order
+ARCH_SECTIONS = sorted(name for name, cls in ARCHITECTURES.items() if cls.config is not None)  # by name: stable
 TrainParams = dataclasses.make_dataclass(
     "TrainParams",
     [(name, ARCHITECTURES[name].config, doc(f"Hyper-parameters of arch {name}.", factory=ARCHITECTURES[name].config))

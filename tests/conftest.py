@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,6 +26,7 @@ import yaml
 from moe_prefetch import traces
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.params import parse_section
+from moe_prefetch.synthetic import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-moe"
@@ -39,7 +39,7 @@ TINY = {
     "windows": {"context_length": 2, "horizon": 1, "split": {"by": "sequence", "fractions": [0.6, 0.2, 0.2], "seed": 0}},
     "train": {"arch": "speculation_transformer", "epochs": 1, "batch_size": 64, "max_train_windows": 2000, "launcher": "python",
               "speculation_transformer": {"d_model": 16, "heads": 2, "ff": 32, "layers": 1, "dropout": 0.0}},
-    "evaluate": {"topk": [1, 3, 5, 10], "batch_size": 512, "max_horizon": 3},
+    "evaluate": {"top_m": [1, 3, 5, 10], "score_batch_size": 512, "max_horizon": 3},
 }
 
 
@@ -205,13 +205,11 @@ def read_shard_tables(shard_dir: Path) -> pa.Table:
 def rewrite_routing(path: Path, manifest: traces.Manifest, edit) -> None:
     """Rewrite a Parquet trace chunk/shard with `edit(experts, weights)` applied in place to its numpy arrays."""
     table = pq.read_table(path)
-    shape = (manifest.num_layers, manifest.top_k)
-    experts = traces.column_to_numpy(table["experts"], shape).copy()
-    weights = traces.column_to_numpy(table["weights"], shape).copy()
+    experts = traces.read_column(table, "experts", manifest.geometry).copy()
+    weights = traces.read_column(table, "weights", manifest.geometry).copy()
     edit(experts, weights)
     for name, values in (("experts", experts), ("weights", weights)):
-        column = traces.nested_array(values, table.schema.field(name).type.value_type.value_type)
-        table = table.set_column(table.schema.get_field_index(name), name, column)
+        table = table.set_column(table.schema.get_field_index(name), name, traces.column_array(name, values))
     pq.write_table(table, path)
 
 
@@ -225,37 +223,10 @@ def reseal_shard(shard_dir: Path, index: int) -> None:
 
 def synthetic_shards(directory: Path, documents: int, seq_len: int, rows_per_shard: int, seed: int = 0,
                      num_layers: int = 8, top_k: int = 2, num_experts: int = 16) -> traces.Manifest:
-    """Random routing shards + manifest in the shard stage's format (for inputs larger than the tiny model run)."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    n = documents * seq_len
-    domains = np.array(["alpha", "beta"])[np.arange(documents) % 2]
-    first = rng.integers(0, num_experts, (n, num_layers, 1))  # k distinct experts: first + distinct offsets
-    offsets = np.cumsum(rng.integers(1, num_experts // top_k + 1, (n, num_layers, top_k - 1)), axis=2)
-    experts = np.concatenate([first, (first + offsets) % num_experts], axis=2).astype(np.int16)
-    weights = rng.random((n, num_layers, top_k)).astype(np.float32)
-    table = pa.table({
-        "sequence_id": np.repeat([f"{d}/{i}/0" for i, d in enumerate(domains)], seq_len),
-        "document_id": np.repeat([f"{d}/doc{i}" for i, d in enumerate(domains)], seq_len),
-        "domain": np.repeat(domains, seq_len),
-        "position": np.tile(np.arange(seq_len, dtype=np.int32), documents),
-        "token_id": np.zeros(n, dtype=np.int32),
-        "generated": np.zeros(n, dtype=bool),
-        "experts": traces.nested_array(experts, pa.int16()),
-        "weights": traces.nested_array(weights, pa.float32()),
-    }, schema=traces.schema(num_layers, top_k, num_experts))
-    entries = []
-    for index, start in enumerate(range(0, n, rows_per_shard)):
-        name = f"shard-{index:05d}.parquet"
-        pq.write_table(table.slice(start, rows_per_shard), directory / name)
-        entries.append({"file": name, "rows": min(rows_per_shard, n - start), "sha256": traces.sha256_file(directory / name)})
-    manifest = traces.Manifest(
-        model="synthetic", family="synthetic", moe_layers=list(range(num_layers)), layer_stacks=["decoder"] * num_layers,
-        num_experts=num_experts, top_k=top_k, shared_experts=0, domains=["alpha", "beta"], shards=entries,
-        capture={"router_probs": False, "hidden_dim": 0, "lookahead": 0}, collect={}, rows=n,
-    )
-    manifest.write(directory / traces.MANIFEST_NAME)
-    return manifest
+    """Random routing shards + manifest in the shard stage's format (for inputs larger than the tiny model run):
+    `documents` documents of one seq_len-token sequence each (moe_prefetch/synthetic.py)."""
+    return write_synthetic_shards(directory, documents * seq_len, rows_per_shard, seed, num_layers, top_k, num_experts,
+                                  seq_len=seq_len, chunks_per_document=1, min_tokens=seq_len)
 
 
 def pytest_configure(config):

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-
 from conftest import MODEL, TINY, accelerate_command, subprocess_env, tiny_params
+
 from moe_prefetch import traces
 from moe_prefetch.collect.collector import collect, plan_digest
 from moe_prefetch.collect.models import model_fingerprint
@@ -81,13 +81,13 @@ def test_generate_records_prompt_then_decode_routing(tmp_path, forward):
     assert prompt.equals(forward)  # prefill of a right-padded batch routes exactly as forward mode
     generated = table.filter(table["generated"])
     assert generated.num_rows > 0
-    from moe_prefetch.collect.generation import forward_rows
-    from moe_prefetch.collect.models import load_model_and_tokenizer
     from moe_prefetch.collect.config import CaptureParams
+    from moe_prefetch.collect.generation import forward_rows
+    from moe_prefetch.collect.models import load_model
     from moe_prefetch.routing import adapter_for
     from moe_prefetch.routing.recorder import RoutingRecorder
 
-    model, _ = load_model_and_tokenizer(params.model, "float32", "cpu")
+    model = load_model(params.model, "float32", "cpu")
     adapter = adapter_for(model)
     recorder = RoutingRecorder(adapter, CaptureParams(), projection_seed=0)
     for sequence_id in pc.unique(table["sequence_id"]).to_pylist():

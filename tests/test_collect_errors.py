@@ -50,6 +50,7 @@ def text_source(directory, name: str, content: bytes):
 
 CASES = {
     "missing model": (lambda d: {"model": str(d / "no-such-model")}, ["collect.model", "no-such-model", "not a checkpoint directory"]),
+    "directory without config.json": (lambda d: {"model": str(d)}, ["collect.model", "not a checkpoint directory (no config.json)"]),
     "dense model": (lambda d: {"model": str(dense_model(d / "dense"))}, ["collect.model", "'llama'", "dense model"]),
     "corrupted weights": (lambda d: {"model": str(corrupted_model(d / "broken"))}, ["collect.model", "corrupted safetensors"]),
     "empty source": (lambda d: {"sources": text_source(d, "empty.txt", b"")}, ["collect.sources", "'mine'", "no chunk"]),

@@ -1,13 +1,18 @@
-"""Hand-computed replays of the expert-cache prefetch simulator."""
+"""Hand-computed replays of the expert-cache prefetch simulator, and hand-worked cases for every registered
+eviction policy, baseline, prefetch strategy and cost profile (a component registered without its case fails
+the coverage tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
+from conftest import assert_error
 
-
-from moe_prefetch.evaluation.cache import (  # noqa: E402
+from moe_prefetch.evaluation.baselines import BASELINES, baseline_scorers
+from moe_prefetch.evaluation.cache import (
+    EVICTION_POLICIES,
     CacheConfig,
     CostModel,
     oracle_prefetch,
@@ -15,6 +20,15 @@ from moe_prefetch.evaluation.cache import (  # noqa: E402
     simulate,
     speedup,
 )
+from moe_prefetch.evaluation.config import COST_PROFILES
+from moe_prefetch.evaluation.replay import (
+    PREFETCH_STRATEGIES,
+    DecodeSteps,
+    ReplayInputs,
+    simulate_strategies,
+)
+from moe_prefetch.params import parse_section
+from moe_prefetch.windows.data import WindowSet
 
 # 1 MB experts over 1 GB/s -> 1 ms per transfer; 2 ms compute per layer.
 COST = CostModel(expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=2.0, overlap_prefetch=True)
@@ -110,22 +124,60 @@ def test_oracle_with_room_for_every_expert_hits_all_layers_from_horizon(horizon:
     assert result["wasted_prefetch_bytes"] == 0.0
 
 
-def test_lru_and_lfu_differ() -> None:
-    # Capacity 2, sequence 0 0 0 1 2 0. LRU: 2 evicts 0 (least recent) -> last 0 misses: 4 misses.
-    # LFU: 2 evicts 1 (1 use vs 3) -> last 0 hits: 3 misses.
-    routed = _routed([[[0]], [[0]], [[0]], [[1]], [[2]], [[0]]])
-    lru = simulate(routed, None, CacheConfig(capacity=2, policy="lru"), COST, horizon=1)
-    lfu = simulate(routed, None, CacheConfig(capacity=2, policy="lfu"), COST, horizon=1)
-    assert (lru["hits"], lru["misses"]) == (2.0, 4.0)
-    assert (lfu["hits"], lfu["misses"]) == (3.0, 3.0)
+# Capacity 2, one layer, no prefetch: the expert routed at each step.
+REUSED_FIRST = [0, 0, 0, 1, 2, 0]
+ALTERNATING = [0, 1, 0, 1, 2, 1, 0]
+# Capacity 2, two layers, horizon 1. Layer 1 routes 1 at t0 and t2 (none at t1); layer 0 prefetches 2 (t1), 3 (t2).
+ZERO_USE_ROUTED = [[[0], [1]], [[0], [-1]], [[0], [1]]]
+ZERO_USE_PREFETCH = [[[-1], [-1]], [[2], [-1]], [[3], [-1]]]
+
+# policy -> hand-worked replays (routed, prefetch, expected results); every registered policy needs its own.
+POLICY_CASES = {
+    "lru": [
+        # 2 evicts 0 (least recent) -> the last 0 misses: 4 misses.
+        ([[[e]] for e in REUSED_FIRST], None, {"hits": 2.0, "misses": 4.0}),
+        # 2 evicts 0 (1 was used more recently) -> 1 hits, 0 misses.
+        ([[[e]] for e in ALTERNATING], None, {"hits": 3.0, "misses": 4.0}),
+        # Prefetching 3 evicts 1 (older than the unused prefetch 2), so layer 1's second 1 misses; 2 and 3 are wasted.
+        (ZERO_USE_ROUTED, ZERO_USE_PREFETCH, {"hits": 2.0, "misses": 3.0, "wasted_prefetch_bytes": 2e6}),
+    ],
+    "lfu": [
+        # 2 evicts 1 (1 use vs 3) -> the last 0 hits: 3 misses.
+        ([[[e]] for e in REUSED_FIRST], None, {"hits": 3.0, "misses": 3.0}),
+        # At 2, experts 0 and 1 have 2 uses each; 0 is older -> evicted. Then 1 hits and 0 misses: hits = 3
+        # (evicting 1 instead would give 2).
+        ([[[e]] for e in ALTERNATING], None, {"hits": 3.0, "misses": 4.0}),
+        # Prefetching 3 evicts the prefetch 2 (zero uses vs one), so layer 1's second 1 hits; 2 and 3 are wasted.
+        (ZERO_USE_ROUTED, ZERO_USE_PREFETCH, {"hits": 3.0, "misses": 2.0, "wasted_prefetch_bytes": 2e6}),
+    ],
+}
 
 
-def test_lfu_breaks_count_ties_by_recency() -> None:
-    # Capacity 2, sequence 0 1 0 1 2 1 0: at 2, experts 0 and 1 have 2 uses each; 0 is older -> evicted.
-    # Then 1 hits and 0 misses: hits = 3 (evicting 1 instead would give 2).
-    routed = _routed([[[0]], [[1]], [[0]], [[1]], [[2]], [[1]], [[0]]])
-    result = simulate(routed, None, CacheConfig(capacity=2, policy="lfu"), COST, horizon=1)
-    assert (result["hits"], result["misses"]) == (3.0, 4.0)
+def test_every_eviction_policy_has_hand_worked_cases() -> None:
+    assert set(POLICY_CASES) == set(EVICTION_POLICIES)
+
+
+@pytest.mark.parametrize(("policy", "routed", "prefetch", "expected"), [
+    pytest.param(policy, routed, prefetch, expected, id=f"{policy}-{index}")
+    for policy, cases in POLICY_CASES.items() for index, (routed, prefetch, expected) in enumerate(cases)
+])
+def test_eviction_policy_by_hand(policy: str, routed: list, prefetch: list | None, expected: dict) -> None:
+    plan = None if prefetch is None else _routed(prefetch)
+    result = simulate(_routed(routed), plan, CacheConfig(capacity=2, policy=policy), COST, horizon=1)
+    assert {key: result[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("policy", list(EVICTION_POLICIES))
+def test_eviction_policy_never_picks_a_protected_key(policy: str) -> None:
+    state = EVICTION_POLICIES[policy](capacity=2)
+    assert state.victim(set()) is None  # nothing resident
+    state.on_insert(5, tick=1, is_use=True)
+    state.on_insert(7, tick=2, is_use=False)
+    assert state.victim({5, 7}) is None
+    assert state.victim({5}) == 7
+    state.on_evict(7)
+    assert state.victim({5}) is None
+    assert state.victim(set()) == 5
 
 
 def test_evicted_unused_prefetch_is_wasted() -> None:
@@ -195,6 +247,133 @@ def test_validation() -> None:
         simulate(ROUTED, None, CacheConfig(1), COST, horizon=0)
     with pytest.raises(ValueError, match="prefetch shape"):
         simulate(ROUTED, np.zeros((3, 2, 1), dtype=np.int64), CacheConfig(1), COST, horizon=1)
+
+
+def test_cache_params_name_the_key_and_the_accepted_values() -> None:
+    assert_error(lambda: parse_section("evaluate", {"cache": {"policy": "fifo"}}),
+                 "evaluate.cache.policy", "'fifo'", ", ".join(sorted(EVICTION_POLICIES)))
+    assert_error(lambda: parse_section("evaluate", {"cache": {"profile": "h100"}}),
+                 "evaluate.cache.profile", "'h100'", ", ".join(sorted(COST_PROFILES)))
+    assert_error(lambda: parse_section("evaluate", {"cache": {"bandwidth_gbps": 0}}), "evaluate.cache.bandwidth_gbps", "> 0")
+    assert_error(lambda: parse_section("evaluate", {"cache": {"layer_compute_ms": -1}}), "evaluate.cache.layer_compute_ms", ">= 0")
+    # The renamed keys: the old names are unknown and the error lists the new ones.
+    assert_error(lambda: parse_section("evaluate", {"topk": [1]}), "evaluate.topk", "unknown key", "top_m")
+    assert_error(lambda: parse_section("evaluate", {"batch_size": 8}), "evaluate.batch_size", "score_batch_size")
+    assert_error(lambda: parse_section("evaluate", {"cache": {"batch_sweep": [1]}}), "evaluate.cache.batch_sweep",
+                 "decode_batch_sweep")
+
+
+# --- cost profiles -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(COST_PROFILES))
+def test_every_cost_profile_resolves_to_positive_numbers(name: str) -> None:
+    profile = COST_PROFILES[name]
+    cost = parse_section("evaluate", {"cache": {"profile": name}}).cache.cost_model()
+    numbers = (cost.expert_bytes, cost.bandwidth_gbps, cost.layer_compute_ms)
+    assert numbers == (profile.expert_bytes, profile.bandwidth_gbps, profile.layer_compute_ms)
+    assert min(numbers) > 0 and profile.derivation
+    assert cost.transfer_ms == pytest.approx(profile.expert_bytes / (profile.bandwidth_gbps * 1e9) * 1e3)
+
+
+def test_default_profile_and_overrides() -> None:
+    cache = parse_section("evaluate", None).cache
+    assert (cache.profile, cache.expert_bytes, cache.bandwidth_gbps, cache.layer_compute_ms) == (
+        "mixtral-8x7b-bf16-pcie4", None, None, None)
+    cost = cache.cost_model()
+    assert (cost.expert_bytes, cost.bandwidth_gbps, cost.layer_compute_ms) == (352_321_536.0, 25.0, 0.4)
+    assert round(cost.transfer_ms, 6) == 14.092861  # metrics/evaluate.json's cache.config.transfer_ms_per_expert
+    overridden = parse_section("evaluate", {"cache": {"bandwidth_gbps": 50}}).cache.cost_model()
+    assert (overridden.expert_bytes, overridden.bandwidth_gbps, overridden.layer_compute_ms) == (352_321_536.0, 50.0, 0.4)
+
+
+# --- baselines -----------------------------------------------------------------------------------------------
+
+def _windows(context: list[int], target: list[int], previous: list[int], stale: list[int], sequence: list[int],
+             layer: list[int]) -> WindowSet:
+    """Windows with k = 1, context length 1: one expert per column and row."""
+    n = len(context)
+
+    def column(values: list[int]) -> np.ndarray:
+        return np.array(values, dtype=np.int16).reshape(n, 1)
+
+    return WindowSet(
+        context_experts=column(context)[:, None], target_layer=np.array(layer, dtype=np.int16),
+        target_experts=column(target), target_weights=np.ones((n, 1), dtype=np.float32),
+        prev_token_experts=column(previous), position=np.arange(n, dtype=np.int32), domain_index=np.zeros(n, dtype=np.int64),
+        sequence_index=np.array(sequence, dtype=np.int64), domains=["d"], sequence_ids=sorted({f"s{i}" for i in sequence}),
+        stale_gate_experts=column(stale),
+    )
+
+
+# E = 4, one target layer (1). Train: context 0 -> 1 once, context 2 -> 3 twice.
+BASELINE_SUMMARY = {"num_experts": 4, "top_k": 1, "num_layers": 2, "context_length": 1, "horizon": 1}
+BASELINE_TRAIN = _windows([0, 2, 2], [1, 3, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1])
+BASELINE_TEST = _windows([0], [1], [2], [0], [0], [1])  # context 0, previous token's expert 2, stale gate 0
+# baseline -> its top-1 on BASELINE_TEST; every registered baseline needs its own.
+BASELINE_TOP1 = {
+    "random": int(np.random.default_rng(0).random((1, 4)).argmax()),  # the first draw of the seeded rng
+    "frequency": 3,  # most gate mass at layer 1 in train
+    "lookup": 1,  # context 0 was followed by 1
+    "previous_token": 2,
+    "stale_gate": 0,
+}
+
+
+def test_every_baseline_has_a_hand_worked_top1() -> None:
+    assert set(BASELINE_TOP1) == set(BASELINES)
+
+
+@pytest.mark.parametrize("name", list(BASELINE_TOP1))
+def test_baseline_top1_by_hand(name: str) -> None:
+    scores, _ = baseline_scorers(BASELINE_TRAIN, BASELINE_SUMMARY, np.random.default_rng(0))[name](BASELINE_TEST)
+    assert scores.shape == (1, 4) and int(scores.argmax()) == BASELINE_TOP1[name]
+
+
+def test_baselines_in_registration_order_without_the_missing_inputs() -> None:
+    assert list(baseline_scorers(BASELINE_TRAIN, BASELINE_SUMMARY, np.random.default_rng(0))) == list(BASELINES)
+    uncaptured = dataclasses.replace(BASELINE_TRAIN, stale_gate_experts=None)
+    assert list(baseline_scorers(uncaptured, BASELINE_SUMMARY)) == ["frequency", "lookup", "previous_token"]
+
+
+# --- prefetch strategies -------------------------------------------------------------------------------------
+
+# Two tokens of one sequence x target layers 1, 2 (horizon 1), k = m = 1, token-major like the test windows.
+# Routed: token 0 -> (0, 1), token 1 -> (2, 3). The predictor scorer knows the target, the lookup one is off by one.
+REPLAY = _windows([0, 0, 0, 0], [0, 1, 2, 3], [0, 0, 0, 0], [3, 0, 1, 1], [0, 0, 0, 0], [1, 2, 1, 2])
+REPLAY_SCORERS = {
+    "predictor": lambda w: (np.eye(4, dtype=np.float32)[w.target_experts[:, 0]], None),
+    "lookup": lambda w: (np.eye(4, dtype=np.float32)[(w.target_experts[:, 0] + 1) % 4], None),
+}
+# strategy -> its plan: prefetch[t, l] lists experts for layer l + 1 (none for the last layer); every registered
+# strategy needs its own.
+STRATEGY_PLANS = {
+    "on_demand": None,
+    "predictor": [[[1], [-1]], [[3], [-1]]],
+    "lookup": [[[2], [-1]], [[0], [-1]]],
+    "stale_gate": [[[0], [-1]], [[1], [-1]]],  # the stale gate of each token's layer-2 window
+    "oracle": [[[1], [-1]], [[3], [-1]]],
+}
+
+
+def test_every_prefetch_strategy_has_a_hand_worked_plan() -> None:
+    assert set(STRATEGY_PLANS) == set(PREFETCH_STRATEGIES)
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_PLANS))
+def test_prefetch_strategy_plan_by_hand(name: str) -> None:
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
+    steps = DecodeSteps(inputs, batch_size=1)
+    assert steps.routed.tolist() == [[[0], [1]], [[2], [3]]]
+    plan = PREFETCH_STRATEGIES[name].plan(inputs, steps)
+    assert (None if plan is None else plan.tolist()) == STRATEGY_PLANS[name]
+
+
+def test_strategies_in_registration_order_without_the_missing_inputs() -> None:
+    params = parse_section("evaluate", None).cache
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
+    assert list(simulate_strategies(inputs, params, capacity=1, batch_size=1)) == list(PREFETCH_STRATEGIES)
+    uncaptured = ReplayInputs(dataclasses.replace(REPLAY, stale_gate_experts=None), {}, m=1, horizon=1, num_target_layers=2)
+    assert list(simulate_strategies(uncaptured, params, capacity=1, batch_size=1)) == ["on_demand", "oracle"]
 
 
 def test_twenty_thousand_steps_count_every_use() -> None:

@@ -52,12 +52,12 @@ def parse(section: str, **overrides):
         ("train", {"stream_buffer": 1000, "max_train_windows": 10}, ["train.stream_buffer", "max_train_windows 0"]),
         ("train", {"stream_buffer": 1000, "max_train_windows": 0, "arch": "lookup"}, ["train.stream_buffer", "neural archs only"]),
         ("train", {"hidden_mlp": {"routing_embedding_dim": -1}}, ["train.hidden_mlp.routing_embedding_dim", ">= 0"]),
-        ("evaluate", {"topk": [0, 1]}, ["evaluate.topk", ">= 1"]),
-        ("evaluate", {"topk": []}, ["evaluate.topk"]),
-        ("evaluate", {"topk": [1, "3"]}, ["evaluate.topk"]),
-        ("evaluate", {"topk": [True]}, ["evaluate.topk"]),
-        ("evaluate", {"topk": 5}, ["evaluate.topk", "expected list"]),
-        ("evaluate", {"topk": [3, 5]}, ["evaluate.topk", "must include 1"]),
+        ("evaluate", {"top_m": [0, 1]}, ["evaluate.top_m", ">= 1"]),
+        ("evaluate", {"top_m": []}, ["evaluate.top_m"]),
+        ("evaluate", {"top_m": [1, "3"]}, ["evaluate.top_m"]),
+        ("evaluate", {"top_m": [True]}, ["evaluate.top_m"]),
+        ("evaluate", {"top_m": 5}, ["evaluate.top_m", "expected list"]),
+        ("evaluate", {"top_m": [3, 5]}, ["evaluate.top_m", "must include 1"]),
         ("evaluate", {"max_horizon": -1}, ["evaluate.max_horizon", ">= 0"]),
         ("collect", {"device": "gpu"}, ["collect.device", "'gpu'", "cuda:N"]),
         ("collect", {"batch_size": 4, "sequences_per_chunk": 10}, ["collect.sequences_per_chunk", "multiple", "collect.batch_size"]),
@@ -77,7 +77,7 @@ def test_tiny_and_default_params_are_valid():
 
 
 def test_unknown_top_level_section(tmp_path):
-    path = write_params(tmp_path, {"evalute": {"topk": [1]}})
+    path = write_params(tmp_path, {"evalute": {"top_m": [1]}})
     assert_error(lambda: load_section("shard", path), "evalute", "unknown params section", "evaluate")
 
 
@@ -131,12 +131,12 @@ def test_a_split_without_documents_is_named(tiny, tmp_path):
     assert_error(lambda: build_windows(tiny.shards, tmp_path, params), "windows.split", "val split got no document")
 
 
-def test_topk_beyond_num_experts_is_clipped(tiny, tmp_path):
-    """Decision: evaluate.topk may exceed the number of experts E; m is clipped to E, so top-m is 1.0 (every expert
+def test_top_m_beyond_num_experts_is_clipped(tiny, tmp_path):
+    """Decision: evaluate.top_m may exceed the number of experts E; m is clipped to E, so top-m is 1.0 (every expert
     is predicted). top_k > E cannot come from params: k and E are read from the model (no collect/import knob)."""
     from moe_prefetch.evaluation.evaluate import evaluate
 
     E = tiny.manifest.num_experts
-    metrics = evaluate(tiny_params("evaluate", topk=[1, E, E + 4]), tiny.windows, tiny.shards, tiny.lookup, tmp_path)
+    metrics = evaluate(tiny_params("evaluate", top_m=[1, E, E + 4]), tiny.windows, tiny.shards, tiny.lookup, tmp_path)
     for result in [metrics["predictor"], *metrics["baselines"].values()]:
         assert result[f"top{E}"] == result[f"top{E + 4}"] == 1.0

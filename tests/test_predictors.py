@@ -1,5 +1,7 @@
-"""Every architecture learns a synthetic layer-to-layer mapping it should, round-trips through its checkpoint,
-is deterministic for a seed, and stops on a non-finite loss with a one-line error."""
+"""Every registered architecture learns a synthetic layer-to-layer mapping it should, round-trips through its
+checkpoint, is deterministic for a seed, and (the neural ones) stops on a non-finite loss with a one-line error.
+The tests are parametrised over ARCHITECTURES and build each architecture's windows from what it declares
+(`requires`), so registering an architecture (and giving it an entry in SMALL) is what covers it."""
 
 from __future__ import annotations
 
@@ -13,26 +15,37 @@ from conftest import single_thread
 
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.params import as_dict, parse_section
-from moe_prefetch.predictors import ARCHITECTURES, load_predictor
+from moe_prefetch.predictors import ARCHITECTURES, Predictor, load_predictor
 from moe_prefetch.predictors.hybrid import HybridPredictor
 from moe_prefetch.predictors.neural import NeuralPredictor
 from moe_prefetch.windows.data import WindowSet
 
 GEOMETRY = {"num_experts": 16, "top_k": 2, "num_layers": 8, "context_length": 3, "horizon": 1}
 NEXT_TOKENS = 2
-LEARNED = ["mlp", "lstm", "layer_specific", "multiscale", "hybrid", "hidden_mlp", "lookup", "ensemble", "speculation_transformer"]
-SMALL = {  # sizes that learn the synthetic pattern in a few seconds
-    "lookup": {"max_context": 1},  # the pattern depends on the last layer only; longer keys would rarely repeat
-    "speculation_transformer": {"d_model": 32, "heads": 2, "ff": 64, "layers": 1, "dropout": 0.0},
-    "hybrid": {"temporal_tokens": NEXT_TOKENS},
+SMALL = {  # per architecture with a section: train.<arch> overrides that learn the pattern in seconds ({}: defaults do)
+    "ensemble": {},
     "hidden_mlp": {"dropout": 0.0},
+    "mlp": {},
+    "hybrid": {"temporal_tokens": NEXT_TOKENS},  # the temporal head too
+    "layer_specific": {},
+    "lstm": {},
+    "multiscale": {},
+    "speculation_transformer": {"d_model": 32, "heads": 2, "ff": 64, "layers": 1, "dropout": 0.0},
+    "lookup": {"max_context": 1},  # the pattern depends on the last layer only; longer keys would rarely repeat
+}
+FIT = {  # (train windows, train overrides) where the default 3000 windows at lr 0.02 do not learn the pattern
+    "lookup": (12000, {}),  # a table must have seen each of its 1200 keys
+    "hidden_mlp": (6000, {"lr": 0.03}),  # 16 hidden codes x 5 target layers need more examples
 }
 
 
-def synthetic(n: int, seed: int, source: str = "context", hidden_dim: int = 16, per_sequence: int = 20) -> WindowSet:
-    """Windows whose target top-1 is (last context layer's best expert + t) mod E, or, with source "hidden",
-    (the expert one-hot-encoded in the hidden state + t) mod E; the second routed expert is top-1 + 1. The
-    next tokens' top-1 at the target layer is (top-1 + 2j) mod E for j = 1..NEXT_TOKENS."""
+def synthetic(n: int, seed: int, requires: tuple[str, ...] = ("context_experts",), hidden_dim: int = 16,
+              per_sequence: int = 20) -> WindowSet:
+    """Windows carrying the optional input columns in `requires` and None for the others (so that reading an
+    undeclared column fails). The target's top-1 is (s + t) mod E, with s read off the most specific required
+    input: the expert one-hot-encoded in the hidden state (hidden_state), else the last context layer's best
+    expert (context_experts), else 0 (the target layer alone); the second routed expert is top-1 + 1. The next
+    tokens' top-1 at the target layer is (top-1 + 2j) mod E for j = 1..NEXT_TOKENS."""
     E, k, c, L = (GEOMETRY[key] for key in ("num_experts", "top_k", "context_length", "num_layers"))
     rng = np.random.default_rng(seed)
     first = rng.integers(0, E, (n, c))
@@ -40,21 +53,30 @@ def synthetic(n: int, seed: int, source: str = "context", hidden_dim: int = 16, 
     target_layer = rng.integers(c - 1 + GEOMETRY["horizon"], L, n)
     latent = rng.integers(0, E, n)
     hidden = (rng.normal(0, 0.3, (n, hidden_dim)) + 2.0 * np.eye(E, hidden_dim)[latent]).astype(np.float16)
-    top1 = ((latent if source == "hidden" else context[:, -1, 0]) + target_layer) % E  # (n,)
+    signal = latent if "hidden_state" in requires else context[:, -1, 0] if "context_experts" in requires else 0
+    top1 = (signal + target_layer) % E  # (n,)
     upcoming = (top1[:, None] + 2 * np.arange(1, NEXT_TOKENS + 1)[None, :]) % E  # (n, H)
 
     def routed(best: np.ndarray) -> np.ndarray:
         return np.stack([best, (best + 1) % E], axis=-1).astype(np.int16)  # (..., k)
 
+    optional = {
+        "context_experts": context, "hidden_state": hidden, "next_token_experts": routed(upcoming),
+        "next_token_weights": np.tile(np.float32([0.7, 0.3]), (n, NEXT_TOKENS, 1)),
+    }
+    assert set(requires) <= set(optional), f"synthetic() cannot make {sorted(set(requires) - set(optional))} yet"
     sequences = np.arange(n) // per_sequence
     return WindowSet(
-        context_experts=context, target_layer=target_layer.astype(np.int16), target_experts=routed(top1),
+        target_layer=target_layer.astype(np.int16), target_experts=routed(top1),
         target_weights=np.tile(np.float32([0.7, 0.3]), (n, 1)), prev_token_experts=np.full((n, k), -1, np.int16),
         position=(np.arange(n) % per_sequence).astype(np.int32), domain_index=np.zeros(n, np.int64),
         sequence_index=sequences, domains=["synthetic"], sequence_ids=[f"{seed}/{i}" for i in range(sequences[-1] + 1)],
-        hidden_state=hidden if source == "hidden" else None, next_token_experts=routed(upcoming),
-        next_token_weights=np.tile(np.float32([0.7, 0.3]), (n, NEXT_TOKENS, 1)),
+        **{name: column if name in requires else None for name, column in optional.items()},
     )
+
+
+def windows_for(predictor: Predictor, n: int, seed: int) -> WindowSet:
+    return synthetic(n, seed, predictor.requires)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,13 +94,14 @@ def make(arch: str, **overrides):
     return ARCHITECTURES[arch](dict(GEOMETRY), train_params(arch, **overrides))
 
 
-def source_of(arch: str) -> str:
-    return "hidden" if arch == "hidden_mlp" else "context"
-
-
 def top1(predictor, windows: WindowSet) -> float:
     scores, _ = predictor.score(windows)
     return float((scores.argmax(axis=1) == windows.target_experts[:, 0]).mean())
+
+
+def test_every_architecture_with_a_section_has_test_sizes() -> None:
+    sectioned = {arch for arch, cls in ARCHITECTURES.items() if cls.config is not None}
+    assert set(SMALL) == sectioned, f"SMALL: add {sorted(sectioned - set(SMALL))}, drop {sorted(set(SMALL) - sectioned)}"
 
 
 @pytest.fixture(scope="module")
@@ -88,61 +111,59 @@ def fitted() -> dict:
 
     def get(arch: str):
         if arch not in cache:
-            # 16 hidden codes x 5 target layers need more examples; a table must have seen each of its 1200 keys
-            size = {"hidden_mlp": 6000, "lookup": 12000}.get(arch, 3000)
-            predictor, rows = make(arch, **({"lr": 0.03} if arch == "hidden_mlp" else {})), []
-            predictor.fit(synthetic(size, 0, source_of(arch)), synthetic(500, 1, source_of(arch)), rows.append)
+            size, overrides = FIT.get(arch, (3000, {}))
+            predictor, rows = make(arch, **overrides), []
+            predictor.fit(windows_for(predictor, size, 0), windows_for(predictor, 500, 1), rows.append)
             cache[arch] = predictor, rows
         return cache[arch]
 
     return get
 
 
-@pytest.mark.parametrize("arch", LEARNED)
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_learns_the_synthetic_mapping(arch, fitted) -> None:
     predictor, _ = fitted(arch)
-    assert top1(predictor, synthetic(1000, 2, source_of(arch))) >= 0.95
+    assert top1(predictor, windows_for(predictor, 1000, 2)) >= 0.95
 
 
 def test_hybrid_temporal_head_learns_the_next_tokens(fitted) -> None:
     predictor, rows = fitted("hybrid")
     reported = rows[-1]  # the temporal row is logged after the last epoch
     assert reported["temporal_top1"] >= 0.95 and set(reported) >= {"temporal_top1_next1", "temporal_top1_next2"}
-    held_out = synthetic(1000, 2)
+    held_out = windows_for(predictor, 1000, 2)
     predicted = predictor.temporal_scores(held_out).argmax(axis=2)  # (N, H)
     assert (predicted == held_out.next_token_experts[:, :, 0]).mean() >= 0.95
 
 
-@pytest.mark.parametrize("arch", LEARNED + ["frequency"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_save_load_round_trip_gives_identical_scores(arch, fitted, tmp_path) -> None:
-    if arch == "frequency":
-        predictor = make(arch)
-        predictor.fit(synthetic(500, 0), synthetic(100, 1), lambda row: None)
-    else:
-        predictor, _ = fitted(arch)
+    predictor, _ = fitted(arch)
     predictor.save(tmp_path)
     loaded = load_predictor(tmp_path)
-    windows = synthetic(300, 3, source_of(arch))
+    windows = windows_for(predictor, 300, 3)
     (before, conf_before), (after, conf_after) = predictor.score(windows), loaded.score(windows)
     np.testing.assert_array_equal(before, after)
     np.testing.assert_array_equal(conf_before, conf_after)
     assert loaded.parameter_count() == predictor.parameter_count()
 
 
-@pytest.mark.parametrize("arch", [a for a in LEARNED if a != "lookup"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_same_seed_gives_identical_scores(arch) -> None:
+    # dropout on wherever a section has it: its masks must come from the seed too
+    dropout = {name: {**section, "dropout": 0.2} for name, section in SMALL.items()
+               if "dropout" in {f.name for f in dataclasses.fields(ARCHITECTURES[name].config)}}
     scores = []
     for _ in range(2):
-        predictor = make(arch, epochs=1, **({"hidden_mlp": {"dropout": 0.2}} if arch == "hidden_mlp" else {}))
-        predictor.fit(synthetic(400, 0, source_of(arch)), synthetic(100, 1, source_of(arch)), lambda row: None)
-        scores.append(predictor.score(synthetic(200, 2, source_of(arch)))[0])
+        predictor = make(arch, epochs=1, **dropout)
+        predictor.fit(windows_for(predictor, 400, 0), windows_for(predictor, 100, 1), lambda row: None)
+        scores.append(predictor.score(windows_for(predictor, 200, 2))[0])
     np.testing.assert_array_equal(scores[0], scores[1])
 
 
 @pytest.mark.parametrize("arch", [a for a, cls in ARCHITECTURES.items() if issubclass(cls, NeuralPredictor)])
 def test_non_finite_loss_names_epoch_and_step(arch) -> None:
     predictor = make(arch)
-    train = synthetic(300, 0, source_of(arch))
+    train = windows_for(predictor, 300, 0)
     if predictor.module is None:  # hidden_mlp builds its module once it knows the data's hidden width
         predictor.geometry = {**predictor.geometry, **predictor.data_geometry(train)}
         predictor.module = predictor._build()
@@ -191,8 +212,7 @@ def test_ensemble_checks_every_member_before_training_any() -> None:
 
 
 def test_hybrid_needs_the_token_horizon_it_predicts() -> None:
-    windows = synthetic(100, 0)
-    windows.next_token_experts = windows.next_token_weights = None
+    windows = synthetic(100, 0)  # no next_token columns
     with pytest.raises(PipelineError, match=r"^train.hybrid.temporal_tokens: 2 needs windows.token_horizon >= 2; the windows carry 0"):
         make("hybrid").fit(windows, windows, lambda row: None)
     plain = make("hybrid", hybrid={"temporal_tokens": 0})

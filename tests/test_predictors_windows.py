@@ -31,7 +31,7 @@ def write_shards(directory, hidden_dim: int = 0) -> dict:
         "weights": rng.random((n, L, K)).astype(np.float32),
         "hidden_states": rng.normal(size=(n, L, max(hidden_dim, 1))).astype(np.float16),
     }
-    schema = traces.schema(L, K, E, hidden_dim)
+    schema = traces.schema(traces.TraceGeometry(L, K, E, traces.Capture(hidden_dim=hidden_dim)))
     entries, start = [], 0
     for number, rows in enumerate(SHARD_ROWS):
         part = slice(start, start + rows)

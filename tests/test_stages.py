@@ -186,6 +186,12 @@ def test_metrics_have_predictor_and_baselines(tiny):
     assert metrics["test_windows"] == tiny.summary["splits"]["test"]["windows"]
     assert RANKING_KEYS <= set(metrics["predictor"])
     assert BASELINES <= set(metrics["baselines"])
+    # Metrics keys come from the registries, in registration order (the tiny collect captures no look-ahead).
+    from moe_prefetch.evaluation.baselines import BASELINES as REGISTERED_BASELINES
+    from moe_prefetch.evaluation.replay import PREFETCH_STRATEGIES
+
+    assert list(metrics["baselines"]) == [name for name in REGISTERED_BASELINES if name != "stale_gate"]
+    assert list(metrics["cache"]) == ["config", *(name for name in PREFETCH_STRATEGIES if name != "stale_gate")]
     for result in [metrics["predictor"], *metrics["baselines"].values()]:
         assert RANKING_KEYS <= set(result)
         tops = [result[f"top{m}"] for m in (1, 3, 5, 10)]
@@ -198,7 +204,8 @@ def test_metrics_have_predictor_and_baselines(tiny):
 def test_per_horizon_equals_a_windows_run_at_that_horizon(tiny, tmp_path):
     """per_horizon scores the baselines at h = 1..max_horizon in one run: at the stage's own horizon they are the
     headline baselines, at another horizon they equal what a windows run at that horizon gives (same split)."""
-    from moe_prefetch.evaluation.evaluate import baseline_scorers, rank_all
+    from moe_prefetch.evaluation.baselines import baseline_scorers
+    from moe_prefetch.evaluation.evaluate import rank_all
 
     per_horizon, params = tiny.metrics["per_horizon"], tiny_params("evaluate")
     assert sorted(per_horizon) == [f"h{h}" for h in range(1, params.max_horizon + 1)]

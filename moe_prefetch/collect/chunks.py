@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,19 @@ from moe_prefetch.collect.config import CollectParams
 from moe_prefetch.config import as_dict
 from moe_prefetch.files import atomic_path
 
-ROUTING_COLUMNS = ("experts", "weights", "router_probs", "hidden_states", "lookahead_experts")
+
+@dataclass
+class ChunkSequence:
+    """What the rows of one sequence share in a chunk."""
+
+    sequence_id: str
+    document_id: str
+    domain: str
 
 
-def chunk_table(sequences: list, rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """One table from per-sequence row dicts (moe_prefetch/collect/generation.py); `sequences` give sequence_id, document_id, domain."""
+def chunk_table(sequences: list[ChunkSequence], rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """One table from per-sequence row dicts (moe_prefetch/collect/generation.py: position, token_id, generated and
+    a (tokens, ...) array per routing column of `schema`), one dict per sequence."""
     counts = [len(r["position"]) for r in rows]
     columns = {
         "sequence_id": np.repeat([s.sequence_id for s in sequences], counts),
@@ -27,12 +36,9 @@ def chunk_table(sequences: list, rows: list[dict], schema: pa.Schema) -> pa.Tabl
         **{name: np.concatenate([r[name] for r in rows]) for name in ("position", "token_id", "generated")},
     }
     data = {name: pa.array(values, type=schema.field(name).type) for name, values in columns.items()}
-    for name in ROUTING_COLUMNS:
+    for name in traces.ROUTING_COLUMNS:
         if name in schema.names:
-            field_type = schema.field(name).type
-            while pa.types.is_fixed_size_list(field_type):
-                field_type = field_type.value_type
-            data[name] = traces.nested_array(np.concatenate([r[name] for r in rows]), field_type)
+            data[name] = traces.column_array(name, np.concatenate([r[name] for r in rows]))
     return pa.table(data, schema=schema)
 
 
@@ -41,7 +47,7 @@ def write_chunk(path: Path, table: pa.Table) -> None:
         pq.write_table(table, temp)
 
 
-def run_summary(params: CollectParams, sequences: list, chunks: int) -> dict:
+def run_summary(params: CollectParams, sequences: list[ChunkSequence], chunks: int) -> dict:
     """The part of meta.json's `collect` entry that collect and import share."""
     per_domain: dict[str, int] = {}
     for seq in sequences:

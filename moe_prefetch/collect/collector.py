@@ -27,7 +27,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from moe_prefetch import traces
-from moe_prefetch.collect.chunks import chunk_table, run_summary, write_chunk
+from moe_prefetch.collect.chunks import (
+    ChunkSequence,
+    chunk_table,
+    run_summary,
+    write_chunk,
+)
 from moe_prefetch.collect.config import CollectParams
 from moe_prefetch.collect.sources import SourceSpec, iter_documents, source_fingerprint
 from moe_prefetch.config import as_dict
@@ -38,10 +43,7 @@ PLAN_NAME = "plan.json"
 
 
 @dataclass
-class PlannedSequence:
-    sequence_id: str
-    document_id: str
-    domain: str
+class PlannedSequence(ChunkSequence):
     token_ids: list[int]
 
 
@@ -94,22 +96,29 @@ def prepare_output(out: Path, digest: str, is_main: bool) -> None:
         write_json(plan_file, {"digest": digest})
 
 
-def model_info(params: CollectParams, adapter, stored_hidden_dim: int) -> dict:
-    return {
-        "model": params.model,
-        "family": adapter.family,
-        "moe_layers": [layer.layer_index for layer in adapter.layers],
-        "layer_stacks": [layer.stack for layer in adapter.layers],
-        "num_experts": adapter.num_experts,
-        "top_k": adapter.top_k,
-        "shared_experts": adapter.shared_experts,
-        "capture": {
-            "router_probs": params.capture.router_probs,
-            "hidden_dim": stored_hidden_dim,
-            "hidden_projection_seed": params.seed if params.capture.hidden_dim else None,
-            "lookahead": params.capture.lookahead,
-        },
-    }
+def captured(params: CollectParams, stored_hidden_dim: int) -> traces.Capture:
+    """What this run records beyond experts and weights (stored_hidden_dim: the hidden-state width written, 0 = none)."""
+    return traces.Capture(
+        router_probs=params.capture.router_probs,
+        hidden_dim=stored_hidden_dim,
+        hidden_projection_seed=params.seed if params.capture.hidden_dim else None,
+        lookahead=params.capture.lookahead,
+    )
+
+
+def trace_meta(params: CollectParams, adapter, capture: traces.Capture, collect_summary: dict) -> traces.TraceMeta:
+    """The meta.json of a finished run: the adapter's routing geometry, the capture, `collect_summary` as `collect`."""
+    return traces.TraceMeta(
+        model=params.model,
+        family=adapter.family,
+        moe_layers=[layer.layer_index for layer in adapter.layers],
+        layer_stacks=[layer.stack for layer in adapter.layers],
+        num_experts=adapter.num_experts,
+        top_k=adapter.top_k,
+        shared_experts=adapter.shared_experts,
+        capture=capture,
+        collect=collect_summary,
+    )
 
 
 def distributed_state(device: str):
@@ -167,9 +176,8 @@ def collect(params: CollectParams, out: Path) -> None:
     state.wait_for_everyone()
 
     stored_hidden = (params.capture.hidden_dim or int(model.config.hidden_size)) if params.capture.hidden_states else 0
-    table_schema = traces.schema(
-        len(adapter.layers), adapter.top_k, adapter.num_experts, stored_hidden, params.capture.lookahead, params.capture.router_probs,
-    )
+    capture = captured(params, stored_hidden)
+    table_schema = traces.schema(traces.TraceGeometry(len(adapter.layers), adapter.top_k, adapter.num_experts, capture))
     recorder = RoutingRecorder(adapter, params.capture, projection_seed=params.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model_device = next(model.parameters()).device
@@ -205,10 +213,8 @@ def collect(params: CollectParams, out: Path) -> None:
           f"{len(resumed)} kept from an interrupted run", flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
-        info = model_info(params, adapter, stored_hidden)
-        info["collect"] = {
+        trace_meta(params, adapter, capture, {
             **run_summary(params, planned, len(chunk_starts)),
             "builtin_text_python_version": source_fingerprint(),
             "plan_digest": digest,
-        }
-        write_json(out / traces.META_NAME, info)
+        }).write(out)

@@ -34,7 +34,6 @@ import glob
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +41,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_prefetch import traces
-from moe_prefetch.collect.chunks import chunk_table, run_summary, write_chunk
+from moe_prefetch.collect.chunks import (
+    ChunkSequence,
+    chunk_table,
+    run_summary,
+    write_chunk,
+)
 from moe_prefetch.collect.config import CollectParams
 from moe_prefetch.errors import PipelineError
-from moe_prefetch.files import atomic_path, write_json
+from moe_prefetch.files import atomic_path
 
 REQUIRED = ("sequence_id", "position", "layer", "experts", "weights")
 OPTIONAL = ("domain", "document_id", "token_id", "generated")
@@ -54,13 +58,6 @@ FORMATS = (".jsonl", ".csv", ".parquet")
 
 class FieldError(Exception):
     """A malformed field of one record: (field, problem); the reader adds file and line."""
-
-
-@dataclass
-class ImportedSequence:
-    sequence_id: str
-    document_id: str
-    domain: str
 
 
 def _jsonl(path: str):
@@ -247,14 +244,6 @@ def load_records(params: CollectParams) -> tuple[Records, list[str]]:
     return records, paths
 
 
-def best_first(experts: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row by weight, descending; equal weights keep the lower id first (as moe_prefetch.routing.best_first)."""
-    by_id = np.argsort(experts, axis=1, kind="stable")
-    experts, weights = np.take_along_axis(experts, by_id, 1), np.take_along_axis(weights, by_id, 1)
-    order = np.argsort(-weights, axis=1, kind="stable")
-    return np.take_along_axis(experts, order, 1), np.take_along_axis(weights, order, 1)
-
-
 def import_traces(params: CollectParams, out: Path) -> None:
     """Validate every record, then write chunk files + meta.json into `out` (replaced only on success)."""
     records, paths = load_records(params)
@@ -286,14 +275,14 @@ def import_traces(params: CollectParams, out: Path) -> None:
     if not len(kept):
         raise PipelineError(f"collect.import: no token has routing for all {len(layers)} layers {layers}; nothing to import")
     L, k = len(layers), records.top_k
-    experts, weights = best_first(np.asarray(cols["experts"], dtype=np.int16)[kept], np.asarray(cols["weights"], dtype=np.float32)[kept])
+    experts, weights = traces.best_first(np.asarray(cols["experts"], dtype=np.int16)[kept], np.asarray(cols["weights"], dtype=np.float32)[kept])
     heads = kept[::L]  # one record per token
     token_sequence = sequence[heads]
     bounds = np.flatnonzero(np.r_[True, token_sequence[1:] != token_sequence[:-1], True])
     sequences, rows = [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
         first = int(heads[start])
-        sequences.append(ImportedSequence(sequence_ids[token_sequence[start]], cols["document_id"][first], cols["domain"][first]))
+        sequences.append(ChunkSequence(sequence_ids[token_sequence[start]], cols["document_id"][first], cols["domain"][first]))
         rows.append({
             "position": position[heads[start:end]].astype(np.int32),
             "token_id": np.asarray([cols["token_id"][i] for i in heads[start:end]], dtype=np.int32),
@@ -304,29 +293,30 @@ def import_traces(params: CollectParams, out: Path) -> None:
     num_experts = params.num_experts or records.max_id + 1
     if num_experts == 0:
         raise PipelineError("collect.import: every expert slot is -1 (dropped); set collect.num_experts")
-    schema = traces.schema(L, k, num_experts)
     step = params.sequences_per_chunk
     chunks = range(0, len(sequences), step)
+    meta = traces.TraceMeta(
+        model=f"imported:{params.import_glob}",
+        family="imported",
+        moe_layers=layers,
+        layer_stacks=["decoder"] * L,
+        num_experts=num_experts,
+        top_k=k,
+        shared_experts=0,
+        capture=traces.Capture(),
+        collect={
+            **run_summary(params, sequences, len(chunks)),
+            "imported_files": [{"file": path, "sha256": traces.sha256_file(Path(path))} for path in paths],
+            "records": len(order),
+            "tokens": len(heads),
+            "incomplete_tokens": int((~complete).sum()),
+        },
+    )
+    schema = traces.schema(meta.geometry)
     with atomic_path(out) as temp:
         temp.mkdir()
         for start in chunks:
             write_chunk(temp / f"chunk-{start // step:05d}.parquet", chunk_table(sequences[start : start + step], rows[start : start + step], schema))
-        write_json(temp / traces.META_NAME, {
-            "model": f"imported:{params.import_glob}",
-            "family": "imported",
-            "moe_layers": layers,
-            "layer_stacks": ["decoder"] * L,
-            "num_experts": num_experts,
-            "top_k": k,
-            "shared_experts": 0,
-            "capture": {"router_probs": False, "hidden_dim": 0, "hidden_projection_seed": None, "lookahead": 0},
-            "collect": {
-                **run_summary(params, sequences, len(chunks)),
-                "imported_files": [{"file": path, "sha256": traces.sha256_file(Path(path))} for path in paths],
-                "records": len(order),
-                "tokens": len(heads),
-                "incomplete_tokens": int((~complete).sum()),
-            },
-        })
+        meta.write(temp)
     print(f"import: {len(heads)} tokens of {len(sequences)} sequences from {len(paths)} files -> {out} "
           f"({int((~complete).sum())} incomplete tokens dropped)")

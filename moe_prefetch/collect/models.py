@@ -22,6 +22,8 @@ def load_config(name: str):
 
     if _looks_local(name) and not Path(name).is_dir():
         raise PipelineError(f"collect.model: {name!r} is not a checkpoint directory (and not an owner/name hub id)")
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise PipelineError(f"collect.model: {name!r} is not a checkpoint directory (no config.json)")
     try:
         return AutoConfig.from_pretrained(name)
     except OSError as err:
@@ -93,7 +95,3 @@ def load_model(name: str, dtype: str, device: str):
         model = model.to(device)
     return model.eval()
 
-
-def load_model_and_tokenizer(name: str, dtype: str, device: str):
-    """load_model + load_tokenizer."""
-    return load_model(name, dtype, device), load_tokenizer(name)

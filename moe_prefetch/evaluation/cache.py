@@ -7,8 +7,12 @@ issued when layer l runs at step t (entries whose target layer is >= L are ignor
 
 Caches: one pool per layer of `capacity` experts (per_layer) or one pool of `capacity`
 (layer, expert) pairs. Prefetched experts go INTO the same pools; all pools start empty.
-Policies: "lru" evicts the least recently used; "lfu" evicts the fewest uses since insertion
-(counts reset on eviction; a demand load counts as one use, a prefetch as zero), ties to LRU.
+Eviction policies (EVICTION_POLICIES; CacheConfig.policy and evaluate.cache.policy accept exactly
+these names) keep only the eviction state of a pool, told of every insertion, use and eviction:
+  lru  evicts the least recently used (inserted or hit)
+  lfu  evicts the fewest uses since insertion (counts reset on eviction; a demand load counts as
+       one use, a prefetch as zero), ties to the least recently used
+A victim is never a protected key (see 2. and 3.); if every resident key is protected, none is.
 
 One transfer link moves experts one after another at bandwidth_gbps (1e9 bytes/s).
 When layer l of step t runs at clock c:
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-POLICIES = ("lru", "lfu")
+from moe_prefetch.registry import Registry
 
 
 @dataclass
@@ -65,75 +69,89 @@ class CostModel:
         return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
 
 
-@dataclass
-class CacheConfig:
-    """Experts held (per layer if per_layer, else in total) and the eviction policy ("lru" | "lfu")."""
+class EvictionPolicy:
+    """The eviction state of one pool of at most `capacity` resident keys. The pool tells it of every insertion,
+    use and eviction (`tick`: the replay's event counter, increasing) and asks it for the next victim."""
 
-    capacity: int
-    per_layer: bool = True
-    policy: str = "lru"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1:
-            raise ValueError(f"cache capacity must be an int >= 1, got {self.capacity!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"cache policy {self.policy!r} is not one of {list(POLICIES)}")
-
-
-class _Pool:
-    """One cache pool: resident keys, eviction state, and prefetch bookkeeping."""
-
-    def __init__(self, capacity: int, lfu: bool) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.lfu = lfu
-        self.resident: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
-        self.uses: dict[int, int] = {}  # LFU: uses since insertion
-        self.last_tick: dict[int, int] = {}  # LFU: tick of last use or insertion (tie-break)
-        self.heap: list[tuple[int, int, int]] = []  # LFU: (uses, last_tick, key), stale entries skipped lazily
-        self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
-        self.arrival_ms: dict[int, float] = {}  # prefetched keys -> time their transfer ends
-        self.wasted = 0  # prefetched keys evicted before their first use
 
-    def touch(self, key: int, tick: int) -> None:
-        """Record a use of a resident key."""
-        if self.lfu:
-            self.uses[key] += 1
-            self.last_tick[key] = tick
-            self._push(key)
-        else:
-            self.resident.move_to_end(key)
+    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
+        """`key` became resident; `is_use`: by a demand load (True) or a prefetch (False)."""
+        raise NotImplementedError
 
-    def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
-        """Insert a non-resident key, evicting by policy outside `protected`; False if nothing can go."""
-        if len(self.resident) >= self.capacity:
-            victim = self._victim(protected)
-            if victim is None:
-                return False
-            self._evict(victim)
-        self.resident[key] = None
-        if self.lfu:
-            self.uses[key] = 1 if is_use else 0
-            self.last_tick[key] = tick
-            self._push(key)
-        return True
+    def on_use(self, key: int, tick: int) -> None:
+        """A resident `key` was hit."""
+        raise NotImplementedError
+
+    def victim(self, protected: Container[int]) -> int | None:
+        """The resident key to evict next outside `protected` (the pool evicts it before asking again), or None if
+        every resident key is protected."""
+        raise NotImplementedError
+
+    def on_evict(self, key: int) -> None:
+        """`key` left the pool."""
+        raise NotImplementedError
+
+
+EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("cache policy")
+
+
+@EVICTION_POLICIES.register("lru")
+class LRUPolicy(EvictionPolicy):
+    """Least recently inserted or used first."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.order: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
+        self.order[key] = None
+
+    def on_use(self, key: int, tick: int) -> None:
+        self.order.move_to_end(key)
+
+    def victim(self, protected: Container[int]) -> int | None:
+        return next((key for key in self.order if key not in protected), None)  # O(|protected|) skips
+
+    def on_evict(self, key: int) -> None:
+        del self.order[key]
+
+
+@EVICTION_POLICIES.register("lfu")
+class LFUPolicy(EvictionPolicy):
+    """Fewest uses since insertion first (a prefetch inserts with zero uses), ties to the least recent."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.uses: dict[int, int] = {}  # uses since insertion, per resident key
+        self.last_tick: dict[int, int] = {}  # tick of last use or insertion (tie-break)
+        self.heap: list[tuple[int, int, int]] = []  # (uses, last_tick, key), stale entries skipped lazily
+
+    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
+        self.uses[key] = 1 if is_use else 0
+        self.last_tick[key] = tick
+        self._push(key)
+
+    def on_use(self, key: int, tick: int) -> None:
+        self.uses[key] += 1
+        self.last_tick[key] = tick
+        self._push(key)
 
     def _push(self, key: int) -> None:
-        """Push the key's current LFU state; rebuild the heap when stale entries pile up."""
+        """Push the key's current state; rebuild the heap when stale entries pile up."""
         heapq.heappush(self.heap, (self.uses[key], self.last_tick[key], key))
         if len(self.heap) > 4 * self.capacity + 64:
-            self.heap = [(self.uses[k], self.last_tick[k], k) for k in self.resident]
+            self.heap = [(self.uses[k], self.last_tick[k], k) for k in self.uses]
             heapq.heapify(self.heap)
 
-    def _victim(self, protected: Container[int]) -> int | None:
-        """The key the policy evicts next, skipping protected keys (O(|protected|) skips)."""
-        if not self.lfu:
-            return next((key for key in self.resident if key not in protected), None)
+    def victim(self, protected: Container[int]) -> int | None:
         held = []
         victim = None
         while self.heap:
             entry = heapq.heappop(self.heap)
             uses, last_tick, key = entry
-            if key not in self.resident or self.uses[key] != uses or self.last_tick[key] != last_tick:
+            if key not in self.uses or self.uses[key] != uses or self.last_tick[key] != last_tick:
                 continue  # stale: the key was used again or evicted since this entry was pushed
             if key in protected:
                 held.append(entry)
@@ -144,11 +162,55 @@ class _Pool:
             heapq.heappush(self.heap, entry)
         return victim
 
+    def on_evict(self, key: int) -> None:
+        del self.uses[key], self.last_tick[key]
+
+
+@dataclass
+class CacheConfig:
+    """Experts held (per layer if per_layer, else in total) and the eviction policy (a name in EVICTION_POLICIES)."""
+
+    capacity: int
+    per_layer: bool = True
+    policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1:
+            raise ValueError(f"cache capacity must be an int >= 1, got {self.capacity!r}")
+        if self.policy not in EVICTION_POLICIES:
+            raise ValueError(f"cache policy {self.policy!r} is not one of {EVICTION_POLICIES.names()}")
+
+
+class _Pool:
+    """One cache pool: resident keys, the policy's eviction state, and prefetch bookkeeping."""
+
+    def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
+        self.capacity = capacity
+        self.policy = policy
+        self.resident: set[int] = set()
+        self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
+        self.arrival_ms: dict[int, float] = {}  # prefetched keys -> time their transfer ends
+        self.wasted = 0  # prefetched keys evicted before their first use
+
+    def touch(self, key: int, tick: int) -> None:
+        """Record a use of a resident key."""
+        self.policy.on_use(key, tick)
+
+    def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
+        """Insert a non-resident key, evicting by policy outside `protected`; False if nothing can go."""
+        if len(self.resident) >= self.capacity:
+            victim = self.policy.victim(protected)
+            if victim is None:
+                return False
+            self._evict(victim)
+        self.resident.add(key)
+        self.policy.on_insert(key, tick, is_use)
+        return True
+
     def _evict(self, key: int) -> None:
         """Remove a key, counting it as wasted if it was prefetched and never used."""
-        del self.resident[key]
-        if self.lfu:
-            del self.uses[key], self.last_tick[key]
+        self.resident.remove(key)
+        self.policy.on_evict(key)
         if key in self.unused_prefetch:
             self.unused_prefetch.discard(key)
             self.wasted += 1
@@ -181,7 +243,7 @@ class _Replay:
         self.overlap = cost.overlap_prefetch
         self.clock = 0.0
         self.link_free = 0.0  # when the transfer link finishes everything queued on it
-        self.tick = 0  # event counter: recency order for LRU and the LFU tie-break
+        self.tick = 0  # event counter handed to the eviction policy (LFU's recency tie-break)
         self.hits = self.prefetched = self.prefetch_hits = 0
         self.misses_by_layer = [0] * len(pools)
 
@@ -250,13 +312,13 @@ def simulate(
     prefetch = None if prefetch is None else np.asarray(prefetch, dtype=np.int64)
     _check_inputs(routed, prefetch, horizon)
     steps, layers, _ = routed.shape
-    lfu = cache.policy == "lfu"
+    policy = EVICTION_POLICIES[cache.policy]
     if cache.per_layer:
-        pools, offsets = [_Pool(cache.capacity, lfu) for _ in range(layers)], [0] * layers
+        pools, offsets = [_Pool(cache.capacity, policy(cache.capacity)) for _ in range(layers)], [0] * layers
     else:
         # One pool keys experts as layer * stride + expert so layers never collide.
         stride = 1 + max(int(routed.max(initial=-1)), -1 if prefetch is None else int(prefetch.max(initial=-1)))
-        pools, offsets = [_Pool(cache.capacity, lfu)] * layers, [layer * stride for layer in range(layers)]
+        pools, offsets = [_Pool(cache.capacity, policy(cache.capacity))] * layers, [layer * stride for layer in range(layers)]
     replay = _Replay(pools, offsets, cost)
     routed_rows = routed.tolist()  # Python lists: per-element numpy indexing would dominate the loop
     prefetch_rows = prefetch.tolist() if prefetch is not None else None

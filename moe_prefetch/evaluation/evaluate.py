@@ -1,14 +1,10 @@
 """Stage evaluate: score the trained predictor and the baselines on the test split.
 
 Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every leaf) and plot data + PNGs into
-`<plots>`. Baselines that could embarrass the predictor, all scored by the same code on the same windows:
-  random          seeded random ranking (expected top-m = m/E)
-  frequency       per target layer, experts by gate mass in train
-  lookup          per (target layer, context) table fit on train, with back-off
-  previous_token  the same layer's experts of the previous token (then frequency)
-  stale_gate      layer t's own router applied h layers early (when the collector captured look-ahead)
-With evaluate.max_horizon > 0 the baselines are also scored at horizons 1..max_horizon on windows rebuilt from
-the shards (same document split), next to the predictor at the horizon it was trained for (`per_horizon`).
+`<plots>`. The baselines that could embarrass the predictor (BASELINES, moe_prefetch/evaluation/baselines.py) are
+all scored by the same code on the same windows as the predictor. With evaluate.max_horizon > 0 the baselines but
+random are also scored at horizons 1..max_horizon on windows rebuilt from the shards (same document split), next
+to the predictor at the horizon it was trained for (`per_horizon`).
 
     python -m stages.evaluate --windows data/windows --shards data/shards --predictor data/predictor \
         --metrics metrics/evaluate.json --plots plots
@@ -24,62 +20,31 @@ import numpy as np
 
 from moe_prefetch.config import parse
 from moe_prefetch.errors import PipelineError
+from moe_prefetch.evaluation.baselines import baseline_scorers
 from moe_prefetch.evaluation.bounds import conditional_entropy_bounds
 from moe_prefetch.evaluation.config import EvaluateParams
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
 from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
 from moe_prefetch.evaluation.replay import cache_report
-from moe_prefetch.predictors import FrequencyPredictor, LookupPredictor, load_predictor
+from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
 from moe_prefetch.windows.build import windows_in_memory
 from moe_prefetch.windows.config import WindowsParams
 from moe_prefetch.windows.data import (
     WindowSet,
-    geometry_of,
     read_summary,
     read_windows,
     windows_from_table,
 )
-
-HIGHEST_WEIGHT_BONUS = 2.0  # ranks a copied expert list best-first: slot s scores (k - s) + bonus for slot 0
-
-
-def copied_scores(experts: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Scores that rank the given best-first experts (N, k) first, in order, then the prior (N, E)."""
-    scores = prior / max(prior.max(), 1e-12)  # < 1, below any copied expert
-    rows = np.arange(len(experts))
-    k = experts.shape[1]
-    for slot in range(k):
-        present = experts[:, slot] >= 0
-        scores[rows[present], experts[present, slot]] = 1.0 + (k - slot) + (HIGHEST_WEIGHT_BONUS if slot == 0 else 0.0)
-    return scores
-
-
-def baseline_scorers(train: WindowSet, summary: dict) -> dict:
-    """name -> function(windows batch) -> (scores (n, E), None or confidence (n,)) of every baseline fit on
-    `train` (stale_gate only when the windows carry the look-ahead)."""
-    params = {"lookup": {"max_context": summary["context_length"]}}  # the baseline keys on the full context
-    frequency = FrequencyPredictor(geometry_of(summary), params)
-    frequency.fit(train, train, lambda row: None)
-    lookup = LookupPredictor(geometry_of(summary), params)
-    lookup.fit(train, train, lambda row: None)
-
-    def copied(column: str):
-        return lambda w: (copied_scores(getattr(w, column), frequency.score(w)[0]), None)
-
-    scorers = {"frequency": frequency.score, "lookup": lookup.score, "previous_token": copied("prev_token_experts")}
-    if train.stale_gate_experts is not None:
-        scorers["stale_gate"] = copied("stale_gate_experts")
-    return scorers
 
 
 def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary: dict,
              calibration: CalibrationAccumulator | None = None) -> dict[str, RankingAccumulator]:
     """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain and (when
     recorded) prompt (0) vs generated (1) token. `calibration` collects the predictor's confidence."""
-    accumulators = {name: RankingAccumulator(params.topk, summary["num_experts"], summary["top_k"]) for name in scorers}
-    for start in range(0, len(windows), params.batch_size):
-        batch = windows.subset(np.arange(start, min(start + params.batch_size, len(windows))))
+    accumulators = {name: RankingAccumulator(params.top_m, summary["num_experts"], summary["top_k"]) for name in scorers}
+    for start in range(0, len(windows), params.score_batch_size):
+        batch = windows.subset(np.arange(start, min(start + params.score_batch_size, len(windows))))
         groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
         if windows.generated is not None:
             groups["generated"] = batch.generated.astype(np.int64)
@@ -98,8 +63,9 @@ HORIZON_METRICS = ("top1", "recall_at_k", "recall_at_2k")
 
 def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: WindowSet, test: WindowSet,
                 predictor_result: dict) -> dict:
-    """h -> strategy -> top1/recall@k/recall@2k for h = 1..max_horizon: baselines refit on each horizon's train
-    windows (rebuilt from the shards, same document split), the predictor at the horizon it was trained for."""
+    """h -> strategy -> top1/recall@k/recall@2k for h = 1..max_horizon: baselines (but the seeded random one) refit
+    on each horizon's train windows (rebuilt from the shards, same document split), the predictor at the horizon it
+    was trained for."""
     windows_params = parse(WindowsParams, summary["params"], "windows")
     results = {}
     for h in range(1, params.max_horizon + 1):
@@ -149,12 +115,7 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
                             f"{L} MoE layers; accepted: 0..{L - c}")
     predictor = load_predictor(predictor_dir)
     train, test = read_windows(windows_dir, "train"), read_windows(windows_dir, "test")
-    rng = np.random.default_rng(params.seed)
-    scorers = {
-        "predictor": predictor.score,
-        "random": lambda w: (rng.random((len(w), summary["num_experts"])).astype(np.float32), None),
-        **baseline_scorers(train, summary),
-    }
+    scorers = {"predictor": predictor.score, **baseline_scorers(train, summary, np.random.default_rng(params.seed))}
     E, k = summary["num_experts"], summary["top_k"]
     calibration = CalibrationAccumulator(bins=10)
     accumulators = rank_all(scorers, test, params, summary, calibration)
@@ -182,6 +143,6 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, test, results["predictor"])
     metrics["cache"], by_capacity, by_batch = cache_report(test, scorers, params.cache, summary)
-    write_plots(plots_dir, metrics, calibration, params.topk, accumulators)
+    write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)
     write_cache_plots(plots_dir, by_capacity, by_batch)
     return clean(metrics)

@@ -36,7 +36,7 @@ def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, 
     plt.close(fig)
 
 
-def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumulator, topk: list[int],
+def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumulator, m_values: list[int],
                 accumulators: dict[str, RankingAccumulator]) -> None:
     names = list(accumulators)
     layers = sorted(int(key.split("_")[1]) for key in metrics["per_layer"])
@@ -46,10 +46,10 @@ def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumula
             "top-1 accuracy", {n: (layers, [row[n] for row in per_layer]) for n in names})
 
     results = {name: acc.result() for name, acc in accumulators.items()}
-    top_m = [{"m": m, **{n: results[n][f"top{m}"] for n in names}} for m in topk]
+    top_m = [{"m": m, **{n: results[n][f"top{m}"] for n in names}} for m in m_values]
     _dump(directory / "top_m.json", top_m)
     _figure(directory / "top_m.png", "Top-m accuracy", "m (experts predicted)", "accuracy",
-            {n: (list(topk), [row[n] for row in top_m]) for n in names})
+            {n: (list(m_values), [row[n] for row in top_m]) for n in names})
 
     if "per_horizon" in metrics:
         write_horizon_plot(directory, metrics["per_horizon"])

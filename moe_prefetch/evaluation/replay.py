@@ -2,30 +2,29 @@
 moe_prefetch/evaluation/cache.py with each prefetch strategy, the same cache for all.
 
 Replayed layers are the target layers of the windows (MoE layers c-1+h .. L-1: earlier layers have no
-prediction, so leaving them out favours no strategy). A step is one decode step of `batch_size` sequences:
-the experts it needs at a layer are the union over its tokens. Strategies:
-  on_demand   no prefetch: the cache alone
-  predictor   the trained predictor's top-m for layer l+h, issued when layer l runs
-  lookup      the same from the lookup baseline
-  stale_gate  layer l+h's router applied at layer l (when captured)
-  oracle      the experts layer l+h will really use (perfect knowledge)
+prediction, so leaving them out favours no strategy). A step is one decode step of `decode_batch_size` sequences:
+the experts it needs at a layer are the union over its tokens. The strategies (PREFETCH_STRATEGIES, in the order
+of the metrics) each plan what to prefetch, when layer l runs, for layer l+h from what they need: the replayed
+windows, the scorers, the routed steps. A strategy is left out when the run lacks its input. Speedups are over
+on_demand (no prefetch), shares of speedup are of oracle's (perfect knowledge).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from moe_prefetch.evaluation.cache import (
     CacheConfig,
-    CostModel,
     oracle_prefetch,
     oracle_share,
     simulate,
     speedup,
 )
 from moe_prefetch.evaluation.config import CacheParams
+from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet
 
 
@@ -60,23 +59,79 @@ def batched_steps(per_token: np.ndarray, sequence: np.ndarray, batch_size: int) 
     return np.concatenate(steps)
 
 
-def simulate_strategies(replay: WindowSet, predictions: dict[str, np.ndarray], params: CacheParams,
-                        num_target_layers: int, horizon: int, capacity: int, batch_size: int) -> dict[str, dict]:
-    """Run every strategy through the same cache; `predictions` maps a strategy to per-window (N, m) experts."""
-    tokens = len(replay) // num_target_layers
-    sequence = replay.sequence_index[::num_target_layers]
-    routed = batched_steps(replay.target_experts.reshape(tokens, num_target_layers, -1), sequence, batch_size)
-    cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=params.policy)
-    cost = CostModel(params.expert_bytes, params.bandwidth_gbps, params.layer_compute_ms, params.overlap_prefetch)
-    plans: dict[str, np.ndarray | None] = {"on_demand": None}
-    for name, experts in predictions.items():
-        per_token = experts.reshape(tokens, num_target_layers, -1)
+class ReplayInputs:
+    """What strategies plan from, for one replay: its windows, the scorers (name -> function(windows) -> (scores,
+    confidence)), m experts per prefetch, the horizon. Each scorer ranks the windows once, on first use."""
+
+    def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int):
+        self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
+        self.num_target_layers = num_target_layers
+        self.tokens = len(windows) // num_target_layers
+        self._predicted: dict[str, np.ndarray] = {}
+
+    def predicted(self, scorer: str) -> np.ndarray:
+        """(N, m) experts with `scorer`'s m highest scores per window, best first."""
+        if scorer not in self._predicted:
+            self._predicted[scorer] = top_m(self.scorers[scorer](self.windows)[0], self.m)
+        return self._predicted[scorer]
+
+
+class DecodeSteps:
+    """The replay decoded `batch_size` sequences at a time: `routed` (steps, T, batch_size * k) experts."""
+
+    def __init__(self, inputs: ReplayInputs, batch_size: int):
+        self.inputs, self.batch_size = inputs, batch_size
+        self.sequence = inputs.windows.sequence_index[::inputs.num_target_layers]
+        per_token = inputs.windows.target_experts.reshape(inputs.tokens, inputs.num_target_layers, -1)
+        self.routed = batched_steps(per_token, self.sequence, batch_size)
+
+    def issue(self, experts: np.ndarray) -> np.ndarray:
+        """Per-window experts (N, m) for each window's target layer -> the prefetch plan (steps, T, batch_size * m)."""
+        T, h = self.inputs.num_target_layers, self.inputs.horizon
+        per_token = experts.reshape(self.inputs.tokens, T, -1)
         # prefetch[t, l] lists the experts for layer l + h: shift the per-target-layer predictions back by h.
         issued = np.full_like(per_token, -1)
-        issued[:, : num_target_layers - horizon] = per_token[:, horizon:]
-        plans[name] = batched_steps(issued, sequence, batch_size)
-    plans["oracle"] = oracle_prefetch(routed, horizon, routed.shape[2])
-    results = {name: simulate(routed, plan, cache, cost, horizon) for name, plan in plans.items()}
+        issued[:, : T - h] = per_token[:, h:]
+        return batched_steps(issued, self.sequence, self.batch_size)
+
+
+@dataclass(frozen=True)
+class PrefetchStrategy:
+    """A registered prefetch strategy: `plan` -> prefetch (steps, T, m') or None (no prefetch), when `available`."""
+
+    doc: str  # one line: what it prefetches
+    plan: Callable[[ReplayInputs, DecodeSteps], np.ndarray | None]
+    available: Callable[[ReplayInputs], bool] = lambda inputs: True
+
+
+def _scored(scorer: str, doc: str) -> PrefetchStrategy:
+    """The strategy prefetching `scorer`'s top-m (available when the run has that scorer)."""
+    return PrefetchStrategy(doc, lambda inputs, steps: steps.issue(inputs.predicted(scorer)),
+                            lambda inputs: scorer in inputs.scorers)
+
+
+PREFETCH_STRATEGIES: Registry[PrefetchStrategy] = Registry("prefetch strategy")
+PREFETCH_STRATEGIES.add("on_demand", PrefetchStrategy("No prefetch: the cache alone.", lambda inputs, steps: None))
+PREFETCH_STRATEGIES.add("predictor", _scored("predictor", "The trained predictor's top-m for layer l+h."))
+PREFETCH_STRATEGIES.add("lookup", _scored("lookup", "The same from the lookup baseline."))
+PREFETCH_STRATEGIES.add("stale_gate", PrefetchStrategy(
+    "Layer l+h's router applied at layer l (when captured).",
+    lambda inputs, steps: steps.issue(inputs.windows.stale_gate_experts.astype(np.int64)[:, : inputs.m]),
+    lambda inputs: inputs.windows.stale_gate_experts is not None,
+))
+PREFETCH_STRATEGIES.add("oracle", PrefetchStrategy(
+    "The experts layer l+h will really use (perfect knowledge).",
+    lambda inputs, steps: oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2]),
+))
+
+
+def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int) -> dict[str, dict]:
+    """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time."""
+    steps = DecodeSteps(inputs, batch_size)
+    cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=params.policy)
+    cost = params.cost_model()
+    results = {name: simulate(steps.routed, strategy.plan(inputs, steps), cache, cost, inputs.horizon)
+               for name, strategy in PREFETCH_STRATEGIES.items() if strategy.available(inputs)}
     base, best = results["on_demand"]["time_ms"], results["oracle"]["time_ms"]
     summary = {}
     for name, result in results.items():
@@ -85,7 +140,7 @@ def simulate_strategies(replay: WindowSet, predictions: dict[str, np.ndarray], p
             "bytes_moved": result["bytes_moved"],
             "wasted_prefetch_bytes": result["wasted_prefetch_bytes"],
             "stall_ms": result["stall_ms"],
-            "time_per_token_ms": result["time_ms"] / tokens,
+            "time_per_token_ms": result["time_ms"] / inputs.tokens,
             "speedup_vs_on_demand": speedup(base, result["time_ms"]),
             "share_of_oracle_speedup": oracle_share(base, result["time_ms"], best),
         }
@@ -93,25 +148,19 @@ def simulate_strategies(replay: WindowSet, predictions: dict[str, np.ndarray], p
 
 
 def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict) -> tuple[dict, list, list]:
-    """The simulator summary at the configured cache, and the rows of the capacity and batch-size sweeps."""
+    """The simulator summary at the configured cache, and the rows of the capacity and decode batch-size sweeps."""
     T = len(summary["target_layers"])
-    h = summary["horizon"]
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
-    predictions = {name: top_m(scorers[name](replay)[0], m) for name in ("predictor", "lookup")}
-    if replay.stale_gate_experts is not None:
-        predictions["stale_gate"] = replay.stale_gate_experts.astype(np.int64)[:, :m]
-    main = simulate_strategies(replay, predictions, params, T, h, params.capacity, params.batch_size)
-    by_capacity, by_batch = [], []
-    for capacity in params.capacity_sweep:
-        result = simulate_strategies(replay, predictions, params, T, h, capacity, params.batch_size)
-        by_capacity.append({"capacity": capacity, **_flat(result)})
-    for batch_size in params.batch_sweep:
-        result = simulate_strategies(replay, predictions, params, T, h, params.capacity, batch_size)
-        by_batch.append({"batch_size": batch_size, **_flat(result)})
-    config = {"replayed_tokens": len(replay) // T, "replayed_layers": T, "capacity": params.capacity,
-              "prefetch_m": m, "batch_size": params.batch_size,
-              "transfer_ms_per_expert": params.expert_bytes / (params.bandwidth_gbps * 1e9) * 1e3}
+    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T)
+    main = simulate_strategies(inputs, params, params.capacity, params.decode_batch_size)
+    by_capacity = [{"capacity": capacity, **_flat(simulate_strategies(inputs, params, capacity, params.decode_batch_size))}
+                   for capacity in params.capacity_sweep]
+    by_batch = [{"batch_size": batch_size, **_flat(simulate_strategies(inputs, params, params.capacity, batch_size))}
+                for batch_size in params.decode_batch_sweep]
+    config = {"replayed_tokens": inputs.tokens, "replayed_layers": T, "capacity": params.capacity,
+              "prefetch_m": m, "batch_size": params.decode_batch_size,
+              "transfer_ms_per_expert": params.cost_model().transfer_ms}
     return {"config": config, **main}, by_capacity, by_batch
 
 

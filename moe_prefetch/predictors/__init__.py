@@ -1,6 +1,6 @@
 """Expert predictors: one module per architecture, each registering its class with `@register_arch` (base.py).
-Importing this package imports every architecture module, so `ARCHITECTURES` holds them all, in this order
-(which is also the order of the train.<arch> sections in the params schema and the checkpoint):
+Importing this package imports every architecture module below, so `ARCHITECTURES` holds them all (the params
+schema orders their train.<arch> sections by name, whatever the import order):
 
   frequency, lookup         count tables (tables.py)
   speculation_transformer   transformer over per-layer context tokens
@@ -16,7 +16,7 @@ The common interface and checkpoint format are in base.py, the shared training l
 neural.py, their shared building blocks in layers.py.
 """
 
-from moe_prefetch.predictors import (  # noqa: F401  (imported to register the architectures, in this order)
+from moe_prefetch.predictors import (  # noqa: F401  (imported to register the architectures)
     ensemble,
     hidden_mlp,
     hybrid,

@@ -7,8 +7,11 @@ round-trip through safetensors with the architecture name, routing geometry, tra
 inside (no wall-clock time: `dvc repro --force` reproduces the file byte for byte).
 
 An architecture is one module that defines a Predictor subclass decorated with `@register_arch`, with its
-`train.<arch>` params section as a config dataclass in `config` (None: no section); moe_prefetch/predictors/
-__init__.py imports the module so that the class is registered.
+`train.<arch>` params section as a config dataclass in `config` (None: no section) and the window columns it
+reads in `requires`; moe_prefetch/predictors/__init__.py imports the module so that the class is registered.
+The tests are parametrised over the registry: tests/test_predictors.py trains every architecture on synthetic
+windows that carry only the columns it requires, and tests/test_registries.py checks its params.yaml section
+(equal to the config's defaults), its field docstrings and its row in the README's predictor table.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ WEIGHTS_NAME = "predictor.safetensors"
 
 
 class Predictor:
-    """Base class. Subclasses set `arch`, implement fit/score and expose their arrays via state()/load_state()."""
+    """Base class. Subclasses set `arch` (and `config`, `requires`, `streams` where they differ), implement
+    fit/score and expose their arrays via state()/load_state()."""
 
     arch = "base"
     config: type | None = None  # the dataclass of this architecture's train.<arch> params section
     streams = False  # fit() accepts a WindowStream (train.stream_buffer), not only an in-memory WindowSet
+    # WindowSet columns fit() reads (score() the same or fewer) besides the target layer, the targets and the
+    # sequence bookkeeping, e.g. "context_experts", "hidden_state"; a property where the params section decides
+    requires: tuple[str, ...] = ()
 
     def __init__(self, geometry: dict, params: dict):
         self.geometry = geometry  # num_experts, top_k, num_layers, context_length, horizon

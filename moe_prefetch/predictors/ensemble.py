@@ -58,6 +58,10 @@ class EnsemblePredictor(Predictor):
         self.members = [ARCHITECTURES[name](geometry, params) for name in self.section["members"]]
         self.mix_logits = np.zeros((geometry["num_layers"], len(self.members)), dtype=np.float32)  # (L, M): equal weights
 
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(column for member in self.members for column in member.requires))  # ordered union
+
     def prefix(self, index: int) -> str:
         return f"member{index}.{self.members[index].arch}."
 

@@ -20,7 +20,7 @@ from torch import nn
 from moe_prefetch.config import check_network, doc
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.layers import Heads, mlp_stack
+from moe_prefetch.predictors.layers import Heads, expert_embedding, mlp_stack
 from moe_prefetch.predictors.neural import NeuralPredictor
 from moe_prefetch.windows.data import WindowSet
 
@@ -46,8 +46,8 @@ class HiddenMLP(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_dim)
         self.target = nn.Embedding(num_layers, layer_dim)
-        # hidden+routing: one embedding per context slot's expert (index E = no expert)
-        self.routing = nn.Embedding(num_experts + 1, routing_dim, padding_idx=num_experts) if routing_dim else None
+        # hidden+routing: one embedding per context slot's expert
+        self.routing = expert_embedding(num_experts, routing_dim) if routing_dim else None
         self.trunk, width = mlp_stack(hidden_dim + layer_dim + routing_slots * routing_dim, hidden, dropout)
         self.heads = Heads(width, num_experts)
 
@@ -62,6 +62,7 @@ class HiddenMLP(nn.Module):
 class HiddenMLPPredictor(NeuralPredictor):
     arch = "hidden_mlp"
     config = HiddenMLPParams
+    requires = (*NeuralPredictor.requires, "hidden_state")
 
     def data_geometry(self, train: WindowSet) -> dict:
         if train.hidden_state is None:

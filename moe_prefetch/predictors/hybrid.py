@@ -33,6 +33,12 @@ from moe_prefetch.predictors.neural import (
 )
 from moe_prefetch.windows.data import WindowSet
 
+# train.hybrid.<key> > 0 reads these window columns, which windows.<param> >= that value makes
+TOKEN_INPUTS = {
+    "temporal_tokens": ("token_horizon", ("next_token_experts", "next_token_weights")),
+    "token_context": ("token_context", ("token_context_experts",)),
+}
+
 
 def graded_labels(distribution: torch.Tensor) -> torch.Tensor:
     """(..., E) gate-weight distributions -> labels with the highest-weight expert at 1 (all 0 where none)."""
@@ -91,11 +97,16 @@ class HybridPredictor(NeuralPredictor):
     arch = "hybrid"
     config = HybridParams
 
+    @property
+    def requires(self) -> tuple[str, ...]:
+        extra = [column for key, (_, columns) in TOKEN_INPUTS.items() if self.section[key] for column in columns]
+        return (*NeuralPredictor.requires, *extra)
+
     def data_geometry(self, train: WindowSet) -> dict:
-        for key, column in (("temporal_tokens", "next_token_experts"), ("token_context", "token_context_experts")):
-            carried = 0 if getattr(train, column) is None else getattr(train, column).shape[1]
+        for key, (window_key, columns) in TOKEN_INPUTS.items():
+            column = getattr(train, columns[0])
+            carried = 0 if column is None else column.shape[1]  # tokens: (N, T or H, ...)
             if self.section[key] > carried:
-                window_key = "token_horizon" if key == "temporal_tokens" else "token_context"
                 raise PipelineError(f"train.hybrid.{key}: {self.section[key]} needs windows.{window_key} >= "
                                     f"{self.section[key]}; the windows carry {carried}")
         return {}

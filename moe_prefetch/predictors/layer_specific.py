@@ -45,7 +45,4 @@ class LayerSpecific(nn.Module):
 class LayerSpecificPredictor(NeuralPredictor):
     arch = "layer_specific"
     config = LayerSpecificParams
-
-    def build_module(self) -> nn.Module:
-        s = self.section
-        return LayerSpecific(self.geometry, s["embedding_dim"], s["hidden"], s["dropout"])
+    network = LayerSpecific

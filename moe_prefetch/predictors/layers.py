@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_prefetch.windows.data import context_layer_offsets
+
 
 def mlp_stack(in_dim: int, sizes: list[int], dropout: float) -> tuple[nn.Sequential, int]:
     """Linear -> GELU -> Dropout per entry of `sizes`; returns the stack and its output width."""
@@ -45,8 +47,8 @@ class FlatContext(nn.Module):
 
 class LayerTokens(nn.Module):
     """One vector per context layer: its k best-first expert embeddings concatenated and projected to d, plus
-    an embedding of the layer's absolute position (context layer j of target t is t - h - c + 1 + j), so that
-    sequence models see which layers they read. (B, c, k), (B,) -> (B, c, d)."""
+    an embedding of the layer's absolute position (windows.data.context_layer_offsets), so that sequence models
+    see which layers they read. (B, c, k), (B,) -> (B, c, d)."""
 
     def __init__(self, num_experts: int, top_k: int, num_layers: int, horizon: int, dim: int):
         super().__init__()
@@ -58,7 +60,8 @@ class LayerTokens(nn.Module):
     def forward(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         B, c, _ = context.shape
         slots = self.experts(context).reshape(B, c, -1)  # (B, c, k*d)
-        layers = target[:, None] - self.horizon - c + 1 + torch.arange(c, device=context.device)[None, :]  # (B, c)
+        offsets = torch.tensor(context_layer_offsets(c, self.horizon), device=context.device)  # (c,)
+        layers = target[:, None] + offsets  # (B, c)
         return self.project(slots) + self.layer(layers)  # (B, c, d)
 
 

@@ -50,7 +50,4 @@ class RoutingLSTM(nn.Module):
 class LSTMPredictor(NeuralPredictor):
     arch = "lstm"
     config = LSTMParams
-
-    def build_module(self) -> nn.Module:
-        s = self.section
-        return RoutingLSTM(self.geometry, s["embedding_dim"], s["hidden_size"], s["layers"], s["dropout"])
+    network = RoutingLSTM

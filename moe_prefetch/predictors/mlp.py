@@ -63,7 +63,4 @@ class MLP(nn.Module):
 class MLPPredictor(NeuralPredictor):
     arch = "mlp"
     config = MLPParams
-
-    def build_module(self) -> nn.Module:
-        s = self.section
-        return MLP(self.geometry, s["embedding_dim"], s["hidden"], s["dropout"])
+    network = MLP

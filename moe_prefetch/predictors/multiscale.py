@@ -67,9 +67,10 @@ class Multiscale(nn.Module):
 class MultiscalePredictor(NeuralPredictor):
     arch = "multiscale"
     config = MultiscaleParams
+    network = Multiscale
 
     def build_module(self) -> nn.Module:
         s, c = self.section, self.geometry["context_length"]
         if max(s["scales"]) > c:
             raise PipelineError(f"train.multiscale.scales: {s['scales']} has a scale longer than windows.context_length ({c})")
-        return Multiscale(self.geometry, s["embedding_dim"], s["scales"], s["width"], s["dropout"])
+        return super().build_module()

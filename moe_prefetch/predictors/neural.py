@@ -6,9 +6,9 @@ A subclass provides `build_module()` (an nn.Module mapping a batch dict to (expe
 confidence_logit (B,), *extra outputs)) and inherits fit/score/state. The loss is soft-target cross-entropy
 against the target layer's gate weights renormalised over the routed set (so the whole top-k set is a target, the
 highest-weight expert most), plus BCE of the confidence head on "top-ranked expert == highest-weight target
-expert". Hooks for architectures that need more: `batch()` (extra inputs: extend it, call super),
-`data_geometry()` (sizes only the data knows, e.g. the hidden-state width), `target_loss()` and
-`auxiliary_loss()` (other objectives, extra heads).
+expert". Hooks for architectures that need more: `batch()` (extra inputs: extend it, call super, and name the
+window columns it reads in `requires`), `data_geometry()` (sizes only the data knows, e.g. the hidden-state
+width), `target_loss()` and `auxiliary_loss()` (other objectives, extra heads).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class NeuralPredictor(Predictor):
     """Base of torch predictors. `self.section` is this architecture's params sub-section."""
 
     streams = True
+    requires = ("context_experts",)  # batch() reads it
 
     def __init__(self, geometry: dict, params: dict):
         super().__init__(geometry, params)
@@ -87,9 +88,12 @@ class NeuralPredictor(Predictor):
         torch.manual_seed(self.params["seed"])  # the same initial weights for a seed, however often it is built
         return self.build_module()
 
+    network: type[nn.Module] | None = None  # the default build_module() makes network(geometry, **train.<arch>)
+
     def build_module(self) -> nn.Module | None:
-        """The model for self.geometry; None while it needs a size only the data tells (see data_geometry)."""
-        raise NotImplementedError
+        """The model for self.geometry; None while it needs a size only the data tells (see data_geometry). By
+        default `network(geometry, **section)`: a network whose arguments are its config's fields."""
+        return self.network(self.geometry, **self.section)
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         """Model inputs for `rows`; -1 (no expert) becomes index E, an embedding reserved for padding."""

@@ -1,7 +1,8 @@
 """`speculation_transformer`: the inter-layer speculation model of the prior research, cleanly.
 
-Each context layer becomes one token: its k best-first expert embeddings concatenated and projected to d_model,
-plus an embedding of that layer's position in the model. A query token carries the target layer. A pre-norm
+Each context layer becomes one token (layers.LayerTokens): its k best-first expert embeddings concatenated and
+projected to d_model, plus an embedding of that layer's position in the model. A query token carries the target
+layer. A pre-norm
 transformer encoder mixes them; the query token's output gives expert logits and a confidence logit.
 """
 
@@ -15,12 +16,13 @@ from torch import nn
 from moe_prefetch.config import doc, positive
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import register_arch
+from moe_prefetch.predictors.layers import LayerTokens
 from moe_prefetch.predictors.neural import NeuralPredictor
 
 
 @dataclass
 class SpeculationTransformerParams:
-    d_model: int = doc("Width of expert and position embeddings.", 96)
+    d_model: int = doc("Width of the expert and layer-position embeddings, the tokens and the encoder.", 96)
     heads: int = doc("Attention heads.", 4)
     ff: int = doc("Feed-forward width.", 192)
     layers: int = doc("Transformer encoder layers.", 2)
@@ -33,13 +35,10 @@ class SpeculationTransformerParams:
 
 
 class SpeculationTransformer(nn.Module):
-    def __init__(self, num_experts: int, top_k: int, num_layers: int, context_length: int, horizon: int,
-                 d_model: int, heads: int, ff: int, layers: int, dropout: float):
+    def __init__(self, num_experts: int, top_k: int, num_layers: int, horizon: int, d_model: int, heads: int, ff: int,
+                 layers: int, dropout: float):
         super().__init__()
-        self.context_length, self.horizon = context_length, horizon
-        self.expert_embedding = nn.Embedding(num_experts + 1, d_model, padding_idx=num_experts)  # +1: "no expert"
-        self.slot_projection = nn.Linear(top_k * d_model, d_model)  # keeps best-first order of the k experts
-        self.layer_embedding = nn.Embedding(num_layers, d_model)  # position of a context layer in the model
+        self.tokens = LayerTokens(num_experts, top_k, num_layers, horizon, d_model)  # one token per context layer
         self.query_embedding = nn.Embedding(num_layers, d_model)  # which layer to predict
         block = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
@@ -48,13 +47,8 @@ class SpeculationTransformer(nn.Module):
         self.confidence_head = nn.Linear(d_model, 1)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        context = inputs["context_experts"]  # (B, c, k)
         target = inputs["target_layer"]  # (B,)
-        B, c, k = context.shape
-        slots = self.expert_embedding(context).reshape(B, c, -1)  # (B, c, k*d)
-        offsets = torch.arange(c, device=context.device) - self.horizon - c + 1  # context layer j = t - h - c + 1 + j
-        context_layers = target[:, None] + offsets[None, :]  # (B, c)
-        tokens = self.slot_projection(slots) + self.layer_embedding(context_layers)  # (B, c, d)
+        tokens = self.tokens(inputs["context_experts"], target)  # (B, c, d)
         query = self.query_embedding(target)[:, None, :]  # (B, 1, d)
         hidden = self.encoder(torch.cat([tokens, query], dim=1))  # (B, c+1, d)
         out = self.norm(hidden[:, -1])  # (B, d)
@@ -69,6 +63,6 @@ class SpeculationTransformerPredictor(NeuralPredictor):
     def build_module(self) -> nn.Module:
         g, s = self.geometry, self.section
         return SpeculationTransformer(
-            g["num_experts"], g["top_k"], g["num_layers"], g["context_length"], g["horizon"],
-            s["d_model"], s["heads"], s["ff"], s["layers"], s["dropout"],
+            g["num_experts"], g["top_k"], g["num_layers"], g["horizon"], s["d_model"], s["heads"], s["ff"], s["layers"],
+            s["dropout"],
         )

@@ -32,7 +32,7 @@ def normalise(scores: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LookupParams:
-    max_context: int = doc("Longest context (in layers, <= windows.context_length) the table keys on; shorter ones are back-offs.", 3)
+    max_context: int = doc("Longest context (in layers; capped at windows.context_length) the table keys on; shorter ones are back-offs.", 3)
 
     def validate(self) -> None:
         positive("train.lookup", self, "max_context")
@@ -76,6 +76,7 @@ class LookupPredictor(FrequencyPredictor):
 
     arch = "lookup"
     config = LookupParams
+    requires = ("context_experts",)
 
     @property
     def lengths(self) -> list[int]:

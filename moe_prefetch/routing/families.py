@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_prefetch.registry import Registry
 from moe_prefetch.routing.base import MoELayer, RoutingAdapter
 
 
@@ -158,18 +159,7 @@ class SwitchTransformersAdapter(RoutingAdapter):
         return experts.long(), weights, router_logits.reshape(-1, router_logits.shape[-1])
 
 
-FAMILIES: dict[str, type[RoutingAdapter]] = {
-    adapter.family: adapter
-    for adapter in (
-        MixtralAdapter,
-        Qwen2MoeAdapter,
-        Qwen3MoeAdapter,
-        OlmoeAdapter,
-        DeepseekV2Adapter,
-        DeepseekV3Adapter,
-        GptOssAdapter,
-        GraniteMoeAdapter,
-        PhimoeAdapter,
-        SwitchTransformersAdapter,
-    )
-}
+FAMILIES: Registry[type[RoutingAdapter]] = Registry("model family")  # keyed by config.model_type
+for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV2Adapter, DeepseekV3Adapter,
+                 GptOssAdapter, GraniteMoeAdapter, PhimoeAdapter, SwitchTransformersAdapter):
+    FAMILIES.add(_adapter.family, _adapter)

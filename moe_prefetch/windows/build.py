@@ -22,7 +22,12 @@ from moe_prefetch.config import as_dict
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.files import write_json
 from moe_prefetch.windows.config import WindowsParams
-from moe_prefetch.windows.data import ROW_GROUP_WINDOWS, SPLITS, SUMMARY_NAME
+from moe_prefetch.windows.data import (
+    ROW_GROUP_WINDOWS,
+    SPLITS,
+    SUMMARY_NAME,
+    context_layer_offsets,
+)
 
 
 def assign_splits(document_ids: list[str], domains_of: dict[str, str], params: WindowsParams, known_domains: list[str]) -> dict[str, str]:
@@ -70,7 +75,6 @@ class TokenRows:
     @staticmethod
     def of(table: pa.Table, manifest: traces.Manifest, before: TokenRows | None = None) -> TokenRows:
         """Rows of `table`; run codes continue those of `before` (the rows just before it), if given."""
-        L, k = manifest.num_layers, manifest.top_k
         ids = table["sequence_id"].combine_chunks()
         n = len(ids)
         change = np.ones(n, dtype=bool)  # a new sequence starts at this row
@@ -82,8 +86,8 @@ class TokenRows:
         return TokenRows(
             previous + np.cumsum(change),
             table["position"].to_numpy(),
-            traces.column_to_numpy(table["experts"], (L, k)),
-            traces.column_to_numpy(table["weights"], (L, k)),
+            traces.read_column(table, "experts", manifest.geometry),
+            traces.read_column(table, "weights", manifest.geometry),
             ids[n - 1].as_py() if n else (before.last_sequence_id if before is not None else None),
         )
 
@@ -132,7 +136,8 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     """All windows of one shard as a pyarrow Table (token-major, then target layer), plus the new carry.
     `carry` = the last token rows before this shard, `following` = the first rows after it (token context and
     next-token columns of the shard's edge tokens look there)."""
-    L, k = manifest.num_layers, manifest.top_k
+    geometry = manifest.geometry
+    L, k = geometry.num_layers, geometry.top_k
     c, h, T, H = params.context_length, params.horizon, params.token_context, params.token_horizon
     n = table.num_rows
     current = TokenRows.of(table, manifest, carry)
@@ -149,7 +154,7 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     index, exists = neighbours(rows, start, stop, np.array([-1]))
     previous = np.where(exists[:, 0, None, None], rows.experts[index[:, 0], first:], -1)  # (n, G, k)
     # context[i, j] = experts[i, t_j - h - c + 1 : t_j - h + 1]
-    context_layers = targets[:, None] - h - c + 1 + np.arange(c)[None, :]  # (G, c)
+    context_layers = targets[:, None] + context_layer_offsets(c, h)  # (G, c)
     context = np.take(experts, context_layers, axis=1)  # (n, G, c, k)
     columns = {
         "sequence_id": table["sequence_id"].take(np.repeat(np.arange(n), G)),
@@ -161,9 +166,8 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
         "target_weights": traces.nested_array(weights[:, first:].reshape(n * G, k), pa.float32()),
         "prev_token_experts": traces.nested_array(previous.reshape(n * G, k), pa.int16()),
     }
-    lookahead = manifest.capture.get("lookahead") or 0
-    if lookahead >= h:
-        stale = traces.column_to_numpy(table["lookahead_experts"], (L, lookahead, k))  # (n, L, H, k)
+    if geometry.capture.lookahead >= h:
+        stale = traces.read_column(table, "lookahead_experts", geometry)  # (n, L, H, k)
         columns["stale_gate_experts"] = traces.nested_array(stale[:, first - h : L - h, h - 1].reshape(n * G, k), pa.int16())
     if T:
         index, exists = neighbours(rows, start, stop, np.arange(-T, 0))  # (n, T), oldest token first
@@ -178,9 +182,9 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
         upcoming = np.where(mask, rows.experts[cell], -1).reshape(n * G, H * k)
         columns["next_token_experts"] = traces.nested_array(upcoming, pa.int16())
         columns["next_token_weights"] = traces.nested_array(np.where(mask, rows.weights[cell], 0).reshape(n * G, H * k), pa.float32())
-    hidden_dim = manifest.capture.get("hidden_dim") or 0
+    hidden_dim = geometry.capture.hidden_dim
     if hidden_dim:
-        hidden = traces.column_to_numpy(table["hidden_states"], (L, hidden_dim))  # (n, L, D) float16
+        hidden = traces.read_column(table, "hidden_states", geometry)  # (n, L, D) float16
         columns["hidden_state"] = traces.nested_array(hidden[:, first - h : L - h].reshape(n * G, hidden_dim), pa.float16())
     keep = max(T, 1)  # rows the next shard's look-backs need
     new_carry = TokenRows.concat([before[-keep:], current[-keep:]])[-keep:]
@@ -190,7 +194,7 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
 def temporal_extents(params: WindowsParams, manifest: traces.Manifest) -> dict:
     """summary.json keys the reader needs for the optional columns; absent when 0 (default output unchanged)."""
     extents = {"token_context": params.token_context, "token_horizon": params.token_horizon,
-               "hidden_dim": manifest.capture.get("hidden_dim") or 0}
+               "hidden_dim": manifest.geometry.capture.hidden_dim}
     return {name: value for name, value in extents.items() if value}
 
 
@@ -234,9 +238,8 @@ def split_windows(shard_dir: Path, manifest: traces.Manifest, params: WindowsPar
     carry = None
     for number, entry in enumerate(manifest.shards):
         table = traces.read_shard(shard_dir, entry, manifest)  # checksum, readable, ids in range, finite weights
-        documents = table["document_id"].combine_chunks().dictionary_encode()
-        split_of_document = np.array([SPLITS.index(assignment[d]) for d in documents.dictionary.to_pylist()])
-        split_of_row = split_of_document[documents.indices.to_numpy()]
+        document_index, document_ids = traces.dictionary_codes(table["document_id"])
+        split_of_row = np.array([SPLITS.index(assignment[d]) for d in document_ids])[document_index]
         following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
         windows, carry = shard_windows(table, manifest, params, carry, following)
         if has_generated:
@@ -291,7 +294,7 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
         "top_k": manifest.top_k,
         "target_layers": list(range(params.context_length - 1 + params.horizon, L)),
         "domains": manifest.domains,
-        "has_stale_gate": (manifest.capture.get("lookahead") or 0) >= params.horizon,
+        "has_stale_gate": manifest.geometry.capture.lookahead >= params.horizon,
         **temporal_extents(params, manifest),
         "params": summary_params(params),
         "leakage_check": "passed: no document in more than one split",

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_prefetch.errors import PipelineError
+from moe_prefetch.traces import dictionary_codes
 
 SPLITS = ("train", "val", "test")
 SUMMARY_NAME = "summary.json"
@@ -100,6 +101,19 @@ def geometry_of(summary: dict) -> dict:
     return {name: summary[name] for name in ("num_experts", "top_k", "num_layers", "context_length", "horizon")}
 
 
+def context_layer_offsets(context_length: int, horizon: int) -> list[int]:
+    """Offsets from the target MoE layer t to its context layers, oldest first: context layer j (0 <= j < c)
+    is t - h - c + 1 + j, the c layers ending h layers below t. For c = 3, h = 2: [-4, -3, -2].
+
+        layer t       X   target
+        layer t-1     .   (h - 1 layers between the context and the target)
+        layer t-2     C   j = 2   offset -h
+        layer t-3     C   j = 1   offset -h - 1
+        layer t-4     C   j = 0   offset -h - c + 1
+    """
+    return [j - horizon - context_length + 1 for j in range(context_length)]
+
+
 def read_summary(directory: Path) -> dict:
     path = directory / SUMMARY_NAME
     if not path.exists():
@@ -110,11 +124,6 @@ def read_summary(directory: Path) -> dict:
 def _fixed(column: pa.ChunkedArray, *shape: int) -> np.ndarray:
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(column), *shape)
-
-
-def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    encoded = column.combine_chunks().dictionary_encode()
-    return encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
 
 
 def _optional(table: pa.Table, name: str, *shape: int) -> np.ndarray | None:
@@ -180,8 +189,8 @@ def windows_from_table(table: pa.Table, summary: dict) -> WindowSet:
     """A windows table (the schema above) as numpy arrays; `summary` gives the sizes (c, k and the optional T, H, D)."""
     c, k = summary["context_length"], summary["top_k"]
     T, H, D = (summary.get(name, 0) for name in ("token_context", "token_horizon", "hidden_dim"))
-    domain_index, domains = _codes(table["domain"])
-    sequence_index, sequence_ids = _codes(table["sequence_id"])
+    domain_index, domains = dictionary_codes(table["domain"])
+    sequence_index, sequence_ids = dictionary_codes(table["sequence_id"])
     return WindowSet(
         context_experts=_fixed(table["context_experts"], c, k),
         target_layer=table["target_layer"].to_numpy(),

@@ -1,0 +1,114 @@
+"""The baselines the predictor is compared with, one registered entry each in BASELINES, in the order of the
+metrics. Each builds a scorer (function(windows batch) -> (scores (n, E), None or confidence (n,))) from the train
+windows and the windows summary; entries that need an input the run lacks are left out (stale_gate without the
+captured look-ahead, random without the evaluation's seeded rng, as in per_horizon)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from moe_prefetch.predictors import FrequencyPredictor, LookupPredictor
+from moe_prefetch.registry import Registry
+from moe_prefetch.windows.data import WindowSet, geometry_of
+
+Scorer = Callable[[WindowSet], tuple[np.ndarray, np.ndarray | None]]
+HIGHEST_WEIGHT_BONUS = 2.0  # ranks a copied expert list best-first: slot s scores (k - s) + bonus for slot 0
+
+
+def copied_scores(experts: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Scores that rank the given best-first experts (N, k) first, in order, then the prior (N, E)."""
+    scores = prior / max(prior.max(), 1e-12)  # < 1, below any copied expert
+    rows = np.arange(len(experts))
+    k = experts.shape[1]
+    for slot in range(k):
+        present = experts[:, slot] >= 0
+        scores[rows[present], experts[present, slot]] = 1.0 + (k - slot) + (HIGHEST_WEIGHT_BONUS if slot == 0 else 0.0)
+    return scores
+
+
+@dataclass
+class BaselineInputs:
+    """What baselines are built from: the train windows, the windows summary and the evaluation's seeded rng (None:
+    no seeded baseline). The frequency table several baselines share is fitted once, on first use."""
+
+    train: WindowSet
+    summary: dict
+    rng: np.random.Generator | None = None
+
+    @cached_property
+    def frequency(self) -> FrequencyPredictor:
+        frequency = FrequencyPredictor(geometry_of(self.summary), {})
+        frequency.fit(self.train, self.train, lambda row: None)
+        return frequency
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A registered baseline: `build` makes its scorer, `available` says whether the inputs allow it."""
+
+    build: Callable[[BaselineInputs], Scorer]
+    available: Callable[[BaselineInputs], bool]
+    doc: str  # one line: what it predicts (the builder's docstring)
+
+
+BASELINES: Registry[Baseline] = Registry("baseline")
+
+
+def register_baseline(name: str, available: Callable[[BaselineInputs], bool] = lambda inputs: True):
+    """Decorator: register a scorer builder (documented by its docstring) as baseline `name`."""
+
+    def add(build: Callable[[BaselineInputs], Scorer]) -> Callable[[BaselineInputs], Scorer]:
+        BASELINES.add(name, Baseline(build, available, build.__doc__))
+        return build
+
+    return add
+
+
+def baseline_scorers(train: WindowSet, summary: dict, rng: np.random.Generator | None = None) -> dict[str, Scorer]:
+    """name -> scorer of every baseline the inputs allow, fit on `train`, in registration order."""
+    inputs = BaselineInputs(train, summary, rng)
+    return {name: baseline.build(inputs) for name, baseline in BASELINES.items() if baseline.available(inputs)}
+
+
+@register_baseline("random", available=lambda inputs: inputs.rng is not None)
+def _random(inputs: BaselineInputs) -> Scorer:
+    """Seeded random ranking (expected top-m = m/E); draws from the rng batch by batch."""
+    rng, num_experts = inputs.rng, inputs.summary["num_experts"]
+    return lambda w: (rng.random((len(w), num_experts)).astype(np.float32), None)
+
+
+@register_baseline("frequency")
+def _frequency(inputs: BaselineInputs) -> Scorer:
+    """Per target layer, experts by gate mass in train."""
+    return inputs.frequency.score
+
+
+@register_baseline("lookup")
+def _lookup(inputs: BaselineInputs) -> Scorer:
+    """Per (target layer, context) table fit on train, with back-off."""
+    params = {"lookup": {"max_context": inputs.summary["context_length"]}}  # the baseline keys on the full context
+    lookup = LookupPredictor(geometry_of(inputs.summary), params)
+    lookup.fit(inputs.train, inputs.train, lambda row: None)
+    return lookup.score
+
+
+@register_baseline("previous_token")
+def _previous_token(inputs: BaselineInputs) -> Scorer:
+    """The same layer's experts of the previous token (then frequency)."""
+    return _copied(inputs, "prev_token_experts")
+
+
+@register_baseline("stale_gate", available=lambda inputs: inputs.train.stale_gate_experts is not None)
+def _stale_gate(inputs: BaselineInputs) -> Scorer:
+    """Layer t's own router applied h layers early (then frequency), when the collector captured look-ahead."""
+    return _copied(inputs, "stale_gate_experts")
+
+
+def _copied(inputs: BaselineInputs, column: str) -> Scorer:
+    """A scorer ranking the window's best-first experts in `column` first, then the rest by frequency."""
+    prior = inputs.frequency.score
+    return lambda w: (copied_scores(getattr(w, column), prior(w)[0]), None)

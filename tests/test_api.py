@@ -1,0 +1,35 @@
+"""The public API (moe_prefetch.api): predicting from routed sets gives exactly the scores the evaluate stage
+computes on the windows of the same tokens (no train/serve skew), and bad queries are one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import assert_error
+
+from moe_prefetch.api import known_windows, load_predictor, predict_experts, read_routing, read_windows
+
+
+def test_predict_from_routed_sets_equals_the_offline_scores(tiny):
+    routing = read_routing(tiny.shards)
+    test = read_windows(tiny.windows, "test")
+    row_of = {(routing.sequence_ids[s], int(p)): row for row, (s, p) in enumerate(zip(routing.sequence_index, routing.position))}
+    for path in (tiny.predictor, tiny.lookup):
+        predictor = load_predictor(path)
+        h = predictor.geometry["horizon"]
+        target = int(test.target_layer[0])
+        windows = test.subset(np.flatnonzero(test.target_layer == target)[:200])
+        rows = [row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index, windows.position)]
+        experts, scores = predict_experts(predictor, routing.experts[rows, : target - h + 1], layer=target - h, m=3)
+        offline, _ = predictor.score(windows)
+        np.testing.assert_allclose(scores, offline, rtol=1e-6, atol=1e-7)
+        assert experts.shape == (len(rows), 3)
+        assert (experts[:, 0] == offline.argmax(axis=1)).all()
+
+
+def test_unpredictable_layers_and_bad_shapes_are_one_line_errors(tiny):
+    predictor = load_predictor(tiny.lookup)
+    g = predictor.geometry
+    routed = np.zeros((2, g["num_layers"], g["top_k"]), dtype=np.int16)
+    assert_error(lambda: known_windows(g, routed, layer=g["context_length"] - 2), "layer:", "accepted: ")
+    assert_error(lambda: known_windows(g, routed, layer=g["num_layers"] - g["horizon"]), "layer:", "accepted: ")
+    assert_error(lambda: known_windows(g, routed[:, :, :1], layer=g["context_length"]), "routed:", "expected")
