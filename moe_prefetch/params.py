@@ -6,9 +6,9 @@
   train     moe_prefetch.training.TrainParams (shared keys + one section per registered predictor architecture)
   evaluate  moe_prefetch.evaluation.config.EvaluateParams
 
-Each stage loads only its own section's class (stages never import this module, so that editing one section's
-schema re-runs only that stage); this module is for code that wants any section by name: tests, notebooks, and
-`validate_all`, which checks the whole file at once. Loading a section rejects an unknown key, a wrong type or an
+Each stage loads only its own section's class (so that editing one section's schema re-runs only that stage, and
+the `validate` stage); this module is for code that wants any section by name: tests, notebooks, and
+`validate_all`, which the `validate` stage runs first to check the whole file at once. Loading a section rejects an unknown key, a wrong type or an
 out-of-range value with a one-line error naming the key (e.g. `windows.horizon: must be > 0, got 0`). Checks that
 need data (a context longer than the model has MoE layers) run where the data is first read.
 """

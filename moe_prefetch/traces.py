@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +202,8 @@ def _read_json_object(path: Path, missing: str) -> dict:
 
 
 @dataclass
-class TraceMeta:
-    """What <traces>/meta.json holds: the model's routing geometry, what was captured and how it was collected.
-    Written by collect (moe_prefetch/collect/collector.py) and collect.import; the shard stage carries it into the
-    manifest. Serialised as these fields in this order (json, indent 2): the bytes are pinned by dvc.lock."""
+class ModelRouting:
+    """The model a trace comes from and its routing geometry: the first fields of meta.json and manifest.json."""
 
     model: str
     family: str
@@ -214,6 +212,14 @@ class TraceMeta:
     num_experts: int
     top_k: int
     shared_experts: int
+
+
+@dataclass
+class TraceMeta(ModelRouting):
+    """What <traces>/meta.json holds: the model's routing geometry, what was captured and how it was collected.
+    Written by collect (moe_prefetch/collect/collector.py) and collect.import; the shard stage carries it into the
+    manifest. Serialised as these fields in this order (json, indent 2): the bytes are pinned by dvc.lock."""
+
     capture: Capture
     collect: dict  # params and provenance; the shard stage reads "chunks" and "domains"
 
@@ -236,24 +242,15 @@ class TraceMeta:
     def manifest(self, shards: list[dict]) -> Manifest:
         """The manifest of these traces cut into `shards` ({"file", "rows", "sha256"} each)."""
         return Manifest(
-            model=self.model, family=self.family, moe_layers=self.moe_layers, layer_stacks=self.layer_stacks,
-            num_experts=self.num_experts, top_k=self.top_k, shared_experts=self.shared_experts,
-            domains=self.collect["domains"], shards=shards, capture=asdict(self.capture), collect=self.collect,
+            **{f.name: getattr(self, f.name) for f in fields(ModelRouting)}, domains=self.collect["domains"], shards=shards, capture=asdict(self.capture), collect=self.collect,
             rows=sum(entry["rows"] for entry in shards),
         )
 
 
 @dataclass
-class Manifest:
+class Manifest(ModelRouting):
     """What data/shards/manifest.json holds: the model's routing geometry and every shard's checksum."""
 
-    model: str
-    family: str
-    moe_layers: list[int]  # true model layer index of each recorded MoE layer, in order
-    layer_stacks: list[str]  # "decoder" (or "encoder" for encoder-decoder models) per recorded MoE layer
-    num_experts: int
-    top_k: int
-    shared_experts: int
     domains: list[str]
     shards: list[dict]  # {"file", "rows", "sha256"}
     capture: dict  # Capture's fields

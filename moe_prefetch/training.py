@@ -2,7 +2,9 @@
 early-stopping on val.
 
 Writes the checkpoint (`<out>/predictor.safetensors`, params and architecture inside) and DVCLive logs
-(`<live>/metrics.json`, `<live>/plots/metrics/*.tsv`: per-epoch train/val loss, val top-1, lr). Wall-clock time
+(`<live>/plots/metrics/*.tsv`: per-epoch train/val loss, val top-1, lr; `<live>/metrics.json`: the kept epoch's
+figures, `kept_epoch` (neural archs: the epoch of the best validation loss, whose weights are saved), the
+number of epochs run and the parameter count). Wall-clock time
 is printed, not stored, so that `dvc repro --force` reproduces every output byte for byte.
 
     python -m stages.train --windows data/windows --out data/predictor --live dvclive
@@ -98,7 +100,7 @@ def train(params: TrainParams, windows_dir: Path, out: Path | None, live_dir: Pa
 
     def log(row: dict) -> None:
         if "epoch" not in row:  # end-of-fit figures (e.g. hybrid's temporal accuracy) go to the summary
-            fit_summary.update({name: float(value) for name, value in row.items()})
+            fit_summary.update({name: value if isinstance(value, int) else float(value) for name, value in row.items()})
             return
         epochs_run.append(row)
         if live is None:
@@ -115,8 +117,13 @@ def train(params: TrainParams, windows_dir: Path, out: Path | None, live_dir: Pa
         print(f"train: {params.arch} fitted in {time.time() - started:.1f}s on {len(train_set)} windows")
     scores, _ = predictor.score(val_set)
     val_top1 = float((scores.argmax(axis=1) == val_set.target_experts[:, 0]).mean())
+    # The checkpoint holds the kept (best val loss) epoch, not the last: its figures are the summary's, so that
+    # dvclive/metrics.json describes the model that was saved (DVCLive's own summary holds the last epoch's).
+    kept = {name: row[name] for row in epochs_run if row["epoch"] == fit_summary.get("kept_epoch")
+            for name in ("train_loss", "val_loss", "lr")}
     final = {
         **fit_summary,
+        **kept,
         "parameters": predictor.parameter_count(),
         "epochs": len(epochs_run),
         "train_windows": len(train_set),

@@ -136,6 +136,46 @@ def run_cli(stage: str, *args: str, cwd: Path, timeout: float = 120) -> subproce
                           timeout=timeout)
 
 
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def repo_process(repo: Path, *command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `command` (dvc, git) in the repo copy `repo`, whose own stages are on PYTHONPATH (not ROOT's)."""
+    env = {**subprocess_env(), **GIT_IDENTITY, "PYTHONPATH": str(repo)}
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def repo_run(repo: Path, *command: str, timeout: float = 300) -> str:
+    """repo_process() that must exit 0; its stdout."""
+    result = repo_process(repo, *command, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def lock_outputs(repo: Path) -> dict[str, str]:
+    """output path -> md5 of every stage output recorded in dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def copy_repo(repo: Path, overrides: dict | None = None) -> Path:
+    """The files git sees in the working tree (tracked + untracked, not ignored) copied to `repo`, with the TINY
+    params (+ overrides; the model path stays relative, as in params.yaml), committed in a fresh git repo."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is skipped
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    write_params(repo, overrides)
+    repo_run(repo, "git", "init", "-q")
+    repo_run(repo, "git", "add", "-A")
+    repo_run(repo, "git", "commit", "-q", "-m", "snapshot")
+    return repo
+
+
 @pytest.fixture
 def run_main(monkeypatch, capsys):
     """Run a stage module's CLI in-process through run_stage: returns (exit code, stderr lines)."""

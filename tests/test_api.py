@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 from conftest import assert_error
 
-from moe_prefetch.api import known_windows, load_predictor, predict_experts, read_routing, read_windows
+from moe_prefetch.api import (
+    known_windows,
+    load_predictor,
+    predict_experts,
+    read_routing,
+    read_windows,
+)
 
 
 def test_predict_from_routed_sets_equals_the_offline_scores(tiny):

@@ -43,7 +43,8 @@ def corrupted_model(directory):
 
 
 def text_source(directory, name: str, content: bytes):
-    path = directory / name
+    path = directory / "inputs" / name  # collect reads files below inputs/ of the working directory only
+    path.parent.mkdir(exist_ok=True)
     path.write_bytes(content)
     return [{"name": "mine", "path": str(path)}]
 
@@ -57,6 +58,8 @@ CASES = {
     "whitespace source": (lambda d: {"sources": text_source(d, "blank.txt", b"  \n\n\t \n")}, ["'mine'", "no chunk"]),
     "binary source": (lambda d: {"sources": text_source(d, "data.txt", bytes(range(256)) * 4)}, ["data.txt", "binary"]),
     "unknown source": (lambda d: {"sources": ["python-doc"]}, ["collect.sources", "unknown source", "'python-doc'", "python-docs"]),
+    "source outside inputs/": (lambda d: {"sources": [{"name": "mine", "path": "corpus/*.txt"}]},
+                               ["collect.sources: mine: 'corpus/*.txt' is outside inputs/", "only below inputs/"]),
 }
 
 

@@ -73,7 +73,7 @@ def imported(tmp_path_factory):
     out = {}
     for suffix in ("jsonl", "csv", "parquet"):
         source = write_records(root / f"records.{suffix}", good_records())
-        collect(import_params(str(source)), root / suffix)
+        collect(import_params(str(source)), root / suffix, inputs=root)
         (root / f"{suffix}-shards").mkdir()
         manifest = write_shards(root / suffix, root / f"{suffix}-shards", tiny_params("shard"))
         out[suffix] = (root / suffix, manifest, pa.concat_tables(pq.read_table(root / f"{suffix}-shards" / e["file"]) for e in manifest.shards))
@@ -121,6 +121,28 @@ def test_imported_traces_run_through_windows_train_evaluate(imported, tmp_path):
     assert metrics
 
 
+def test_split_domains_are_the_recorded_domains(imported, tmp_path):
+    """summary.json names each split's domains from the records' `domain` (default `imported`), not from a prefix
+    of the document id (which defaults to the sequence id: seq0, seq1, ...)."""
+    from moe_prefetch.windows.build import build_windows
+
+    summary = build_windows(imported["jsonl"][0].parent / "jsonl-shards", tmp_path, tiny_params("windows"))
+    for name, split in summary["splits"].items():
+        assert split["domains"] == sorted(set(pq.read_table(tmp_path / f"{name}.parquet")["domain"].to_pylist())), name
+    assert set().union(*(split["domains"] for split in summary["splits"].values())) == {"imported", "odd"}
+
+
+@pytest.mark.parametrize("pattern", ["records/*.jsonl", "*.jsonl", "inputs/../records/*.jsonl", "{tmp}/records/r.jsonl"])
+def test_an_import_outside_inputs_is_one_line_and_writes_nothing(pattern, tmp_path, monkeypatch, run_main):
+    """collect reads files below inputs/ only (the directory dvc.yaml lists as collect's dependency)."""
+    pattern = pattern.format(tmp=tmp_path)
+    (tmp_path / "records").mkdir()
+    write_records(tmp_path / "records" / "r.jsonl", good_records(2, 2))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"collect": {"import": pattern}}))
+    monkeypatch.chdir(tmp_path)
+    assert_fails_cleanly(run_main, tmp_path, [f"error: collect.import: {pattern!r} is outside inputs/", "only below inputs/"])
+
+
 def test_generated_tokens_get_their_own_evaluation(tmp_path):
     """Records marked `generated` flow into the windows and evaluate reports prompt and generated tokens apart."""
     from moe_prefetch.evaluation.evaluate import evaluate
@@ -128,7 +150,7 @@ def test_generated_tokens_get_their_own_evaluation(tmp_path):
     from moe_prefetch.windows.build import build_windows
 
     records = [{**r, "generated": r["position"] >= 3} for r in good_records(sequences=30, tokens=6)]
-    collect(import_params(str(write_records(tmp_path / "r.jsonl", records))), tmp_path / "traces")
+    collect(import_params(str(write_records(tmp_path / "r.jsonl", records))), tmp_path / "traces", inputs=tmp_path)
     for name in ("shards", "windows", "plots"):
         (tmp_path / name).mkdir()
     write_shards(tmp_path / "traces", tmp_path / "shards", tiny_params("shard"))
@@ -153,7 +175,7 @@ def test_import_key_and_num_experts():
 
 def test_given_num_experts_is_kept(tmp_path):
     source = write_records(tmp_path / "r.jsonl", good_records(sequences=2, tokens=2))
-    collect(import_params(str(source), num_experts=64), tmp_path / "traces")
+    collect(import_params(str(source), num_experts=64), tmp_path / "traces", inputs=tmp_path)
     assert json.loads((tmp_path / "traces" / "meta.json").read_text())["num_experts"] == 64
 
 
@@ -181,14 +203,14 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_malformed_record_is_named_and_nothing_is_written(case, tmp_path, monkeypatch, run_main):
     suffix, make, fragments = BAD[case]
-    path = tmp_path / "records" / f"r.{suffix}"
+    path = tmp_path / "inputs" / f"r.{suffix}"
     path.parent.mkdir()
     if make is None:  # bad JSON on line 3
         lines = write_records(path, good_records(2, 2)).read_text().splitlines()
         path.write_text("\n".join(lines[:2] + ['{"sequence_id": "seq0", "position": 2,'] + lines[2:]) + "\n")
     else:
         write_records(path, make())
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"collect": {"import": "records/*", "num_experts": 8}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"collect": {"import": "inputs/*", "num_experts": 8}}))
     monkeypatch.chdir(tmp_path)
-    line = assert_fails_cleanly(run_main, tmp_path, ["error: collect.import: records/", *fragments])
+    line = assert_fails_cleanly(run_main, tmp_path, ["error: collect.import: inputs/", *fragments])
     assert "\n" not in line

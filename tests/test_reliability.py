@@ -225,7 +225,8 @@ def test_evaluate_metrics_under_a_regular_file_keeps_previous_plots(project, tin
     plots = copy_dir(tiny.plots, project / "plots")
     (project / "metrics").write_text("a file where the metrics directory should be")
     args = ["--windows", project / "data" / "windows", "--shards", project / "data" / "shards", "--predictor", project / "data" / "predictor",
-            "--metrics", project / "metrics" / "evaluate.json", "--plots", plots, "--params", project / "params.yaml"]
+            "--metrics", project / "metrics" / "evaluate.json", "--headline", project / "metrics" / "headline.json",
+            "--plots", plots, "--params", project / "params.yaml"]
     assert_fails_cleanly(run_main, evaluate, args, plots, "metrics")
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from conftest import read_shard_tables, tiny_params, write_params
+from conftest import read_shard_tables, tiny_params
 from moe_prefetch import traces
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.base import WEIGHTS_NAME
@@ -223,16 +223,17 @@ def test_per_horizon_equals_a_windows_run_at_that_horizon(tiny, tmp_path):
     assert [row["horizon"] for row in rows] == [1, 2, 3] and (tiny.plots / "per_horizon.png").stat().st_size > 0
 
 
-def test_max_horizon_beyond_the_layers_fails_before_writing(tiny, tmp_path, run_main):
-    from stages import evaluate
+def test_max_horizon_beyond_the_layers_is_capped_with_a_note(tiny, tmp_path, capsys):
+    """evaluate.max_horizon is an upper bound: a model with L MoE layers has horizons 1..L - context_length."""
+    from moe_prefetch.evaluation.evaluate import evaluate
 
     L, c = tiny.manifest.num_layers, tiny.summary["context_length"]
-    params = write_params(tmp_path, {"evaluate": {"max_horizon": L - c + 1}})
-    code, errors = run_main(evaluate, "--windows", tiny.windows, "--shards", tiny.shards, "--predictor", tiny.lookup,
-                            "--metrics", tmp_path / "metrics.json", "--plots", tmp_path / "plots", "--params", params)
-    assert code == 1 and len(errors) == 1
-    assert errors[0].startswith("error: evaluate.max_horizon:") and f"accepted: 0..{L - c}" in errors[0]
-    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "plots").exists()
+    (tmp_path / "plots").mkdir()
+    metrics = evaluate(tiny_params("evaluate", max_horizon=L - c + 1), tiny.windows, tiny.shards, tiny.lookup, tmp_path / "plots")
+    assert f"note: evaluate.max_horizon {L - c + 1} capped to {L - c}" in capsys.readouterr().out
+    assert sorted(metrics["per_horizon"], key=lambda h: int(h[1:])) == [f"h{h}" for h in range(1, L - c + 1)]
+    rows = json.loads((tmp_path / "plots" / "per_horizon.json").read_text())
+    assert sorted({row["horizon"] for row in rows}) == list(range(1, L - c + 1))
 
 
 def test_bounds_only_where_guaranteed(tiny):
@@ -257,3 +258,15 @@ def test_random_baseline_is_near_chance(tiny):
     for m in (1, 3, 5, 10):
         p = min(m, E) / E
         assert abs(tiny.metrics["baselines"]["random"][f"top{m}"] - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, m
+
+
+def test_headline_holds_the_numbers_to_compare_first(tiny):
+    from moe_prefetch.evaluation.evaluate import headline
+
+    numbers = headline(tiny.metrics)["headline"]
+    baselines = tiny.metrics["baselines"]
+    assert numbers["predictor_top1"] == tiny.metrics["predictor"]["top1"]
+    assert numbers["best_baseline_top1"] == max(b["top1"] for b in baselines.values())
+    assert numbers["best_baseline_recall_at_k"] == max(b["recall_at_k"] for b in baselines.values())
+    assert numbers["cache_oracle_speedup"] == tiny.metrics["cache"]["oracle"]["speedup_vs_on_demand"]
+    assert all(isinstance(value, float) for value in numbers.values())  # DVC diffs numbers only

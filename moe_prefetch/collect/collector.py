@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from tqdm import tqdm
-
 from moe_prefetch import traces
 from moe_prefetch.collect.chunks import (
     ChunkSequence,
@@ -34,10 +32,17 @@ from moe_prefetch.collect.chunks import (
     write_chunk,
 )
 from moe_prefetch.collect.config import CollectParams
-from moe_prefetch.collect.sources import SourceSpec, iter_documents, source_fingerprint
+from moe_prefetch.collect.sources import (
+    INPUTS,
+    SourceSpec,
+    check_input_path,
+    iter_documents,
+    source_fingerprint,
+)
 from moe_prefetch.config import as_dict
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.files import write_json
+from moe_prefetch.progress import Progress
 
 PLAN_NAME = "plan.json"
 
@@ -130,16 +135,20 @@ def distributed_state(device: str):
     return PartialState(cpu=cpu, timeout=timedelta(hours=12))  # ranks wait for the slowest at the end: allow long runs
 
 
-def collect(params: CollectParams, out: Path) -> None:
-    """Run the model over the planned sequences and write trace chunks plus meta.json into `out`."""
+def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
+    """Run the model over the planned sequences and write trace chunks plus meta.json into `out`. Every file it
+    reads (collect.import, a {name, path} source) must lie below `inputs`, the directory dvc.yaml tracks."""
     if params.import_glob is not None:
         from moe_prefetch.collect.importer import import_traces
 
+        check_input_path("collect.import", params.import_glob, inputs)
         if int(os.environ.get("RANK", "0")) == 0:  # one writer if launched with several processes
             import_traces(params, out)
         return
     for raw in params.sources:  # a bad source spec fails before the model is loaded
-        SourceSpec.parse(raw)
+        spec = SourceSpec.parse(raw)
+        if spec.path is not None:
+            check_input_path(f"collect.sources: {spec.name}", spec.path, inputs)
     # torch and the model code load here, not at module import: shard and collect.import use this module's helpers
     import torch
 
@@ -184,8 +193,8 @@ def collect(params: CollectParams, out: Path) -> None:
     eos_ids = eos_token_ids(model)
     chunk_starts = list(range(0, len(planned), params.sequences_per_chunk))
     mine = chunk_starts[state.process_index :: state.num_processes]
-    progress = tqdm(total=sum(len(planned[s : s + params.sequences_per_chunk]) for s in mine), unit="seq",
-                    desc=f"collect[{state.process_index}]", disable=None)
+    progress = Progress(sum(len(planned[s : s + params.sequences_per_chunk]) for s in mine), f"collect[{state.process_index}]",
+                        unit="seq")
     tokens_done, resumed, started = 0, [], time.perf_counter()
     for start in mine:
         path = out / f"chunk-{start // params.sequences_per_chunk:05d}.parquet"
@@ -203,8 +212,7 @@ def collect(params: CollectParams, out: Path) -> None:
                 batch_rows = forward_rows(model, adapter, recorder, token_lists, pad_id, model_device)
             rows.extend(batch_rows)
             tokens_done += sum(len(r["position"]) for r in batch_rows)
-            progress.update(len(token_lists))
-            progress.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
+            progress.update(len(token_lists), tok_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
         write_chunk(path, chunk_table(sequences, rows, table_schema))
     progress.close()
     recorder.remove()

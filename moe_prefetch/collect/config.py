@@ -20,7 +20,8 @@ class CaptureParams:
 @dataclass
 class CollectParams:
     model: str = doc("Local checkpoint directory or Hugging Face hub id (loaded with Auto*.from_pretrained).", "models/tiny-moe")
-    sources: list = doc("Text sources, one domain each: python-docs, python-stdlib, {name, path} or {name, hf_dataset}.", factory=lambda: ["python-docs", "python-stdlib"])
+    sources: list = doc("Text sources, one domain each: python-docs, python-stdlib, {name, path} (a file or directory under inputs/, "
+        "which the collect stage lists as a DVC dependency) or {name, hf_dataset}.", factory=lambda: ["python-docs", "python-stdlib"])
     num_sequences: int = doc("Sequences collected per source (domain).", 500)
     seq_len: int = doc("Tokens per sequence (a chunk of one document; shorter last chunks are padded, not recorded).", 128)
     chunks_per_document: int = doc("At most this many consecutive seq_len chunks are taken from one document.", 8)
@@ -38,8 +39,8 @@ class CollectParams:
     max_new_tokens: int = doc("generate mode: decode steps per sequence, one generated token each (fewer if EOS comes first).", 32)
     # YAML key `import` is a Python keyword: the field is import_glob, the key is mapped by doc(key=...).
     import_glob: str | None = doc(
-        "Glob of routing records (.jsonl, .csv, .parquet; moe_prefetch/collect/importer.py) imported instead of running a model; "
-        "null = run the model.", None, key="import")
+        "Glob, under inputs/ (a DVC dependency of collect), of routing records (.jsonl, .csv, .parquet; "
+        "moe_prefetch/collect/importer.py) imported instead of running a model; null = run the model.", None, key="import")
     num_experts: int = doc("With import: routed experts per MoE layer; 0 = infer as the largest expert id + 1.", 0)
 
     def validate(self) -> None:

@@ -6,7 +6,7 @@ mapping:
 - ``python-docs``: the prose of ``pydoc_data.topics`` (ships with CPython), one document per help topic.
 - ``python-stdlib``: the standard library's ``.py`` files (tests and site-packages excluded), one per file.
 - ``{name: DOMAIN, path: GLOB}``: local ``.txt`` files (one document per file) or ``.jsonl`` files (one document
-  per line, text in ``field``, default ``text``).
+  per line, text in ``field``, default ``text``), below ``inputs/`` (``check_input_path``).
 - ``{name: DOMAIN, hf_dataset: ID, config: NAME, split: SPLIT, field: text}``: a Hugging Face dataset, streamed
   with ``datasets`` (a local dataset directory or data files work offline).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import random
 import sys
 import sysconfig
@@ -28,6 +29,21 @@ from pathlib import Path
 from moe_prefetch.errors import PipelineError
 
 BUILTIN_SOURCES = ("python-docs", "python-stdlib")
+INPUTS = Path("inputs")  # relative to the working directory: the repo root under DVC
+
+
+def check_input_path(key: str, pattern: str, inputs: Path = INPUTS) -> None:
+    """A file glob collect reads (a {name, path} source, collect.import) must lie below `inputs`: dvc.yaml lists
+    that directory as a dependency of collect, so editing, adding or replacing a file there re-runs collect, while a
+    file elsewhere is invisible to `dvc status`. Judged on the glob's fixed leading part, after `..` is resolved."""
+    fixed = []
+    for part in Path(os.path.normpath(pattern)).parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    if not Path(os.path.abspath(Path(*fixed))).is_relative_to(os.path.abspath(inputs)):
+        raise PipelineError(f"{key}: {pattern!r} is outside {inputs}/; collect reads files only below {inputs}/ "
+                            "(a DVC dependency of the collect stage): move them there")
 
 
 @dataclass(frozen=True)

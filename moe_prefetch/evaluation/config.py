@@ -83,7 +83,8 @@ class EvaluateParams:
     max_horizon: int = doc(
         "Also score every baseline but random (chance does not depend on h) at horizons 1..max_horizon, each on "
         "windows rebuilt from the shards with the windows split, and the predictor at its own horizon (metrics "
-        "per_horizon, plot per_horizon); 0 = off. Needs windows.context_length + max_horizon <= MoE layers.", 4)
+        "per_horizon, plot per_horizon); 0 = off. An upper bound: a model with L MoE layers has horizons "
+        "1..L - windows.context_length only, so evaluate prints a note and per_horizon holds just those.", 4)
     cache: CacheParams = doc("Expert-cache prefetch simulation.", factory=CacheParams)
 
     def validate(self) -> None:

@@ -3,8 +3,8 @@
 Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every leaf) and plot data + PNGs into
 `<plots>`. The baselines that could embarrass the predictor (BASELINES, moe_prefetch/evaluation/baselines.py) are
 all scored by the same code on the same windows as the predictor. With evaluate.max_horizon > 0 the baselines but
-random are also scored at horizons 1..max_horizon on windows rebuilt from the shards (same document split), next
-to the predictor at the horizon it was trained for (`per_horizon`).
+random are also scored at horizons 1..min(max_horizon, MoE layers - context length) on windows rebuilt from the
+shards (same document split), next to the predictor at the horizon it was trained for (`per_horizon`).
 
     python -m stages.evaluate --windows data/windows --shards data/shards --predictor data/predictor \
         --metrics metrics/evaluate.json --plots plots
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from moe_prefetch.config import parse
-from moe_prefetch.errors import PipelineError
 from moe_prefetch.evaluation.baselines import baseline_scorers
 from moe_prefetch.evaluation.bounds import conditional_entropy_bounds
 from moe_prefetch.evaluation.config import EvaluateParams
@@ -28,6 +27,7 @@ from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
 from moe_prefetch.evaluation.replay import cache_report
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
+from moe_prefetch.progress import Progress
 from moe_prefetch.windows.build import windows_in_memory
 from moe_prefetch.windows.config import WindowsParams
 from moe_prefetch.windows.data import (
@@ -43,6 +43,7 @@ def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary:
     """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain and (when
     recorded) prompt (0) vs generated (1) token. `calibration` collects the predictor's confidence."""
     accumulators = {name: RankingAccumulator(params.top_m, summary["num_experts"], summary["top_k"]) for name in scorers}
+    progress = Progress(len(windows), f"evaluate: scoring h={summary['horizon']}", unit="windows")
     for start in range(0, len(windows), params.score_batch_size):
         batch = windows.subset(np.arange(start, min(start + params.score_batch_size, len(windows))))
         groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
@@ -55,6 +56,8 @@ def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary:
                 has_target = batch.target_experts[:, 0] >= 0
                 correct = scores.argmax(axis=1) == batch.target_experts[:, 0]
                 calibration.update(np.clip(confidence[has_target], 0, 1), correct[has_target])
+        progress.update(len(batch))
+    progress.close()
     return accumulators
 
 
@@ -107,12 +110,31 @@ def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
     return conditional_entropy_bounds(codes, subset.target_experts[:, 0].astype(np.int64), num_experts)
 
 
+def headline(metrics: dict) -> dict:
+    """The handful of numbers `dvc exp show` and `dvc metrics diff` should show first (metrics/headline.json):
+    the predictor's top-1 and recall@k, the best baseline's on each (the strongest of every registered baseline),
+    and the cache replay's speedups over on-demand loading (the predictor's prefetch and the oracle's). Nested
+    under one `headline` key, so that DVC names the columns `headline.<name>` and `--keep '^headline'` selects them."""
+    predictor, baselines, cache = metrics["predictor"], metrics["baselines"], metrics["cache"]
+    best = {m: max(result[m] for result in baselines.values()) for m in ("top1", "recall_at_k")}
+    return {"headline": {
+        "predictor_top1": predictor["top1"],
+        "predictor_recall_at_k": predictor["recall_at_k"],
+        "best_baseline_top1": best["top1"],
+        "best_baseline_recall_at_k": best["recall_at_k"],
+        "predictor_minus_best_baseline_top1": round(predictor["top1"] - best["top1"], 6),
+        "cache_predictor_speedup": cache["predictor"]["speedup_vs_on_demand"],
+        "cache_oracle_speedup": cache["oracle"]["speedup_vs_on_demand"],
+    }}
+
+
 def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predictor_dir: Path, plots_dir: Path) -> dict:
     summary = read_summary(windows_dir)
     c, L = summary["context_length"], summary["num_layers"]
-    if c + params.max_horizon > L:
-        raise PipelineError(f"evaluate.max_horizon: {params.max_horizon} with windows.context_length {c} exceeds the model's "
-                            f"{L} MoE layers; accepted: 0..{L - c}")
+    if c + params.max_horizon > L:  # an upper bound: the horizons this model has
+        print(f"note: evaluate.max_horizon {params.max_horizon} capped to {L - c}: the model has {L} MoE layers and "
+              f"windows.context_length is {c}, so per_horizon scores h = 1..{L - c}")
+        params = dataclasses.replace(params, max_horizon=L - c)
     predictor = load_predictor(predictor_dir)
     train, test = read_windows(windows_dir, "train"), read_windows(windows_dir, "test")
     scorers = {"predictor": predictor.score, **baseline_scorers(train, summary, np.random.default_rng(params.seed))}

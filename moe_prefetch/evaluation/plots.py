@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -10,12 +11,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import TABLEAU_COLORS  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator  # noqa: E402
 
 STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v",
-         "on_demand": ":x", "oracle": "-*"}
+         "on_demand": ":x", "oracle": "-*", "perfect": "--"}
+# A series keeps its colour in every figure; a name without one takes the tab10 colours left over.
+COLORS = {"predictor": "tab:blue", "lookup": "tab:red", "frequency": "tab:green", "random": "tab:gray",
+          "previous_token": "tab:purple", "stale_gate": "tab:brown", "on_demand": "tab:olive", "oracle": "tab:orange",
+          "perfect": "black"}
+SPARE_COLORS = [color for color in TABLEAU_COLORS if color not in COLORS.values()]
+MAX_VALUE_TICKS = 12  # integer x: a tick at each value up to this many values, else integer ticks only
 
 
 def _dump(path: Path, rows: list[dict]) -> None:
@@ -23,11 +31,17 @@ def _dump(path: Path, rows: list[dict]) -> None:
 
 
 def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], integer_x: bool = False) -> None:
+    """One line per series, each in its own colour with a legend entry; `integer_x` for counts (layers, m, sizes)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if integer_x:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        values = sorted({x for xs, _ in series.values() for x in xs})
+        if len(values) <= MAX_VALUE_TICKS:
+            ax.set_xticks(values)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    spare = itertools.cycle(SPARE_COLORS)
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, STYLE.get(name, "-"), label=name)
+        ax.plot(xs, ys, STYLE.get(name, "-o"), color=COLORS.get(name) or next(spare), label=name)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -43,13 +57,13 @@ def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumula
     per_layer = [{"layer": layer, **metrics["per_layer"][f"layer_{layer}"]} for layer in layers]
     _dump(directory / "per_layer_top1.json", per_layer)
     _figure(directory / "per_layer_top1.png", "Top-1 of the highest-weight expert per target layer", "target MoE layer",
-            "top-1 accuracy", {n: (layers, [row[n] for row in per_layer]) for n in names})
+            "top-1 accuracy", {n: (layers, [row[n] for row in per_layer]) for n in names}, integer_x=True)
 
     results = {name: acc.result() for name, acc in accumulators.items()}
     top_m = [{"m": m, **{n: results[n][f"top{m}"] for n in names}} for m in m_values]
     _dump(directory / "top_m.json", top_m)
-    _figure(directory / "top_m.png", "Top-m accuracy", "m (experts predicted)", "accuracy",
-            {n: (list(m_values), [row[n] for row in top_m]) for n in names})
+    _figure(directory / "top_m.png", "Top-m accuracy", "m (experts predicted)", "top-m accuracy",
+            {n: (list(m_values), [row[n] for row in top_m]) for n in names}, integer_x=True)
 
     if "per_horizon" in metrics:
         write_horizon_plot(directory, metrics["per_horizon"])
@@ -87,4 +101,4 @@ def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[d
         xs = [row[axis] for row in rows]
         for metric, title in (("hit_rate", "Expert-cache hit rate"), ("speedup_vs_on_demand", "Speedup over on-demand loading")):
             _figure(directory / f"cache_{metric}_by_{axis}.png", title, label, metric.replace("_", " "),
-                    {name: (xs, [row[f"{name}_{metric}"] for row in rows]) for name in strategies})
+                    {name: (xs, [row[f"{name}_{metric}"] for row in rows]) for name in strategies}, integer_x=True)

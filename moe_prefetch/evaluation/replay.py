@@ -24,6 +24,7 @@ from moe_prefetch.evaluation.cache import (
     speedup,
 )
 from moe_prefetch.evaluation.config import CacheParams
+from moe_prefetch.progress import Progress
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet
 
@@ -153,11 +154,17 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
     inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T)
-    main = simulate_strategies(inputs, params, params.capacity, params.decode_batch_size)
-    by_capacity = [{"capacity": capacity, **_flat(simulate_strategies(inputs, params, capacity, params.decode_batch_size))}
-                   for capacity in params.capacity_sweep]
-    by_batch = [{"batch_size": batch_size, **_flat(simulate_strategies(inputs, params, params.capacity, batch_size))}
-                for batch_size in params.decode_batch_sweep]
+    progress = Progress(1 + len(params.capacity_sweep) + len(params.decode_batch_sweep), "evaluate: cache replay", unit="replays")
+
+    def replayed(capacity: int, batch_size: int) -> dict[str, dict]:
+        result = simulate_strategies(inputs, params, capacity, batch_size)
+        progress.update(1)
+        return result
+
+    main = replayed(params.capacity, params.decode_batch_size)
+    by_capacity = [{"capacity": capacity, **_flat(replayed(capacity, params.decode_batch_size))} for capacity in params.capacity_sweep]
+    by_batch = [{"batch_size": batch_size, **_flat(replayed(params.capacity, batch_size))} for batch_size in params.decode_batch_sweep]
+    progress.close()
     config = {"replayed_tokens": inputs.tokens, "replayed_layers": T, "capacity": params.capacity,
               "prefetch_m": m, "batch_size": params.decode_batch_size,
               "transfer_ms_per_expert": params.cost_model().transfer_ms}

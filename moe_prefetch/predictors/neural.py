@@ -23,6 +23,7 @@ from torch import nn
 
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import Predictor
+from moe_prefetch.progress import Progress
 from moe_prefetch.windows.data import WindowSet, WindowStream
 
 
@@ -149,10 +150,11 @@ class NeuralPredictor(Predictor):
             optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
         use_amp = device.type == "cuda"
-        best_loss, best_state, stale_epochs = math.inf, None, 0
+        best_loss, best_state, stale_epochs, kept_epoch = math.inf, None, 0, 0
         for epoch in range(p["epochs"]):
             model.train()
             running, seen = 0.0, 0
+            progress = Progress(steps_per_epoch, f"train {self.arch} epoch {epoch + 1}/{p['epochs']}", unit="step", enabled=rank == 0)
             for step, batch in enumerate(epoch_batches(train, p["batch_size"], generator)):
                 if len(batch) < world:  # a last batch too small to give every process a window (DDP only)
                     continue
@@ -176,11 +178,13 @@ class NeuralPredictor(Predictor):
                 schedule.step()
                 running += batch_loss.item() * len(batch)
                 seen += len(batch)
+                progress.update(1, loss=f"{running / seen:.4f}")
+            progress.close()
             val_loss, val_top1 = self.evaluate_loss(val, device)
             log({"epoch": epoch + 1, "train_loss": running / seen, "val_loss": val_loss, "val_top1": val_top1,
                  "lr": schedule.get_last_lr()[0]})
             if val_loss < best_loss - 1e-4:
-                best_loss, stale_epochs = val_loss, 0
+                best_loss, stale_epochs, kept_epoch = val_loss, 0, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             else:
                 stale_epochs += 1
@@ -188,6 +192,7 @@ class NeuralPredictor(Predictor):
                     break
         self.module.load_state_dict(best_state)  # keep the epoch with the best validation loss
         self.module.to("cpu")
+        log({"kept_epoch": kept_epoch})
 
     @torch.no_grad()
     def evaluate_loss(self, windows: WindowSet, device: torch.device, batch_size: int = 8192) -> tuple[float, float]:

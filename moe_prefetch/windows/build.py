@@ -21,6 +21,7 @@ from moe_prefetch import traces
 from moe_prefetch.config import as_dict
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.files import write_json
+from moe_prefetch.progress import Progress
 from moe_prefetch.windows.config import WindowsParams
 from moe_prefetch.windows.data import (
     ROW_GROUP_WINDOWS,
@@ -208,8 +209,9 @@ def summary_params(params: WindowsParams) -> dict:
     return recorded
 
 
-def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsParams) -> tuple[dict[str, str], bool]:
-    """document_id -> split name, and whether any token was generated (windows then carry `generated`)."""
+def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsParams) -> tuple[dict[str, str], dict[str, str], bool]:
+    """document_id -> split name, document_id -> domain, and whether any token was generated (windows then carry
+    `generated`)."""
     domains_of: dict[str, str] = {}
     has_generated = False
     for entry in manifest.shards:  # distinct (document, domain) pairs, one shard at a time: memory ~ documents
@@ -217,7 +219,7 @@ def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsP
         pairs = docs.group_by(["document_id", "domain"]).aggregate([])
         domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
         has_generated = has_generated or bool(pc.any(docs["generated"]).as_py())
-    return assign_splits(list(domains_of), domains_of, params, manifest.domains), has_generated
+    return assign_splits(list(domains_of), domains_of, params, manifest.domains), domains_of, has_generated
 
 
 def check_geometry(params: WindowsParams, manifest: traces.Manifest) -> None:
@@ -236,8 +238,10 @@ def split_windows(shard_dir: Path, manifest: traces.Manifest, params: WindowsPar
     L = manifest.num_layers
     per_token = L - params.context_length - params.horizon + 1  # target layers: windows per token
     carry = None
+    progress = Progress(manifest.rows, f"windows h={params.horizon}", unit="tokens")
     for number, entry in enumerate(manifest.shards):
         table = traces.read_shard(shard_dir, entry, manifest)  # checksum, readable, ids in range, finite weights
+        progress.update(table.num_rows)
         document_index, document_ids = traces.dictionary_codes(table["document_id"])
         split_of_row = np.array([SPLITS.index(assignment[d]) for d in document_ids])[document_index]
         following = following_rows(shard_dir, manifest.shards[number + 1 :], params.token_horizon)
@@ -249,6 +253,7 @@ def split_windows(shard_dir: Path, manifest: traces.Manifest, params: WindowsPar
             if len(rows):
                 window_rows = (rows[:, None] * per_token + np.arange(per_token)[None, :]).reshape(-1)
                 yield name, windows.take(pa.array(window_rows)), table, rows
+    progress.close()
 
 
 def windows_in_memory(shard_dir: Path, params: WindowsParams, splits: tuple[str, ...]) -> dict[str, pa.Table]:
@@ -256,7 +261,7 @@ def windows_in_memory(shard_dir: Path, params: WindowsParams, splits: tuple[str,
     baselines at other horizons than the stage's)."""
     manifest = traces.Manifest.read(shard_dir)
     check_geometry(params, manifest)
-    assignment, has_generated = document_splits(shard_dir, manifest, params)
+    assignment, _, has_generated = document_splits(shard_dir, manifest, params)
     parts: dict[str, list[pa.Table]] = {name: [] for name in splits}
     for name, part, _, _ in split_windows(shard_dir, manifest, params, assignment, has_generated, splits):
         parts[name].append(part)
@@ -268,7 +273,7 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
     manifest = traces.Manifest.read(shard_dir)
     L = manifest.num_layers
     check_geometry(params, manifest)
-    assignment, has_generated = document_splits(shard_dir, manifest, params)
+    assignment, domains_of, has_generated = document_splits(shard_dir, manifest, params)
     writers: dict[str, pq.ParquetWriter] = {}
     counts = {name: {"windows": 0, "tokens": 0, "sequences": set(), "documents": set()} for name in SPLITS}
     try:
@@ -304,7 +309,7 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
                 "tokens": c["tokens"],
                 "sequences": len(c["sequences"]),
                 "documents": len(c["documents"]),
-                "domains": sorted({d.split("/", 1)[0] for d in c["documents"]}),
+                "domains": sorted({domains_of[d] for d in c["documents"]}),
             }
             for name, c in counts.items()
         },
