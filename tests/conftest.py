@@ -130,10 +130,15 @@ def stage_command(stage: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"stages.{stage}", *map(str, args)]
 
 
+def run_module(module: str, *args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args` in `cwd`, as a user would."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def run_cli(stage: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m stages.<stage> args` in `cwd` (which holds params.yaml)."""
-    return subprocess.run(stage_command(stage, *args), cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_module(f"stages.{stage}", *args, cwd=cwd, timeout=timeout)
 
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
