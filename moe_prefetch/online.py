@@ -126,10 +126,8 @@ class OnlinePrefetcher:
                 routed = np.stack([state["routed"][i] for i in range(index + 1)], axis=1)  # (T, index+1, k)
                 known = {}
                 if self.needs_hidden:
-                    hidden = self.recorder.router_inputs[index].reshape(batch, seq, -1).float().cpu()
-                    if self.recorder.projection is not None:
-                        hidden = hidden @ self.recorder.projection  # as RoutingRecorder.take projects for collect
-                    known["hidden_state"] = hidden.to(torch.float16).numpy().reshape(batch * seq, -1)
+                    hidden = self.recorder.hidden_state(index, batch, seq)  # exactly what collect stores
+                    known["hidden_state"] = hidden.numpy().reshape(batch * seq, -1)
                 predicted, scores = predict_experts(self.predictor, routed, layer=index, m=self.m, **known)
                 state["pending"][index + self.h] = (predicted, scores, known.get("hidden_state"))
         return hook

@@ -80,14 +80,19 @@ class RoutingRecorder:
         if probs:
             out["router_probs"] = torch.stack(probs, dim=2).to(torch.float16).cpu().numpy()
         if self.capture.hidden_states:
-            hidden = torch.stack([self.router_inputs[i].reshape(batch, seq, -1).float().cpu() for i in layers], dim=2)
-            if self.projection is not None:
-                hidden = hidden @ self.projection  # (B, S, L, D) @ (D, d) -> (B, S, L, d)
-            out["hidden_states"] = hidden.to(torch.float16).numpy()
+            out["hidden_states"] = torch.stack([self.hidden_state(i, batch, seq) for i in layers], dim=2).numpy()
         if self.capture.lookahead:
             out["lookahead_experts"] = self._lookahead(batch, seq)
         self.reset()
         return out
+
+    def hidden_state(self, index: int, batch: int, seq: int) -> torch.Tensor:
+        """(B, S, d) float16 on the host: the input of MoE layer `index`'s router as stored (projected to
+        capture.hidden_dim dims when a projection is set)."""
+        hidden = self.router_inputs[index].reshape(batch, seq, -1).float().cpu()
+        if self.projection is not None:
+            hidden = hidden @ self.projection  # (B, S, D) @ (D, d) -> (B, S, d)
+        return hidden.to(torch.float16)
 
     def _lookahead(self, batch: int, seq: int) -> np.ndarray:
         """(B, S, L, H, k) int16: MoE layer l+h's router applied to layer l's residual stream, after l+h's norm;
