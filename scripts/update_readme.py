@@ -19,6 +19,7 @@ from pathlib import Path
 
 README = Path("README.md")
 BASELINES = ("lookup", "frequency", "previous_token", "stale_gate", "random")
+PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "lookup", "stale_gate", "oracle", "oracle_belady")
 
 
 def pct(value: float | None) -> str:
@@ -70,10 +71,12 @@ def results_section(metrics: dict) -> str:
     b = metrics["bounds"]
     data = metrics["data"]
     cache = metrics["cache"]
-    strategies = [s for s in ("on_demand", "predictor", "lookup", "stale_gate", "oracle") if s in cache]
-    cache_rows = [[s, pct(cache[s]["hit_rate"]), f"{cache[s]['time_per_token_ms']:.2f}", f"{cache[s]['stall_ms'] / 1000:.1f}",
-                   f"{cache[s]['bytes_moved'] / 1e9:,.0f}", f"{cache[s]['wasted_prefetch_bytes'] / 1e9:,.0f}",
-                   f"{cache[s]['speedup_vs_on_demand']:.3f}x"] for s in strategies]
+    strategies = [s for s in (*PREFETCH_STRATEGIES, "ideal") if s in cache]
+    cache_rows = [[s, pct(cache[s].get("hit_rate")), pct(cache[s].get("late_hit_rate")), f"{cache[s]['time_per_token_ms']:.2f}",
+                   *([f"{cache[s]['stall_per_token_ms']:.2f}", f"{cache[s]['bytes_moved'] / 1e9:,.0f}",
+                      f"{cache[s]['wasted_prefetch_bytes'] / 1e9:,.0f}", f"{cache[s]['cancelled_prefetches']:,.0f}"]
+                     if s != "ideal" else ["—"] * 4),
+                   f"{cache[s]['speedup_vs_on_demand']:.3f}x", f"{cache[s]['share_of_ideal']:.2f}"] for s in strategies]
     c = cache["config"]
     return "\n\n".join([
         f"Test split: {metrics['test_windows']:,} windows from {data['test_documents']} held-out documents "
@@ -90,8 +93,35 @@ def results_section(metrics: dict) -> str:
         *horizon_lines(metrics.get("per_horizon")),
         f"Expert cache (capacity {c['capacity']} per layer, prefetch top-{c['prefetch_m']}, batch {c['batch_size']}, "
         f"{c['replayed_tokens']:,} test tokens x {c['replayed_layers']} layers, {c['transfer_ms_per_expert']:.1f} ms per expert transfer):",
-        table(["strategy", "hit rate", "ms / token", "stall (s)", "GB moved", "GB wasted", "speedup"], cache_rows),
+        table(["strategy", "on-time hits", "late hits", "ms / token", "stall ms / token", "GB moved", "GB wasted",
+               "cancelled", "speedup", "share of ideal"], cache_rows),
+        *profile_lines(metrics),
     ])
+
+
+def profile_lines(metrics: dict) -> list[str]:
+    """Speedups of every cost profile at the configured cache, and the regime conclusion, from the metrics."""
+    by_profile, by_regime = metrics["cache_by_profile"], metrics["cache_by_regime"]
+    names = [s for s in (*PREFETCH_STRATEGIES, "ideal") if f"{s}_speedup_vs_on_demand" in next(iter(by_profile.values()))]
+    rows = [[profile, f"{row['transfer_over_compute']:.1f}"] + [f"{row[f'{s}_speedup_vs_on_demand']:.3f}x" for s in names]
+            for profile, row in by_profile.items()]
+    regimes = sorted(by_regime.values(), key=lambda row: row["transfer_over_compute"])
+    paying = [row["transfer_over_compute"] for row in regimes if row["predictor_speedup_vs_on_demand"] > 1.0]
+    losing = [row for row in regimes if row["predictor_speedup_vs_on_demand"] < 1.0]
+    worst = min(regimes, key=lambda row: row["predictor_speedup_vs_on_demand"])
+    best = max(regimes, key=lambda row: row["predictor_speedup_vs_on_demand"])
+    verdict = (f"Predictor prefetch pays where transfer / compute is in [{min(paying):g}, {max(paying):g}] "
+               f"(best {best['predictor_speedup_vs_on_demand']:.3f}x at {best['transfer_over_compute']:g}, where the ideal "
+               f"is {best['ideal_speedup_vs_on_demand']:.3f}x)" if paying else "Predictor prefetch pays in no swept regime")
+    verdict += (f"; it loses from {losing[0]['transfer_over_compute']:g} on (worst {worst['predictor_speedup_vs_on_demand']:.3f}x at "
+                f"{worst['transfer_over_compute']:g}), where Belady eviction alone gives "
+                f"{worst['belady_speedup_vs_on_demand']:.3f}x." if losing else ".")
+    return [
+        "Every cost profile at this cache (`cache_by_profile`: speedup over on-demand LRU; transfer / compute is one "
+        "expert's transfer time over one layer's compute):",
+        table(["profile", "transfer / compute"] + names, rows),
+        f"Regimes (`cache_by_regime`, `plots/cache_speedup_by_regime.png`): {verdict}",
+    ]
 
 
 def horizon_lines(per_horizon: dict | None) -> list[str]:
@@ -227,6 +257,15 @@ def domain_split_section(experiment: str, baseline: dict) -> str:
     ])
 
 
+def profiles_section() -> str:
+    """The registered cost profiles with their numbers and derivations (from the code, so the two cannot drift)."""
+    from moe_prefetch.evaluation.config import COST_PROFILES
+
+    rows = [[f"`{name}`", f"{p.expert_bytes:,.0f}", f"{p.bandwidth_gbps:g}", f"{p.expert_bytes / (p.bandwidth_gbps * 1e6):.2f}",
+             f"{p.layer_compute_ms:g}", p.derivation] for name, p in COST_PROFILES.items()]
+    return table(["profile", "expert bytes", "GB/s", "transfer ms", "layer compute ms", "derivation"], rows)
+
+
 def render(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -246,6 +285,7 @@ def main() -> None:
     new = render(text, "tiny-model", tiny_model_section(json.loads(Path("models/tiny-moe/report.json").read_text())))
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     new = render(new, "results", results_section(metrics))
+    new = render(new, "cost-profiles", profiles_section())
     if args.archs:
         new = render(new, "archs", archs_section(args.archs, metrics))
     if args.domain_split:

@@ -5,6 +5,8 @@ the coverage tests)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import random
 
 import numpy as np
 import pytest
@@ -16,11 +18,13 @@ from moe_prefetch.evaluation.cache import (
     CacheConfig,
     CostModel,
     oracle_prefetch,
-    oracle_share,
+    ideal_share,
+    ideal_time_ms,
     simulate,
     speedup,
 )
 from moe_prefetch.evaluation.config import COST_PROFILES
+from moe_prefetch.evaluation.policies import FutureUses, PoolFuture
 from moe_prefetch.evaluation.replay import (
     PREFETCH_STRATEGIES,
     DecodeSteps,
@@ -100,7 +104,7 @@ def test_slow_prefetch_stalls_beyond_overlapped_compute() -> None:
     assert speedup(on_demand["time_ms"], with_prefetch["time_ms"]) == pytest.approx(1.25)
 
 
-def test_demand_load_queues_behind_prefetch_on_the_link() -> None:
+def test_demand_load_waits_for_the_prefetch_in_flight_without_pre_emption() -> None:
     # Horizon 2, 3 ms transfers. L0: miss -> 3; prefetch {2} for L2 runs 3..6; compute -> 5;
     # L1: miss must wait for the link (free at 6) -> 9; compute -> 11; L2: hit (arrived 6) -> 13.
     slow = CostModel(expert_bytes=3e6, bandwidth_gbps=1.0, layer_compute_ms=2.0)
@@ -131,6 +135,14 @@ ALTERNATING = [0, 1, 0, 1, 2, 1, 0]
 ZERO_USE_ROUTED = [[[0], [1]], [[0], [-1]], [[0], [1]]]
 ZERO_USE_PREFETCH = [[[-1], [-1]], [[2], [-1]], [[3], [-1]]]
 
+
+def _random_case() -> dict:
+    """REUSED_FIRST under `random` (seed 0): at expert 2 the resident keys are [0, 1] (oldest first) and the
+    seeded draw picks the victim; evicting 0 makes the last 0 miss."""
+    victim = random.Random(0).choice([0, 1])
+    return {"hits": 2.0, "misses": 4.0} if victim == 0 else {"hits": 3.0, "misses": 3.0}
+
+
 # policy -> hand-worked replays (routed, prefetch, expected results); every registered policy needs its own.
 POLICY_CASES = {
     "lru": [
@@ -148,6 +160,15 @@ POLICY_CASES = {
         # (evicting 1 instead would give 2).
         ([[[e]] for e in ALTERNATING], None, {"hits": 3.0, "misses": 4.0}),
         # Prefetching 3 evicts the prefetch 2 (zero uses vs one), so layer 1's second 1 hits; 2 and 3 are wasted.
+        (ZERO_USE_ROUTED, ZERO_USE_PREFETCH, {"hits": 3.0, "misses": 2.0, "wasted_prefetch_bytes": 2e6}),
+    ],
+    "random": [([[[e]] for e in REUSED_FIRST], None, _random_case())],
+    "belady": [
+        # 2 evicts 1 (never used again; 0 is used at the end) -> the last 0 hits: 3 misses.
+        ([[[e]] for e in REUSED_FIRST], None, {"hits": 3.0, "misses": 3.0}),
+        # At 2, 1 is next used before 0 -> 0 goes; 1 hits, 0 misses: 3 hits, the optimum (evicting 1 also gives 3).
+        ([[[e]] for e in ALTERNATING], None, {"hits": 3.0, "misses": 4.0}),
+        # Prefetching 3 evicts the prefetch 2 (never used) rather than 1 (used next): like LFU, 2 and 3 are wasted.
         (ZERO_USE_ROUTED, ZERO_USE_PREFETCH, {"hits": 3.0, "misses": 2.0, "wasted_prefetch_bytes": 2e6}),
     ],
 }
@@ -169,7 +190,7 @@ def test_eviction_policy_by_hand(policy: str, routed: list, prefetch: list | Non
 
 @pytest.mark.parametrize("policy", list(EVICTION_POLICIES))
 def test_eviction_policy_never_picks_a_protected_key(policy: str) -> None:
-    state = EVICTION_POLICIES[policy](capacity=2)
+    state = EVICTION_POLICIES[policy](2, PoolFuture(FutureUses(np.array([[[5, 7]]]), [0]), 0))
     assert state.victim(set()) is None  # nothing resident
     state.on_insert(5, tick=1, is_use=True)
     state.on_insert(7, tick=2, is_use=False)
@@ -178,6 +199,143 @@ def test_eviction_policy_never_picks_a_protected_key(policy: str) -> None:
     state.on_evict(7)
     assert state.victim({5}) is None
     assert state.victim(set()) == 5
+
+
+def _fewest_misses(trace: list[int], capacity: int) -> int:
+    """Exhaustive search over every eviction choice of one pool (demand loading): the minimum number of misses."""
+    best = {frozenset(): 0}  # resident set -> fewest misses reaching it
+    for expert in trace:
+        after: dict[frozenset, int] = {}
+        for resident, misses in best.items():
+            if expert in resident:
+                options, cost = [resident], 0
+            elif len(resident) < capacity:
+                options, cost = [resident | {expert}], 1
+            else:
+                options, cost = [(resident - {victim}) | {expert} for victim in resident], 1
+            for option in options:
+                after[option] = min(after.get(option, misses + cost), misses + cost)
+        best = after
+    return min(best.values())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_belady_misses_the_fewest_of_all_eviction_choices(seed: int) -> None:
+    trace = np.random.default_rng(seed).integers(0, 5, size=14).tolist()
+    routed = _routed([[[e]] for e in trace])
+    misses = {policy: simulate(routed, None, CacheConfig(capacity=2, policy=policy), COST, horizon=1)["misses"]
+              for policy in EVICTION_POLICIES}
+    assert misses["belady"] == _fewest_misses(trace, 2)
+    assert misses["belady"] == min(misses.values())
+
+
+def test_belady_reads_uses_across_layers_of_a_shared_pool() -> None:
+    # One pool of 2 for both layers; keys are (layer, expert). Layer 1 uses its expert 0 every other step while layer
+    # 0 cycles through 3 experts: LRU evicts (1, 0) between its uses, Belady keeps it (its next use is the nearest).
+    routed = _routed([[[e], [0 if step % 2 == 0 else -1]] for step, e in enumerate([1, 2, 3, 1, 2, 3])])
+    results = {policy: simulate(routed, None, CacheConfig(capacity=2, per_layer=False, policy=policy), COST, horizon=1)
+               for policy in ("lru", "belady")}
+    assert results["belady"]["misses_by_layer"][1] == 1
+    assert results["lru"]["misses"] > results["belady"]["misses"]
+
+
+def test_belady_per_layer_pools_read_their_own_layers_uses() -> None:
+    # Layer 0 routes REUSED_FIRST, layer 1 routes expert 1 at every step. At layer 0's expert 2, its pool's 1 is never
+    # used again *in layer 0* (layer 1's uses of id 1 belong to another pool): Belady evicts 1 and the last 0 hits.
+    routed = _routed([[[e], [1]] for e in REUSED_FIRST])
+    result = simulate(routed, None, CacheConfig(capacity=2, policy="belady"), COST, horizon=1)
+    assert result["misses_by_layer"] == [3, 1]
+
+
+def test_future_uses_next_use() -> None:
+    future = FutureUses(_routed([[[0, -1], [0, 1]], [[1, -1], [-1, -1]]]), [0, 10])  # layer 1 keys are offset by 10
+    assert future.positions == {0: [0], 1: [2], 10: [1], 11: [1]}
+    future.now = 0
+    assert (future.next_use(0), future.next_use(10), future.next_use(1), future.next_use(7)) == (np.inf, 1, 2, np.inf)
+
+
+def test_queued_prefetch_yields_to_a_demand_load() -> None:
+    # 3 ms transfers, 2 ms compute, horizon 2, room for everything. L0 prefetches [5, 6] for L2 (both wrong).
+    #   L0: miss 0 at 0..3; issue [5, 6] at 3; compute -> 5. The link starts 5 at 3 (ends 6); 6 waits in the queue.
+    #   L1 at 5: miss 1 waits for 5 in flight (no pre-emption) -> 6..9; compute -> 11. Then 6 starts at 9 (ends 12).
+    #   L2 at 11: miss 2 waits for 6 -> 12..15; compute -> 17.
+    # FIFO (a demand load behind every queued prefetch) would give 19.
+    slow = CostModel(expert_bytes=3e6, bandwidth_gbps=1.0, layer_compute_ms=2.0)
+    routed = _routed([[[0], [1], [2]]])
+    prefetch = _routed([[[5, 6], [-1, -1], [-1, -1]]])
+    result = simulate(routed, prefetch, CacheConfig(4), slow, horizon=2)
+    assert result["time_ms"] == pytest.approx(17.0)
+    assert (result["prefetched"], result["cancelled"], result["misses"]) == (2.0, 0.0, 3.0)
+    assert result["wasted_prefetch_bytes"] == 6e6
+
+
+def test_demand_load_pre_empts_the_prefetch_in_flight_at_a_chunk_boundary() -> None:
+    # As above with 1 ms chunks. L1 at 5: 5 is in flight 3..6 with 2 chunks done -> demand 1 at 5..8, then the rest
+    # of 5 at 8..9; compute -> 10. 6 starts at 9. L2 at 10: 6 has 1 chunk done -> demand 2 at 10..13, the rest of 6
+    # at 13..15; compute -> 15.
+    chunked = CostModel(expert_bytes=3e6, bandwidth_gbps=1.0, layer_compute_ms=2.0, chunk_bytes=1e6)
+    routed = _routed([[[0], [1], [2]]])
+    prefetch = _routed([[[5, 6], [-1, -1], [-1, -1]]])
+    result = simulate(routed, prefetch, CacheConfig(4), chunked, horizon=2)
+    assert result["time_ms"] == pytest.approx(15.0)
+    assert (result["preempted"], result["prefetched"]) == (2.0, 2.0)
+
+
+def test_prefetch_still_queued_when_its_layer_runs_is_cancelled_or_promoted() -> None:
+    # 3 ms transfers, 2 ms compute, horizon 1. L0: miss 0 at 0..3; issue [1, 5] for L1 at 3; compute -> 5.
+    # L1 at 5: 1 is in flight (3..6), 5 still queued.
+    slow = CostModel(expert_bytes=3e6, bandwidth_gbps=1.0, layer_compute_ms=2.0)
+    prefetch = _routed([[[1, 5], [-1, -1]]])
+    # L1 routes 1: a late hit (waits 1 ms) -> compute 6..8; 5 is cancelled and moves no bytes.
+    result = simulate(_routed([[[0], [1]]]), prefetch, CacheConfig(4), slow, horizon=1)
+    assert result["time_ms"] == pytest.approx(8.0)
+    assert (result["late_hits"], result["on_time_hits"], result["late_wait_ms"]) == (1.0, 0.0, pytest.approx(1.0))
+    assert (result["cancelled"], result["prefetched"], result["bytes_moved"]) == (1.0, 1.0, 6e6)
+    assert (result["hit_rate"], result["late_hit_rate"]) == (0.0, 0.5)
+    # L1 routes 1 and 5: 5 is promoted to a demand load after 1 arrives (6..9) -> compute 9..11.
+    result = simulate(_routed([[[0, -1], [1, 5]]]), prefetch, CacheConfig(4), slow, horizon=1)
+    assert result["time_ms"] == pytest.approx(11.0)
+    assert (result["cancelled"], result["misses"], result["late_hits"]) == (0.0, 2.0, 1.0)
+
+
+def test_per_layer_prefetch_may_evict_the_running_layers_expert_ids_in_another_pool() -> None:
+    # Capacity 1 per layer. Layer 1's pool holds expert 0 after step 0; at step 1 layer 0 runs expert 0 and prefetches
+    # 1 for layer 1. Expert 0 of layer 1 is not the running layer's expert 0: the prefetch evicts it and layer 1 hits.
+    routed = _routed([[[0], [0]], [[0], [1]]])
+    prefetch = _routed([[[-1], [-1]], [[1], [-1]]])
+    result = simulate(routed, prefetch, CacheConfig(capacity=1), COST, horizon=1)
+    assert result["prefetched"] == 1.0
+    assert result["misses_by_layer"] == [1, 1]
+
+
+def test_shared_pool_prefetch_never_evicts_the_running_layers_experts() -> None:
+    # One pool of 1: layer 0's expert 0 is running when the prefetch of 1 for layer 1 would start, so it is dropped.
+    routed = _routed([[[0], [1]]])
+    result = simulate(routed, _routed([[[1], [-1]]]), CacheConfig(capacity=1, per_layer=False), COST, horizon=1)
+    assert (result["prefetched"], result["dropped"], result["misses"]) == (0.0, 1.0, 2.0)
+
+
+def test_predictor_time_is_charged_on_the_compute_stream() -> None:
+    # 1 ms transfers, 2 ms compute. L0: miss 0 at 0..1; the predictor runs 1..1+p; prefetch 1 arrives 2+p; compute
+    # to 3+p; L1 hits on time -> 5+p. On demand: 1 + 2 + 1 + 2 = 6, so a 1.5 ms predictor makes prefetch slower.
+    routed = _routed([[[0], [1]]])
+    prefetch = oracle_prefetch(routed, 1, 1)
+    for predictor_ms, time_ms in ((0.0, 5.0), (0.5, 5.5), (1.5, 6.5)):
+        result = simulate(routed, prefetch, CacheConfig(1), COST, horizon=1, predictor_ms=predictor_ms)
+        assert (result["time_ms"], result["predictor_ms"]) == (pytest.approx(time_ms), predictor_ms)
+    assert simulate(routed, None, CacheConfig(1), COST, horizon=1, predictor_ms=1.5)["time_ms"] == pytest.approx(6.0)
+
+
+def test_ideal_is_a_floor_under_every_strategy() -> None:
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 8, size=(60, 4))
+    routed = np.stack([first, (first + rng.integers(1, 8, size=first.shape)) % 8], axis=-1)  # (T, L, 2)
+    for cost in (COST, CostModel(3e6, 1.0, 0.5, chunk_bytes=1e6), CostModel(1e5, 1.0, 2.0)):
+        belady = simulate(routed, None, CacheConfig(3, policy="belady"), cost, horizon=1)
+        floor = ideal_time_ms(belady, cost)
+        assert floor == max(belady["compute_ms"], belady["misses"] * cost.transfer_ms)
+        for policy, prefetch in itertools.product(EVICTION_POLICIES, (None, oracle_prefetch(routed, 1, 2))):
+            assert simulate(routed, prefetch, CacheConfig(3, policy=policy), cost, horizon=1)["time_ms"] >= floor - 1e-9
 
 
 def test_evicted_unused_prefetch_is_wasted() -> None:
@@ -229,10 +387,10 @@ def test_oracle_prefetch_layout() -> None:
     assert oracle_prefetch(routed, 2, 1).tolist() == [[[3], [-1], [-1]]]
 
 
-def test_oracle_share_and_speedup() -> None:
-    assert oracle_share(10.0, 9.0, 8.0) == pytest.approx(0.5)
-    assert oracle_share(10.0, 9.0, 10.0) == 0.0  # the oracle gains nothing
-    assert oracle_share(10.0, 9.0, float("nan")) == 0.0
+def test_ideal_share_and_speedup() -> None:
+    assert ideal_share(10.0, 9.0, 8.0) == pytest.approx(0.5)
+    assert ideal_share(10.0, 9.0, 10.0) == 0.0  # the oracle gains nothing
+    assert ideal_share(10.0, 9.0, float("nan")) == 0.0
     assert speedup(10.0, 8.0) == pytest.approx(1.25)
 
 
@@ -352,6 +510,8 @@ STRATEGY_PLANS = {
     "lookup": [[[2], [-1]], [[0], [-1]]],
     "stale_gate": [[[0], [-1]], [[1], [-1]]],  # the stale gate of each token's layer-2 window
     "oracle": [[[1], [-1]], [[3], [-1]]],
+    "belady": None,
+    "oracle_belady": [[[1], [-1]], [[3], [-1]]],
 }
 
 
@@ -371,9 +531,10 @@ def test_prefetch_strategy_plan_by_hand(name: str) -> None:
 def test_strategies_in_registration_order_without_the_missing_inputs() -> None:
     params = parse_section("evaluate", None).cache
     inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
-    assert list(simulate_strategies(inputs, params, capacity=1, batch_size=1)) == list(PREFETCH_STRATEGIES)
+    assert list(simulate_strategies(inputs, params, capacity=1, batch_size=1)) == [*PREFETCH_STRATEGIES, "ideal"]
     uncaptured = ReplayInputs(dataclasses.replace(REPLAY, stale_gate_experts=None), {}, m=1, horizon=1, num_target_layers=2)
-    assert list(simulate_strategies(uncaptured, params, capacity=1, batch_size=1)) == ["on_demand", "oracle"]
+    assert list(simulate_strategies(uncaptured, params, capacity=1, batch_size=1)) == [
+        "on_demand", "belady", "oracle", "oracle_belady", "ideal"]
 
 
 def test_twenty_thousand_steps_count_every_use() -> None:

@@ -181,6 +181,22 @@ def test_dvclive_logs(tiny):
 
 # --- evaluate ------------------------------------------------------------------------------------------------
 
+def test_cache_ceilings_hold_on_the_tiny_run(tiny):
+    # Belady's on-time hit rate >= LRU's at every capacity (no prefetch either way); the ideal is a floor under every
+    # strategy, in the main table and in every cost profile and regime.
+    for row in json.loads((tiny.plots / "cache_by_capacity.json").read_text()):
+        assert row["belady_hit_rate"] >= row["on_demand_hit_rate"] - 1e-12
+    cache = tiny.metrics["cache"]
+    strategies = [name for name in cache if name not in ("config", "ideal")]
+    assert all(cache["ideal"]["time_per_token_ms"] <= cache[name]["time_per_token_ms"] + 1e-9 for name in strategies)
+    rows = [*tiny.metrics["cache_by_profile"].values(), *tiny.metrics["cache_by_regime"].values()]
+    assert len(rows) > 1
+    for row in rows:
+        speedups = {key: value for key, value in row.items() if key.endswith("_speedup_vs_on_demand")}
+        assert speedups["ideal_speedup_vs_on_demand"] == max(speedups.values())
+    assert (tiny.plots / "cache_speedup_by_regime.png").stat().st_size > 0
+
+
 def test_metrics_have_predictor_and_baselines(tiny):
     metrics = tiny.metrics
     assert metrics["test_windows"] == tiny.summary["splits"]["test"]["windows"]
@@ -191,7 +207,7 @@ def test_metrics_have_predictor_and_baselines(tiny):
     from moe_prefetch.evaluation.replay import PREFETCH_STRATEGIES
 
     assert list(metrics["baselines"]) == [name for name in REGISTERED_BASELINES if name != "stale_gate"]
-    assert list(metrics["cache"]) == ["config", *(name for name in PREFETCH_STRATEGIES if name != "stale_gate")]
+    assert list(metrics["cache"]) == ["config", *(name for name in PREFETCH_STRATEGIES if name != "stale_gate"), "ideal"]
     for result in [metrics["predictor"], *metrics["baselines"].values()]:
         assert RANKING_KEYS <= set(result)
         tops = [result[f"top{m}"] for m in (1, 3, 5, 10)]

@@ -1,66 +1,72 @@
-"""Expert-cache prefetch simulator: replays routed experts step by step, MoE layer by layer.
+"""Expert-cache prefetch simulator: replays routed experts step by step, MoE layer by layer, on a discrete-event
+timeline with one compute stream and one transfer link.
 
-Inputs: routed (T, L, w) int, the experts used per step and layer (-1 = none; w is any width,
-e.g. a batch passes the union of its tokens' experts padded with -1; repeats count once), and
-prefetch (T, L, m) int or None: prefetch[t, l] lists experts predicted for layer l + horizon,
-issued when layer l runs at step t (entries whose target layer is >= L are ignored).
+Inputs: routed (T, L, w) int, the experts used per step and layer (-1 = none; w is any width, e.g. a batch passes
+the union of its tokens' experts padded with -1; repeats count once), and prefetch (T, L, m) int or None:
+prefetch[t, l] lists experts predicted for layer l + horizon, best first, issued when layer l runs at step t
+(entries whose target layer is >= L are ignored).
 
-Caches: one pool per layer of `capacity` experts (per_layer) or one pool of `capacity`
-(layer, expert) pairs. Prefetched experts go INTO the same pools; all pools start empty.
-Eviction policies (EVICTION_POLICIES; CacheConfig.policy and evaluate.cache.policy accept exactly
-these names) keep only the eviction state of a pool, told of every insertion, use and eviction:
-  lru  evicts the least recently used (inserted or hit)
-  lfu  evicts the fewest uses since insertion (counts reset on eviction; a demand load counts as
-       one use, a prefetch as zero), ties to the least recently used
-A victim is never a protected key (see 2. and 3.); if every resident key is protected, none is.
+Caches: one pool per layer of `capacity` experts (per_layer) or one pool of `capacity` (layer, expert) pairs.
+Prefetched experts go into the same pools; all pools start empty. Eviction follows the policy (policies.py); a
+victim is never a protected key, and if every resident key is protected, none is evicted.
 
-One transfer link moves experts one after another at bandwidth_gbps (1e9 bytes/s).
-When layer l of step t runs at clock c:
-  1. Hits first: every routed expert already in the pool is a hit (updates recency/frequency).
-     A hit on a prefetch still in flight waits for its arrival (that wait is stall).
-  2. Misses: demand-loaded after any queued transfer, never overlapped (stall), then
-     inserted. A demand load never evicts an expert routed at this same (t, l); if nothing
-     else can go, the expert is used without being cached.
-  3. Prefetch: the experts listed at (t, l) that the target pool lacks are loaded and
-     inserted. It never evicts an expert it lists itself nor one routed at the running
-     (t, l); experts that find no evictable slot are dropped (not loaded, not counted).
-     Listed experts already resident cost nothing and keep their policy state.
-     overlap_prefetch: issued when compute starts, so it overlaps the compute of layers
-     l..l+h-1 (and queues behind earlier transfers); stall arises only when a needed expert or a
-     demand load must wait for it. On an otherwise idle link that is max(0, transfer - h * compute).
-     Without overlap the transfer runs after compute, adding its full time.
-  4. Compute: layer_compute_ms.
-Prefetched experts evicted before their first use, or never used by the end, are wasted.
-time_ms ends when the last layer finishes computing; stall_ms = time_ms - compute time.
+The link moves one expert at a time, taking transfer_ms each. Demand loads have priority over prefetches:
+  - A prefetch is queued when issued and starts only when the link is free and no demand load is waiting, in
+    issue order (a queued prefetch therefore never delays a demand load; a started one may, see pre-emption).
+    Its target pool's slot is taken (by eviction) when it starts, not when it is issued.
+  - Pre-emption (chunk_bytes > 0): a demand load arriving while a prefetch is in flight waits only until the
+    prefetch's next chunk boundary; the prefetch resumes after the demand loads. chunk_bytes = 0: it waits for the
+    whole transfer.
+  - Cancellation: when layer l runs, every prefetch for layer l still queued is withdrawn. A withdrawn expert that
+    layer l routes is demand-loaded (a miss); the others are `cancelled` and move no bytes.
+When layer l of step t starts at clock c:
+  1. Uses: each routed expert already resident is a hit: on time if its transfer has ended by c, else late, and
+     the layer waits for its arrival (late_wait_ms). Hits update the policy first, so a miss cannot evict them.
+  2. Misses: demand-loaded at c, after the in-flight transfer (or its chunk), never overlapped with compute
+     (stall), then inserted. A demand load never evicts an expert routed at this same (t, l), nor the expert in
+     flight; if nothing else can go, the expert is used without being cached.
+  3. Prediction: when the strategy has a predictor cost (predictor_ms), it runs on the compute stream once the
+     layer's experts are ready, delaying this layer's compute; the prefetch is issued when it ends.
+  4. Prefetch: the experts listed at (t, l) that the target pool neither holds nor has queued are queued. When one
+     starts, it may not evict an expert listed with it, nor (shared pool) one routed at the layer then running;
+     one that finds no evictable slot is `dropped` (no bytes). Listed experts already resident keep their state.
+     overlap_prefetch = false: prefetches are issued after compute and the step waits until they have all arrived.
+  5. Compute: layer_compute_ms.
+Counters: on-time and late hits, misses (demand loads), prefetches started, cancelled, dropped and pre-empted.
+Prefetched experts evicted before their first use, or never used by the end, are wasted (their bytes moved).
+time_ms ends when the last layer finishes computing; stall_ms = time_ms - compute time (predictor time included).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections import OrderedDict
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_prefetch.registry import Registry
+from moe_prefetch.evaluation.policies import EVICTION_POLICIES, EvictionPolicy, FutureUses, PoolFuture
+
+__all__ = ["EVICTION_POLICIES", "CacheConfig", "CostModel", "ideal_time_ms", "ideal_share", "oracle_prefetch",
+           "simulate", "speedup"]
 
 
 @dataclass
 class CostModel:
-    """Transfer and compute costs: expert size, link bandwidth (GB/s = 1e9 B/s), compute per layer."""
+    """Transfer and compute costs: expert size, link bandwidth (GB/s = 1e9 B/s), compute per layer, and the
+    pre-emption granularity of a prefetch in flight (0 = none)."""
 
     expert_bytes: float
     bandwidth_gbps: float
     layer_compute_ms: float
     overlap_prefetch: bool = True
+    chunk_bytes: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.expert_bytes < 0 or self.bandwidth_gbps <= 0 or self.layer_compute_ms < 0:
+        if self.expert_bytes < 0 or self.bandwidth_gbps <= 0 or self.layer_compute_ms < 0 or self.chunk_bytes < 0:
             raise ValueError(
-                f"need expert_bytes >= 0, bandwidth_gbps > 0, layer_compute_ms >= 0; got {self.expert_bytes}, "
-                f"{self.bandwidth_gbps}, {self.layer_compute_ms}"
+                f"need expert_bytes >= 0, bandwidth_gbps > 0, layer_compute_ms >= 0, chunk_bytes >= 0; got "
+                f"{self.expert_bytes}, {self.bandwidth_gbps}, {self.layer_compute_ms}, {self.chunk_bytes}"
             )
 
     @property
@@ -68,111 +74,21 @@ class CostModel:
         """Milliseconds to move one expert over the link."""
         return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
 
-
-class EvictionPolicy:
-    """The eviction state of one pool of at most `capacity` resident keys. The pool tells it of every insertion,
-    use and eviction (`tick`: the replay's event counter, increasing) and asks it for the next victim."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-
-    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
-        """`key` became resident; `is_use`: by a demand load (True) or a prefetch (False)."""
-        raise NotImplementedError
-
-    def on_use(self, key: int, tick: int) -> None:
-        """A resident `key` was hit."""
-        raise NotImplementedError
-
-    def victim(self, protected: Container[int]) -> int | None:
-        """The resident key to evict next outside `protected` (the pool evicts it before asking again), or None if
-        every resident key is protected."""
-        raise NotImplementedError
-
-    def on_evict(self, key: int) -> None:
-        """`key` left the pool."""
-        raise NotImplementedError
-
-
-EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("cache policy")
-
-
-@EVICTION_POLICIES.register("lru")
-class LRUPolicy(EvictionPolicy):
-    """Least recently inserted or used first."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self.order: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
-        self.order[key] = None
-
-    def on_use(self, key: int, tick: int) -> None:
-        self.order.move_to_end(key)
-
-    def victim(self, protected: Container[int]) -> int | None:
-        return next((key for key in self.order if key not in protected), None)  # O(|protected|) skips
-
-    def on_evict(self, key: int) -> None:
-        del self.order[key]
-
-
-@EVICTION_POLICIES.register("lfu")
-class LFUPolicy(EvictionPolicy):
-    """Fewest uses since insertion first (a prefetch inserts with zero uses), ties to the least recent."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self.uses: dict[int, int] = {}  # uses since insertion, per resident key
-        self.last_tick: dict[int, int] = {}  # tick of last use or insertion (tie-break)
-        self.heap: list[tuple[int, int, int]] = []  # (uses, last_tick, key), stale entries skipped lazily
-
-    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
-        self.uses[key] = 1 if is_use else 0
-        self.last_tick[key] = tick
-        self._push(key)
-
-    def on_use(self, key: int, tick: int) -> None:
-        self.uses[key] += 1
-        self.last_tick[key] = tick
-        self._push(key)
-
-    def _push(self, key: int) -> None:
-        """Push the key's current state; rebuild the heap when stale entries pile up."""
-        heapq.heappush(self.heap, (self.uses[key], self.last_tick[key], key))
-        if len(self.heap) > 4 * self.capacity + 64:
-            self.heap = [(self.uses[k], self.last_tick[k], k) for k in self.uses]
-            heapq.heapify(self.heap)
-
-    def victim(self, protected: Container[int]) -> int | None:
-        held = []
-        victim = None
-        while self.heap:
-            entry = heapq.heappop(self.heap)
-            uses, last_tick, key = entry
-            if key not in self.uses or self.uses[key] != uses or self.last_tick[key] != last_tick:
-                continue  # stale: the key was used again or evicted since this entry was pushed
-            if key in protected:
-                held.append(entry)
-                continue
-            victim = key
-            break
-        for entry in held:
-            heapq.heappush(self.heap, entry)
-        return victim
-
-    def on_evict(self, key: int) -> None:
-        del self.uses[key], self.last_tick[key]
+    @property
+    def chunk_ms(self) -> float:
+        """Milliseconds to move one pre-emption chunk (0 = a prefetch in flight cannot be pre-empted)."""
+        return min(self.chunk_bytes, self.expert_bytes) / (self.bandwidth_gbps * 1e9) * 1e3
 
 
 @dataclass
 class CacheConfig:
-    """Experts held (per layer if per_layer, else in total) and the eviction policy (a name in EVICTION_POLICIES)."""
+    """Experts held (per layer if per_layer, else in total), the eviction policy (a name in EVICTION_POLICIES) and
+    the seed of the seeded policies."""
 
     capacity: int
     per_layer: bool = True
     policy: str = "lru"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1:
@@ -188,13 +104,10 @@ class _Pool:
         self.capacity = capacity
         self.policy = policy
         self.resident: set[int] = set()
+        self.queued: set[int] = set()  # keys with a prefetch queued, not started
         self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
-        self.arrival_ms: dict[int, float] = {}  # prefetched keys -> time their transfer ends
+        self.arrival_ms: dict[int, float] = {}  # prefetched keys not used yet -> time their transfer ends
         self.wasted = 0  # prefetched keys evicted before their first use
-
-    def touch(self, key: int, tick: int) -> None:
-        """Record a use of a resident key."""
-        self.policy.on_use(key, tick)
 
     def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
         """Insert a non-resident key, evicting by policy outside `protected`; False if nothing can go."""
@@ -217,6 +130,33 @@ class _Pool:
         self.arrival_ms.pop(key, None)
 
 
+@dataclass
+class _Prefetch:
+    """One prefetch on the link: queued at `issue_ms` for layer `target`, then in flight from start_ms to end_ms."""
+
+    pool: _Pool
+    key: int
+    target: int
+    issue_ms: float
+    listed: dict[int, None]  # the keys issued with it (it may not evict them)
+    start_ms: float = math.nan
+    end_ms: float = math.nan
+
+
+@dataclass
+class _Counters:
+    on_time_hits: int = 0
+    late_hits: int = 0
+    late_wait_ms: float = 0.0
+    prefetched: int = 0
+    prefetch_hits: int = 0
+    cancelled: int = 0
+    dropped: int = 0
+    preempted: int = 0
+    predictor_ms: float = 0.0
+    misses_by_layer: list[int] = field(default_factory=list)
+
+
 def _check_inputs(routed: np.ndarray, prefetch: np.ndarray | None, horizon: int) -> None:
     """Raise ValueError on bad shapes, ids below -1 or a horizon below 1."""
     if routed.ndim != 3:
@@ -233,93 +173,152 @@ def _check_inputs(routed: np.ndarray, prefetch: np.ndarray | None, horizon: int)
 
 
 class _Replay:
-    """Clock, link and counters of one replay; run_layer applies steps 1-4 of the module docstring."""
+    """Clock, link and counters of one replay; run_layer applies steps 1-5 of the module docstring."""
 
-    def __init__(self, pools: list[_Pool], offsets: list[int], cost: CostModel) -> None:
-        self.pools = pools
-        self.offsets = offsets  # per layer: added to expert ids so a shared pool keeps layers apart
-        self.transfer_ms = cost.transfer_ms
-        self.compute_ms = cost.layer_compute_ms
-        self.overlap = cost.overlap_prefetch
+    def __init__(self, pools: list[_Pool], offsets: list[int], shared: bool, cost: CostModel, predictor_ms: float,
+                 future: FutureUses) -> None:
+        self.pools, self.offsets, self.shared = pools, offsets, shared
+        self.transfer_ms, self.chunk_ms = cost.transfer_ms, cost.chunk_ms
+        self.compute_ms, self.overlap, self.predictor_ms = cost.layer_compute_ms, cost.overlap_prefetch, predictor_ms
+        self.future = future
         self.clock = 0.0
-        self.link_free = 0.0  # when the transfer link finishes everything queued on it
-        self.tick = 0  # event counter handed to the eviction policy (LFU's recency tie-break)
-        self.hits = self.prefetched = self.prefetch_hits = 0
-        self.misses_by_layer = [0] * len(pools)
+        self.link_free = 0.0  # when the link finishes the transfer in flight (or the last demand load)
+        self.in_flight: _Prefetch | None = None  # the last prefetch started (in flight while its end_ms > clock)
+        self.queue: list[_Prefetch] = []  # prefetches not started, in issue order
+        self.running: dict[int, None] = {}  # keys of the layer computing now (a shared pool protects them)
+        self.tick = 0  # event counter handed to the eviction policy (recency)
+        self.counts = _Counters(misses_by_layer=[0] * len(pools))
 
     def run_layer(self, layer: int, routed_row: list[int], target: int | None, prefetch_row: list[int]) -> None:
-        """Run one layer of one step; prefetch prefetch_row into layer `target` unless target is None."""
+        """Run one layer of one step; queue prefetch_row for layer `target` unless target is None."""
         offset = self.offsets[layer]
         # A dict keeps first-seen order and doubles as the protected set (O(1) membership).
         keys = dict.fromkeys(e + offset for e in routed_row if e >= 0)
+        self._start_prefetches(self.clock)
         self._use(self.pools[layer], layer, keys)
+        self.running = keys
         if target is not None:
-            self._prefetch(target, prefetch_row, keys)
-        self.clock += self.compute_ms  # 4. compute
+            if self.predictor_ms:
+                self.clock += self.predictor_ms  # 3. the predictor runs on the compute stream
+                self.counts.predictor_ms += self.predictor_ms
+            issue_ms = self.clock if self.overlap else self.clock + self.compute_ms
+            self._issue(target, prefetch_row, issue_ms)
+        self.clock += self.compute_ms  # 5. compute
         if not self.overlap:
+            self._start_prefetches(math.inf)
             self.clock = max(self.clock, self.link_free)
 
+    def _start_prefetches(self, now: float) -> None:
+        """Start, in issue order, every queued prefetch the link can begin before `now` (a demand load at `now`
+        goes first)."""
+        while self.queue:
+            prefetch = self.queue[0]
+            start = max(self.link_free, prefetch.issue_ms)
+            if start >= now:
+                return
+            self.queue.pop(0)
+            pool = prefetch.pool
+            pool.queued.discard(prefetch.key)
+            if prefetch.key in pool.resident:  # demand-loaded meanwhile (shared pool): nothing to move
+                self.counts.cancelled += 1
+                continue
+            guard = prefetch.listed | self.running if self.shared else prefetch.listed
+            self.tick += 1
+            if not pool.insert(prefetch.key, self.tick, guard, is_use=False):
+                self.counts.dropped += 1
+                continue
+            prefetch.start_ms, prefetch.end_ms = start, start + self.transfer_ms
+            pool.arrival_ms[prefetch.key] = prefetch.end_ms
+            pool.unused_prefetch.add(prefetch.key)
+            self.link_free = prefetch.end_ms
+            self.in_flight = prefetch
+            self.counts.prefetched += 1
+
     def _use(self, pool: _Pool, layer: int, keys: dict[int, None]) -> None:
-        """1. hits (waiting for in-flight prefetches), then 2. demand loads of the misses."""
-        ready = self.clock
+        """Withdraw this layer's queued prefetches, then 1. hits (waiting for late ones), 2. demand loads."""
+        counts, now = self.counts, self.clock
+        withdrawn = [prefetch for prefetch in self.queue if prefetch.target == layer]
+        if withdrawn:
+            self.queue = [prefetch for prefetch in self.queue if prefetch.target != layer]
+            for prefetch in withdrawn:
+                pool.queued.discard(prefetch.key)
+                counts.cancelled += prefetch.key not in keys  # a routed one becomes a demand load below
+        self.future.now += 1
+        ready = now
         missing = []
         for key in keys:  # hits first, so a miss cannot evict a hit of this same step
-            if key in pool.resident:
-                self.hits += 1
-                self.tick += 1
-                pool.touch(key, self.tick)
-                if key in pool.unused_prefetch:
-                    pool.unused_prefetch.discard(key)
-                    self.prefetch_hits += 1
-                ready = max(ready, pool.arrival_ms.pop(key, ready))
-            else:
+            if key not in pool.resident:
                 missing.append(key)
-        self.clock = ready
-        if missing:  # demand loads queue behind earlier transfers and never overlap compute
-            self.clock = max(self.clock, self.link_free) + len(missing) * self.transfer_ms
-            self.link_free = self.clock
-            self.misses_by_layer[layer] += len(missing)
-            for key in missing:
-                self.tick += 1
-                pool.insert(key, self.tick, keys, is_use=True)
-
-    def _prefetch(self, target: int, prefetch_row: list[int], running: dict[int, None]) -> None:
-        """3. load the listed experts the target layer's pool lacks, queued on the link."""
-        pool, offset = self.pools[target], self.offsets[target]
-        listed = dict.fromkeys(e + offset for e in prefetch_row if e >= 0)
-        guard = running | listed
-        # Overlapped transfers start with this layer's compute; serial ones after it.
-        start = max(self.clock if self.overlap else self.clock + self.compute_ms, self.link_free)
-        loaded = 0
-        for key in listed:
-            if key in pool.resident:
                 continue
             self.tick += 1
-            if pool.insert(key, self.tick, guard, is_use=False):
-                loaded += 1
-                pool.arrival_ms[key] = start + loaded * self.transfer_ms
-                pool.unused_prefetch.add(key)
-        if loaded:
-            self.prefetched += loaded
-            self.link_free = start + loaded * self.transfer_ms
+            pool.policy.on_use(key, self.tick)
+            if key in pool.unused_prefetch:
+                pool.unused_prefetch.discard(key)
+                counts.prefetch_hits += 1
+            arrival = pool.arrival_ms.pop(key, now)
+            if arrival > now:
+                counts.late_hits += 1
+                counts.late_wait_ms += arrival - now
+                ready = max(ready, arrival)
+            else:
+                counts.on_time_hits += 1
+        if missing:
+            ready = max(ready, self._demand_load(pool, layer, keys, missing, now))
+        self.clock = ready
+
+    def _demand_load(self, pool: _Pool, layer: int, keys: dict[int, None], missing: list[int], now: float) -> float:
+        """Load `missing` at `now` ahead of every queued prefetch (pre-empting the one in flight at a chunk boundary
+        when it is not needed now); returns when the last one arrives."""
+        start = max(now, self.link_free)
+        in_flight = self.in_flight if self.in_flight is not None and self.in_flight.end_ms > now else None
+        preempt = in_flight is not None and self.chunk_ms > 0 and in_flight.key not in keys
+        if preempt:
+            chunks_done = math.ceil((now - in_flight.start_ms) / self.chunk_ms - 1e-9)
+            start = max(now, min(in_flight.end_ms, in_flight.start_ms + chunks_done * self.chunk_ms))
+        end = start + len(missing) * self.transfer_ms
+        self.link_free = end
+        if preempt and in_flight.end_ms > start:
+            in_flight.end_ms = end + (in_flight.end_ms - start)  # the rest of the prefetch after the demand loads
+            in_flight.pool.arrival_ms[in_flight.key] = self.link_free = in_flight.end_ms
+            self.counts.preempted += 1
+        self.counts.misses_by_layer[layer] += len(missing)
+        protected = keys if in_flight is None or in_flight.pool is not pool else keys | {in_flight.key: None}
+        for key in missing:
+            self.tick += 1
+            pool.insert(key, self.tick, protected, is_use=True)
+        return end
+
+    def _issue(self, target: int, prefetch_row: list[int], issue_ms: float) -> None:
+        """4. queue the listed experts the target pool neither holds nor has queued."""
+        pool, offset = self.pools[target], self.offsets[target]
+        listed = dict.fromkeys(e + offset for e in prefetch_row if e >= 0)
+        for key in listed:
+            if key not in pool.resident and key not in pool.queued:
+                pool.queued.add(key)
+                self.queue.append(_Prefetch(pool, key, target, issue_ms, listed))
 
 
-def simulate(
-    routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig, cost: CostModel, horizon: int
-) -> dict[str, float | list[int]]:
-    """Replay `routed` with optional `prefetch` through the cache; see the module docstring for rules."""
+def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig, cost: CostModel, horizon: int,
+             predictor_ms: float = 0.0) -> dict[str, float | list[int]]:
+    """Replay `routed` with optional `prefetch` through the cache; see the module docstring for rules.
+    `predictor_ms`: the predictor's time on the compute stream per layer that issues a prefetch."""
     routed = np.asarray(routed, dtype=np.int64)
     prefetch = None if prefetch is None else np.asarray(prefetch, dtype=np.int64)
     _check_inputs(routed, prefetch, horizon)
+    if predictor_ms < 0:
+        raise ValueError(f"predictor_ms must be >= 0, got {predictor_ms}")
     steps, layers, _ = routed.shape
+    # (layer, expert) as layer * stride + expert: the keys of a shared pool, and of the future uses in both modes.
+    stride = 1 + max(int(routed.max(initial=-1)), -1 if prefetch is None else int(prefetch.max(initial=-1)))
+    layer_keys = [layer * stride for layer in range(layers)]
+    offsets = [0] * layers if cache.per_layer else layer_keys
+    future = FutureUses(routed, layer_keys)
     policy = EVICTION_POLICIES[cache.policy]
-    if cache.per_layer:
-        pools, offsets = [_Pool(cache.capacity, policy(cache.capacity)) for _ in range(layers)], [0] * layers
-    else:
-        # One pool keys experts as layer * stride + expert so layers never collide.
-        stride = 1 + max(int(routed.max(initial=-1)), -1 if prefetch is None else int(prefetch.max(initial=-1)))
-        pools, offsets = [_Pool(cache.capacity, policy(cache.capacity))] * layers, [layer * stride for layer in range(layers)]
-    replay = _Replay(pools, offsets, cost)
+    distinct = [_Pool(cache.capacity, policy(cache.capacity, PoolFuture(future, layer_keys[pool] if cache.per_layer else 0),
+                                             cache.seed + pool))
+                for pool in range(layers if cache.per_layer else 1)]
+    pools = distinct if cache.per_layer else distinct * layers
+    replay = _Replay(pools, offsets, not cache.per_layer, cost, predictor_ms, future)
     routed_rows = routed.tolist()  # Python lists: per-element numpy indexing would dominate the loop
     prefetch_rows = prefetch.tolist() if prefetch is not None else None
     no_prefetch: list[int] = []
@@ -328,33 +327,49 @@ def simulate(
             target = layer + horizon if prefetch_rows is not None and layer + horizon < layers else None
             prefetch_row = prefetch_rows[step][layer] if target is not None else no_prefetch
             replay.run_layer(layer, routed_rows[step][layer], target, prefetch_row)
-    return _summary(replay, pools if cache.per_layer else pools[:1], steps, cost)
+    return _summary(replay, distinct, steps, cost)
 
 
 def _summary(replay: _Replay, distinct_pools: list[_Pool], steps: int, cost: CostModel) -> dict[str, float | list[int]]:
     """Assemble the result dict from the replay's counters."""
+    counts = replay.counts
     # Prefetches still unused when the replay ends were never used: they are wasted too.
     wasted = sum(pool.wasted + len(pool.unused_prefetch) for pool in distinct_pools)
-    misses = sum(replay.misses_by_layer)
-    uses = replay.hits + misses
-    compute_total = steps * len(replay.misses_by_layer) * cost.layer_compute_ms
+    misses = sum(counts.misses_by_layer)
+    hits = counts.on_time_hits + counts.late_hits
+    uses = hits + misses
+    compute_total = steps * len(counts.misses_by_layer) * cost.layer_compute_ms
     clock = replay.clock
     return {
-        "hit_rate": replay.hits / uses if uses else math.nan,
-        "hits": float(replay.hits),
+        "hit_rate": counts.on_time_hits / uses if uses else math.nan,
+        "late_hit_rate": counts.late_hits / uses if uses else math.nan,
+        "hits": float(hits),
+        "on_time_hits": float(counts.on_time_hits),
+        "late_hits": float(counts.late_hits),
+        "late_wait_ms": counts.late_wait_ms,
         "misses": float(misses),
-        "misses_by_layer": replay.misses_by_layer,
-        "prefetched": float(replay.prefetched),
-        "prefetch_hits": float(replay.prefetch_hits),
-        "bytes_moved": (misses + replay.prefetched) * cost.expert_bytes,
+        "misses_by_layer": counts.misses_by_layer,
+        "prefetched": float(counts.prefetched),
+        "prefetch_hits": float(counts.prefetch_hits),
+        "cancelled": float(counts.cancelled),
+        "dropped": float(counts.dropped),
+        "preempted": float(counts.preempted),
+        "bytes_moved": (misses + counts.prefetched) * cost.expert_bytes,
         "demand_bytes": misses * cost.expert_bytes,
-        "prefetch_bytes": replay.prefetched * cost.expert_bytes,
+        "prefetch_bytes": counts.prefetched * cost.expert_bytes,
         "wasted_prefetch_bytes": wasted * cost.expert_bytes,
+        "predictor_ms": counts.predictor_ms,
         "stall_ms": max(0.0, clock - compute_total),
         "compute_ms": compute_total,
         "time_ms": clock,
         "time_per_step_ms": clock / steps if steps else math.nan,
     }
+
+
+def ideal_time_ms(belady_demand: dict, cost: CostModel) -> float:
+    """The floor no strategy can beat with this cache: max(compute, Belady's demand loads x transfer time). Belady's
+    MIN needs the fewest loads of any policy, prefetching or not, and they share one link; compute cannot shrink."""
+    return max(belady_demand["compute_ms"], belady_demand["misses"] * cost.transfer_ms)
 
 
 def oracle_prefetch(routed: np.ndarray, horizon: int, m: int) -> np.ndarray:
@@ -377,13 +392,13 @@ def speedup(baseline_time: float, time: float) -> float:
     return baseline_time / time
 
 
-def oracle_share(on_demand: float, strategy: float, oracle: float) -> float:
-    """Share of the oracle's time saving the strategy achieves: (t_demand - t_strategy) / (t_demand - t_oracle).
+def ideal_share(on_demand: float, strategy: float, ideal: float) -> float:
+    """Share of the ideal's time saving the strategy achieves: (t_demand - t_strategy) / (t_demand - t_ideal).
 
-    Returns 0.0 when the oracle saves no time (gain <= 0 or not finite): there is nothing to share.
-    Can be negative (strategy slower than on-demand) or above 1 (beats the horizon-limited oracle).
+    Returns 0.0 when the ideal saves no time (gain <= 0 or not finite): there is nothing to share. Negative when the
+    strategy is slower than on-demand; at most 1 when `ideal` is the floor (ideal_time_ms).
     """
-    gain = on_demand - oracle
+    gain = on_demand - ideal
     if not math.isfinite(gain) or gain <= 0.0:
         return 0.0
     return (on_demand - strategy) / gain

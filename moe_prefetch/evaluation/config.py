@@ -21,17 +21,50 @@ class CostProfile:
     layer_compute_ms: float
     derivation: str
 
-    def cost_model(self, overlap_prefetch: bool) -> CostModel:
-        return CostModel(self.expert_bytes, self.bandwidth_gbps, self.layer_compute_ms, overlap_prefetch)
+    def cost_model(self, overlap_prefetch: bool, chunk_bytes: float = 0.0) -> CostModel:
+        return CostModel(self.expert_bytes, self.bandwidth_gbps, self.layer_compute_ms, overlap_prefetch, chunk_bytes)
 
 
 COST_PROFILES: Registry[CostProfile] = Registry("cost profile")
+MIXTRAL_EXPERT_WEIGHTS = 3 * 4096 * 14336  # w1, w3 (4096 -> 14336) and w2 (14336 -> 4096) of one Mixtral-8x7B expert
+QWEN3_30B_EXPERT_WEIGHTS = 3 * 2048 * 768  # the same three matrices of one Qwen3-30B-A3B expert (moe_intermediate 768)
 COST_PROFILES.add("mixtral-8x7b-bf16-pcie4", CostProfile(
-    expert_bytes=352_321_536.0, bandwidth_gbps=25.0, layer_compute_ms=0.4,
+    expert_bytes=MIXTRAL_EXPERT_WEIGHTS * 2.0, bandwidth_gbps=25.0, layer_compute_ms=0.4,
     derivation="Mixtral-8x7B decoding with experts offloaded to CPU memory: an expert is 3 x 4096 x 14336 bf16 weights "
                "= 352,321,536 bytes (~336 MiB), moved over PCIe 4.0 x16 at a practical 25 GB/s (~14 ms each), while one "
                "MoE layer of a decode step computes in ~0.4 ms on a GPU (about 26 GB of active weights read at 2 TB/s "
                "over 32 layers).",
+))
+COST_PROFILES.add("mixtral-8x7b-int4-pcie4", CostProfile(
+    expert_bytes=MIXTRAL_EXPERT_WEIGHTS * 4.5 / 8, bandwidth_gbps=25.0, layer_compute_ms=0.3,
+    derivation="Mixtral-8x7B with HQQ-style 4-bit experts (group size 64, a 16-bit scale and zero per group: 4.5 bits "
+               "per weight) = 99,090,432 bytes, over PCIe 4.0 x16 at 25 GB/s (~4 ms each); a layer computes in ~0.3 ms "
+               "(2 quantised experts plus bf16 attention, ~0.28 GB read per layer, at the lower bandwidth dequantising "
+               "kernels reach).",
+))
+COST_PROFILES.add("mixtral-8x7b-int2-pcie4", CostProfile(
+    expert_bytes=MIXTRAL_EXPERT_WEIGHTS * 2.5 / 8, bandwidth_gbps=25.0, layer_compute_ms=0.25,
+    derivation="Mixtral-8x7B with HQQ-style 2-bit experts (group size 16 with 8-bit scales and zeros, themselves "
+               "grouped: ~2.5 bits per weight, as in Eliseev & Mazur's offloading setup) = 55,050,240 bytes over PCIe "
+               "4.0 x16 at 25 GB/s (~2.2 ms each); a layer computes in ~0.25 ms.",
+))
+COST_PROFILES.add("mixtral-8x7b-int4-pcie5", CostProfile(
+    expert_bytes=MIXTRAL_EXPERT_WEIGHTS * 4.5 / 8, bandwidth_gbps=50.0, layer_compute_ms=0.3,
+    derivation="The 4-bit Mixtral experts of mixtral-8x7b-int4-pcie4 over PCIe 5.0 x16 (64 GB/s raw, ~50 GB/s "
+               "practical host-to-device): ~2 ms per expert, same compute.",
+))
+COST_PROFILES.add("mixtral-8x7b-bf16-c2c", CostProfile(
+    expert_bytes=MIXTRAL_EXPERT_WEIGHTS * 2.0, bandwidth_gbps=400.0, layer_compute_ms=0.25,
+    derivation="Mixtral-8x7B bf16 experts in a Grace-Hopper superchip's LPDDR5X, moved over NVLink-C2C (450 GB/s per "
+               "direction, ~400 GB/s practical host-to-device): ~0.9 ms per expert; a layer computes in ~0.25 ms "
+               "(26 GB of active weights at H100's ~3.35 TB/s over 32 layers).",
+))
+COST_PROFILES.add("qwen3-30b-a3b-int4-nvme", CostProfile(
+    expert_bytes=QWEN3_30B_EXPERT_WEIGHTS * 4.5 / 8, bandwidth_gbps=3.0, layer_compute_ms=0.4,
+    derivation="Qwen3-30B-A3B (48 MoE layers, 128 experts, top-8) at 4.5 bits per weight on a laptop or phone, experts "
+               "streamed from NVMe/UFS flash: an expert is 3 x 2048 x 768 weights = 2,654,208 bytes, read at ~3 GB/s "
+               "for ~2.6 MB random reads (~0.9 ms each); a layer computes in ~0.4 ms (~1.9 GB of active weights per "
+               "token over 48 layers at ~100 GB/s of unified memory).",
 ))
 COST_OVERRIDES = ("expert_bytes", "bandwidth_gbps", "layer_compute_ms")  # CacheParams fields replacing a profile's
 
@@ -52,10 +85,21 @@ class CacheParams:
     layer_compute_ms: float | None = doc(
         "Compute time of one MoE layer of one decode step with its experts resident; null = the profile's.", None)
     overlap_prefetch: bool = doc("Prefetch transfers overlap compute (demand loads never do).", True)
+    chunk_bytes: float = doc(
+        "A demand load pre-empts a prefetch in flight at this granularity (bytes; an engine copying an expert in "
+        "chunks on a copy stream and checking its demand queue between chunks); 0 = it waits for the whole transfer.",
+        16_777_216.0)
+    predictor_ms: float = doc(
+        "The predictor's inference time per prefetching layer, charged on the compute stream to the `predictor` "
+        "strategy (benchmarks/bench_export.py measures it).", 0.0)
+    seed: int = doc("Seed of the random eviction policy.", 0)
     decode_batch_size: int = doc("Sequences decoded together: a step needs the union of their experts.", 1)
     max_tokens: int = doc("Replay at most this many test tokens (whole sequences, in order) to bound run time.", 4000)
     capacity_sweep: list = doc("Capacities of the hit-rate/speedup vs capacity plot.", factory=lambda: [1, 2, 4, 8, 12])
     decode_batch_sweep: list = doc("Decode batch sizes of the hit-rate/speedup vs batch size plot.", factory=lambda: [1, 4, 16])
+    regime_sweep: list = doc(
+        "Transfer time per expert over layer compute time, for the speedup-by-regime plot (the profile's compute "
+        "and bandwidth, expert bytes scaled).", factory=lambda: [0.25, 0.5, 1, 2, 4, 8, 16, 35])
 
     def costs(self) -> CostProfile:
         """The profile with every non-null override applied."""
@@ -64,7 +108,7 @@ class CacheParams:
         return dataclasses.replace(profile, **overrides)
 
     def cost_model(self) -> CostModel:
-        return self.costs().cost_model(self.overlap_prefetch)
+        return self.costs().cost_model(self.overlap_prefetch, self.chunk_bytes)
 
     def validate(self) -> None:
         positive("evaluate.cache", self, "capacity", "prefetch_m", "decode_batch_size", "max_tokens")
@@ -72,7 +116,10 @@ class CacheParams:
         costs = self.costs()  # the numbers the replay uses: each override, or else the profile's own
         positive("evaluate.cache", costs, "expert_bytes", "bandwidth_gbps")
         non_negative("evaluate.cache", costs, "layer_compute_ms")
+        non_negative("evaluate.cache", self, "chunk_bytes", "predictor_ms")
         positive_int_list("evaluate.cache", self, "capacity_sweep", "decode_batch_sweep")
+        if not self.regime_sweep or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in self.regime_sweep):
+            raise PipelineError(f"evaluate.cache.regime_sweep: must be a non-empty list of numbers > 0, got {self.regime_sweep}")
 
 
 @dataclass

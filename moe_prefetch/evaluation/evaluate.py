@@ -113,7 +113,8 @@ def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
 def headline(metrics: dict) -> dict:
     """The handful of numbers `dvc exp show` and `dvc metrics diff` should show first (metrics/headline.json):
     the predictor's top-1 and recall@k, the best baseline's on each (the strongest of every registered baseline),
-    and the cache replay's speedups over on-demand loading (the predictor's prefetch and the oracle's). Nested
+    and the cache replay's speedups over on-demand loading (the predictor's prefetch, the oracle's, Belady eviction
+    alone, the ideal floor) and the predictor's share of the ideal's saving. Nested
     under one `headline` key, so that DVC names the columns `headline.<name>` and `--keep '^headline'` selects them."""
     predictor, baselines, cache = metrics["predictor"], metrics["baselines"], metrics["cache"]
     best = {m: max(result[m] for result in baselines.values()) for m in ("top1", "recall_at_k")}
@@ -125,6 +126,9 @@ def headline(metrics: dict) -> dict:
         "predictor_minus_best_baseline_top1": round(predictor["top1"] - best["top1"], 6),
         "cache_predictor_speedup": cache["predictor"]["speedup_vs_on_demand"],
         "cache_oracle_speedup": cache["oracle"]["speedup_vs_on_demand"],
+        "cache_belady_speedup": cache["belady"]["speedup_vs_on_demand"],
+        "cache_ideal_speedup": cache["ideal"]["speedup_vs_on_demand"],
+        "cache_predictor_share_of_ideal": cache["predictor"]["share_of_ideal"],
     }}
 
 
@@ -164,7 +168,9 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, test, results["predictor"])
-    metrics["cache"], by_capacity, by_batch = cache_report(test, scorers, params.cache, summary)
+    report = cache_report(test, scorers, params.cache, summary)
+    metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
+    metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)
-    write_cache_plots(plots_dir, by_capacity, by_batch)
+    write_cache_plots(plots_dir, report["by_capacity"], report["by_batch"], report["by_regime"])
     return clean(metrics)

@@ -17,11 +17,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator  # noqa: E402
 
 STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v",
-         "on_demand": ":x", "oracle": "-*", "perfect": "--"}
+         "on_demand": ":x", "oracle": "-*", "perfect": "--", "belady": "-.+", "oracle_belady": "-P", "ideal": "--"}
 # A series keeps its colour in every figure; a name without one takes the tab10 colours left over.
 COLORS = {"predictor": "tab:blue", "lookup": "tab:red", "frequency": "tab:green", "random": "tab:gray",
           "previous_token": "tab:purple", "stale_gate": "tab:brown", "on_demand": "tab:olive", "oracle": "tab:orange",
-          "perfect": "black"}
+          "perfect": "black", "belady": "tab:pink", "oracle_belady": "tab:cyan", "ideal": "black"}
 SPARE_COLORS = [color for color in TABLEAU_COLORS if color not in COLORS.values()]
 MAX_VALUE_TICKS = 12  # integer x: a tick at each value up to this many values, else integer ticks only
 
@@ -30,9 +30,13 @@ def _dump(path: Path, rows: list[dict]) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], integer_x: bool = False) -> None:
-    """One line per series, each in its own colour with a legend entry; `integer_x` for counts (layers, m, sizes)."""
+def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], integer_x: bool = False,
+            log_x: bool = False) -> None:
+    """One line per series, each in its own colour with a legend entry; `integer_x` for counts (layers, m, sizes),
+    `log_x` for ratios spanning orders of magnitude."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if log_x:
+        ax.set_xscale("log")
     if integer_x:
         values = sorted({x for xs, _ in series.values() for x in xs})
         if len(values) <= MAX_VALUE_TICKS:
@@ -92,13 +96,21 @@ def write_horizon_plot(directory: Path, per_horizon: dict) -> None:
             integer_x=True)
 
 
-def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict]) -> None:
-    """Hit rate and speedup of each prefetch strategy vs cache capacity and vs decode batch size."""
+def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict], by_regime: list[dict]) -> None:
+    """Hit rate and speedup of each prefetch strategy vs cache capacity and vs decode batch size; speedup vs the
+    transfer/compute ratio (log x)."""
     _dump(directory / "cache_by_capacity.json", by_capacity)
     _dump(directory / "cache_by_batch.json", by_batch)
-    strategies = [key[: -len("_hit_rate")] for key in by_capacity[0] if key.endswith("_hit_rate")]
+    _dump(directory / "cache_by_regime.json", by_regime)
+    ratios = [row["transfer_over_compute"] for row in by_regime]
+    suffix = "_speedup_vs_on_demand"
+    _figure(directory / "cache_speedup_by_regime.png", "Speedup over on-demand LRU by regime",
+            "transfer time per expert / layer compute time (log)", "speedup over on-demand loading",
+            {key[: -len(suffix)]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0] if key.endswith(suffix)},
+            log_x=True)
     for rows, axis, label in ((by_capacity, "capacity", "experts cached per layer"), (by_batch, "batch_size", "decode batch size")):
         xs = [row[axis] for row in rows]
-        for metric, title in (("hit_rate", "Expert-cache hit rate"), ("speedup_vs_on_demand", "Speedup over on-demand loading")):
+        for metric, title in (("hit_rate", "Expert-cache on-time hit rate"), ("speedup_vs_on_demand", "Speedup over on-demand loading")):
+            strategies = [key[: -len(metric) - 1] for key in rows[0] if key.endswith(f"_{metric}")]
             _figure(directory / f"cache_{metric}_by_{axis}.png", title, label, metric.replace("_", " "),
                     {name: (xs, [row[f"{name}_{metric}"] for row in rows]) for name in strategies}, integer_x=True)

@@ -5,12 +5,17 @@ Replayed layers are the target layers of the windows (MoE layers c-1+h .. L-1: e
 prediction, so leaving them out favours no strategy). A step is one decode step of `decode_batch_size` sequences:
 the experts it needs at a layer are the union over its tokens. The strategies (PREFETCH_STRATEGIES, in the order
 of the metrics) each plan what to prefetch, when layer l runs, for layer l+h from what they need: the replayed
-windows, the scorers, the routed steps. A strategy is left out when the run lacks its input. Speedups are over
-on_demand (no prefetch), shares of speedup are of oracle's (perfect knowledge).
+windows, the scorers, the routed steps. A strategy is left out when the run lacks its input. Each uses the
+configured eviction policy unless it names its own: `belady` and `oracle_belady` are the ceilings (offline optimal
+eviction without and with perfect prefetch). `predictor` is charged evaluate.cache.predictor_ms per prefetching
+layer on the compute stream; the tables (lookup) are charged nothing. Speedups are over on_demand (no prefetch,
+configured policy); `ideal` is the floor max(compute, Belady's demand loads x transfer time) that no strategy can
+beat with this cache (cache.ideal_time_ms), and share_of_ideal is the share of its saving a strategy achieves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,12 +23,13 @@ import numpy as np
 
 from moe_prefetch.evaluation.cache import (
     CacheConfig,
+    ideal_share,
+    ideal_time_ms,
     oracle_prefetch,
-    oracle_share,
     simulate,
     speedup,
 )
-from moe_prefetch.evaluation.config import CacheParams
+from moe_prefetch.evaluation.config import COST_PROFILES, CacheParams
 from moe_prefetch.progress import Progress
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet
@@ -103,73 +109,115 @@ class PrefetchStrategy:
     doc: str  # one line: what it prefetches
     plan: Callable[[ReplayInputs, DecodeSteps], np.ndarray | None]
     available: Callable[[ReplayInputs], bool] = lambda inputs: True
+    policy: str | None = None  # its own eviction policy; None = evaluate.cache.policy
+    charged: bool = False  # pays evaluate.cache.predictor_ms per prefetching layer
 
 
-def _scored(scorer: str, doc: str) -> PrefetchStrategy:
+def _scored(scorer: str, doc: str, charged: bool = False) -> PrefetchStrategy:
     """The strategy prefetching `scorer`'s top-m (available when the run has that scorer)."""
     return PrefetchStrategy(doc, lambda inputs, steps: steps.issue(inputs.predicted(scorer)),
-                            lambda inputs: scorer in inputs.scorers)
+                            lambda inputs: scorer in inputs.scorers, charged=charged)
+
+
+def _perfect(inputs: ReplayInputs, steps: DecodeSteps) -> np.ndarray:
+    """The experts layer l+h will really use, every one of them."""
+    return oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2])
+
+
+def _no_prefetch(inputs: ReplayInputs, steps: DecodeSteps) -> None:
+    return None
 
 
 PREFETCH_STRATEGIES: Registry[PrefetchStrategy] = Registry("prefetch strategy")
-PREFETCH_STRATEGIES.add("on_demand", PrefetchStrategy("No prefetch: the cache alone.", lambda inputs, steps: None))
-PREFETCH_STRATEGIES.add("predictor", _scored("predictor", "The trained predictor's top-m for layer l+h."))
+PREFETCH_STRATEGIES.add("on_demand", PrefetchStrategy("No prefetch: the cache alone.", _no_prefetch))
+PREFETCH_STRATEGIES.add("belady", PrefetchStrategy(
+    "No prefetch, Belady (offline optimal) eviction: what better eviction alone can buy.", _no_prefetch, policy="belady"))
+PREFETCH_STRATEGIES.add("predictor", _scored("predictor", "The trained predictor's top-m for layer l+h.", charged=True))
 PREFETCH_STRATEGIES.add("lookup", _scored("lookup", "The same from the lookup baseline."))
 PREFETCH_STRATEGIES.add("stale_gate", PrefetchStrategy(
     "Layer l+h's router applied at layer l (when captured).",
     lambda inputs, steps: steps.issue(inputs.windows.stale_gate_experts.astype(np.int64)[:, : inputs.m]),
     lambda inputs: inputs.windows.stale_gate_experts is not None,
 ))
-PREFETCH_STRATEGIES.add("oracle", PrefetchStrategy(
-    "The experts layer l+h will really use (perfect knowledge).",
-    lambda inputs, steps: oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2]),
-))
+PREFETCH_STRATEGIES.add("oracle", PrefetchStrategy("The experts layer l+h will really use (perfect knowledge).", _perfect))
+PREFETCH_STRATEGIES.add("oracle_belady", PrefetchStrategy(
+    "Perfect prefetch with lead h and Belady eviction: the ceiling of prefetching h layers ahead.", _perfect,
+    policy="belady"))
 
 
 def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int) -> dict[str, dict]:
-    """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time."""
+    """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time;
+    then the ideal floor."""
     steps = DecodeSteps(inputs, batch_size)
-    cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=params.policy)
     cost = params.cost_model()
-    results = {name: simulate(steps.routed, strategy.plan(inputs, steps), cache, cost, inputs.horizon)
-               for name, strategy in PREFETCH_STRATEGIES.items() if strategy.available(inputs)}
-    base, best = results["on_demand"]["time_ms"], results["oracle"]["time_ms"]
+    results = {}
+    for name, strategy in PREFETCH_STRATEGIES.items():
+        if strategy.available(inputs):
+            cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
+                                seed=params.seed)
+            results[name] = simulate(steps.routed, strategy.plan(inputs, steps), cache, cost, inputs.horizon,
+                                     params.predictor_ms if strategy.charged else 0.0)
+    base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
     summary = {}
     for name, result in results.items():
         summary[name] = {
             "hit_rate": result["hit_rate"],
+            "late_hit_rate": result["late_hit_rate"],
+            "late_wait_ms": result["late_wait_ms"],
             "bytes_moved": result["bytes_moved"],
             "wasted_prefetch_bytes": result["wasted_prefetch_bytes"],
+            "cancelled_prefetches": result["cancelled"],
             "stall_ms": result["stall_ms"],
+            "stall_per_token_ms": result["stall_ms"] / inputs.tokens,
             "time_per_token_ms": result["time_ms"] / inputs.tokens,
             "speedup_vs_on_demand": speedup(base, result["time_ms"]),
-            "share_of_oracle_speedup": oracle_share(base, result["time_ms"], best),
+            "share_of_ideal": ideal_share(base, result["time_ms"], ideal),
         }
+    summary["ideal"] = {"time_per_token_ms": ideal / inputs.tokens, "speedup_vs_on_demand": speedup(base, ideal),
+                        "share_of_ideal": 1.0}
     return summary
 
 
-def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict) -> tuple[dict, list, list]:
-    """The simulator summary at the configured cache, and the rows of the capacity and decode batch-size sweeps."""
+def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict) -> dict:
+    """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
+    (`by_profile`), and the rows of the capacity, decode batch-size and regime sweeps (`by_capacity`, `by_batch`,
+    `by_regime`: transfer time per expert = ratio x layer compute time, the profile's compute)."""
     T = len(summary["target_layers"])
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
     inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T)
-    progress = Progress(1 + len(params.capacity_sweep) + len(params.decode_batch_sweep), "evaluate: cache replay", unit="replays")
+    replays = 1 + len(params.capacity_sweep) + len(params.decode_batch_sweep) + len(COST_PROFILES) + len(params.regime_sweep)
+    progress = Progress(replays, "evaluate: cache replay", unit="replays")
 
-    def replayed(capacity: int, batch_size: int) -> dict[str, dict]:
-        result = simulate_strategies(inputs, params, capacity, batch_size)
+    def replayed(capacity: int, batch_size: int, replay_params: CacheParams = params) -> dict[str, dict]:
+        result = simulate_strategies(inputs, replay_params, capacity, batch_size)
         progress.update(1)
         return result
 
     main = replayed(params.capacity, params.decode_batch_size)
     by_capacity = [{"capacity": capacity, **_flat(replayed(capacity, params.decode_batch_size))} for capacity in params.capacity_sweep]
     by_batch = [{"batch_size": batch_size, **_flat(replayed(params.capacity, batch_size))} for batch_size in params.decode_batch_sweep]
+    by_profile = {}
+    for name in COST_PROFILES:
+        profile_params = dataclasses.replace(params, profile=name, expert_bytes=None, bandwidth_gbps=None, layer_compute_ms=None)
+        cost = profile_params.cost_model()
+        by_profile[name] = {"transfer_over_compute": cost.transfer_ms / cost.layer_compute_ms,
+                            **_flat(replayed(params.capacity, params.decode_batch_size, profile_params), ("speedup_vs_on_demand",))}
+    costs = params.costs()
+    by_regime = []
+    for ratio in params.regime_sweep:
+        transfer_ms = ratio * costs.layer_compute_ms
+        regime_params = dataclasses.replace(params, expert_bytes=transfer_ms * costs.bandwidth_gbps * 1e6)
+        by_regime.append({"transfer_over_compute": ratio, **_flat(replayed(params.capacity, params.decode_batch_size, regime_params),
+                                                                   ("speedup_vs_on_demand",))})
     progress.close()
     config = {"replayed_tokens": inputs.tokens, "replayed_layers": T, "capacity": params.capacity,
               "prefetch_m": m, "batch_size": params.decode_batch_size,
               "transfer_ms_per_expert": params.cost_model().transfer_ms}
-    return {"config": config, **main}, by_capacity, by_batch
+    return {"cache": {"config": config, **main}, "by_profile": by_profile, "by_capacity": by_capacity,
+            "by_batch": by_batch, "by_regime": by_regime}
 
 
-def _flat(result: dict[str, dict]) -> dict[str, float]:
-    return {f"{name}_{key}": value[key] for name, value in result.items() for key in ("hit_rate", "speedup_vs_on_demand")}
+def _flat(result: dict[str, dict], keys: tuple[str, ...] = ("hit_rate", "speedup_vs_on_demand")) -> dict[str, float]:
+    """One sweep row: each strategy's `keys` (the ideal has only a speedup)."""
+    return {f"{name}_{key}": value[key] for name, value in result.items() for key in keys if key in value}

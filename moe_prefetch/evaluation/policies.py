@@ -1,0 +1,190 @@
+"""Eviction policies of the expert-cache replay (EVICTION_POLICIES; CacheConfig.policy and evaluate.cache.policy
+accept exactly these names). A policy keeps only the eviction state of one pool, told of every insertion, use and
+eviction, and asked for the next victim outside a protected set:
+
+  lru     evicts the least recently used (inserted or hit)
+  lfu     evicts the fewest uses since insertion (counts reset on eviction; a demand load counts as one use, a
+          prefetch as zero), ties to the least recently used
+  random  evicts a resident key drawn uniformly with the replay's seeded generator
+  belady  evicts the key whose next use lies farthest in the future (never used again first; ties to the lower key):
+          Belady's MIN, optimal for demand loading, so it is the ceiling of any online policy. It reads the future
+          from `FutureUses`, built from the replayed trace itself.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Container, Sequence
+
+import numpy as np
+
+from moe_prefetch.registry import Registry
+
+
+class FutureUses:
+    """When every key is used: key -> sorted positions step * L + layer, and the position the replay is at (`now`)."""
+
+    def __init__(self, routed: np.ndarray, offsets: Sequence[int]) -> None:
+        layers = routed.shape[1]
+        step, layer, slot = np.nonzero(routed >= 0)  # row-major: positions come out sorted
+        keys = routed[step, layer, slot] + np.asarray(offsets, dtype=np.int64)[layer]
+        positions = step * layers + layer
+        order = np.argsort(keys, kind="stable")
+        keys, positions = keys[order], positions[order]
+        bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True]) if keys.size else np.zeros(1, dtype=np.int64)
+        self.positions = {int(keys[start]): positions[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:])}
+        self.now = -1
+
+    def next_use(self, key: int) -> float:
+        """The first position after `now` at which `key` is used (inf if never again)."""
+        uses = self.positions.get(key, ())
+        index = bisect.bisect_right(uses, self.now)
+        return uses[index] if index < len(uses) else math.inf
+
+
+class PoolFuture:
+    """The future uses as one pool keys them: its key + `offset` in `future` (a per-layer pool holds bare expert ids,
+    so pool l reads layer l's uses only)."""
+
+    def __init__(self, future: FutureUses, offset: int) -> None:
+        self.future, self.offset = future, offset
+
+    def next_use(self, key: int) -> float:
+        return self.future.next_use(key + self.offset)
+
+
+class EvictionPolicy:
+    """The eviction state of one pool of at most `capacity` resident keys. The pool tells it of every insertion,
+    use and eviction (`tick`: the replay's event counter, increasing) and asks it for the next victim. `future` (the
+    trace's uses) and `seed` are given to every policy; only the offline and the seeded ones read them."""
+
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+        self.capacity = capacity
+
+    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
+        """`key` became resident; `is_use`: by a demand load (True) or a prefetch (False)."""
+        raise NotImplementedError
+
+    def on_use(self, key: int, tick: int) -> None:
+        """A resident `key` was hit."""
+        raise NotImplementedError
+
+    def victim(self, protected: Container[int]) -> int | None:
+        """The resident key to evict next outside `protected` (the pool evicts it before asking again), or None if
+        every resident key is protected."""
+        raise NotImplementedError
+
+    def on_evict(self, key: int) -> None:
+        """`key` left the pool."""
+        raise NotImplementedError
+
+
+EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("cache policy")
+
+
+class _ResidentOrder(EvictionPolicy):
+    """Keeps the resident keys in an ordered dict (oldest insertion or use first) for the policies that scan it."""
+
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+        super().__init__(capacity)
+        self.order: OrderedDict[int, None] = OrderedDict()
+
+    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
+        self.order[key] = None
+
+    def on_use(self, key: int, tick: int) -> None:
+        self.order.move_to_end(key)
+
+    def on_evict(self, key: int) -> None:
+        del self.order[key]
+
+    def candidates(self, protected: Container[int]) -> list[int]:
+        return [key for key in self.order if key not in protected]
+
+
+@EVICTION_POLICIES.register("lru")
+class LRUPolicy(_ResidentOrder):
+    """Least recently inserted or used first."""
+
+    def victim(self, protected: Container[int]) -> int | None:
+        return next((key for key in self.order if key not in protected), None)  # O(|protected|) skips
+
+
+@EVICTION_POLICIES.register("lfu")
+class LFUPolicy(EvictionPolicy):
+    """Fewest uses since insertion first (a prefetch inserts with zero uses), ties to the least recent."""
+
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+        super().__init__(capacity)
+        self.uses: dict[int, int] = {}  # uses since insertion, per resident key
+        self.last_tick: dict[int, int] = {}  # tick of last use or insertion (tie-break)
+        self.heap: list[tuple[int, int, int]] = []  # (uses, last_tick, key), stale entries skipped lazily
+
+    def on_insert(self, key: int, tick: int, is_use: bool) -> None:
+        self.uses[key] = 1 if is_use else 0
+        self.last_tick[key] = tick
+        self._push(key)
+
+    def on_use(self, key: int, tick: int) -> None:
+        self.uses[key] += 1
+        self.last_tick[key] = tick
+        self._push(key)
+
+    def _push(self, key: int) -> None:
+        """Push the key's current state; rebuild the heap when stale entries pile up."""
+        heapq.heappush(self.heap, (self.uses[key], self.last_tick[key], key))
+        if len(self.heap) > 4 * self.capacity + 64:
+            self.heap = [(self.uses[k], self.last_tick[k], k) for k in self.uses]
+            heapq.heapify(self.heap)
+
+    def victim(self, protected: Container[int]) -> int | None:
+        held = []
+        victim = None
+        while self.heap:
+            entry = heapq.heappop(self.heap)
+            uses, last_tick, key = entry
+            if key not in self.uses or self.uses[key] != uses or self.last_tick[key] != last_tick:
+                continue  # stale: the key was used again or evicted since this entry was pushed
+            if key in protected:
+                held.append(entry)
+                continue
+            victim = key
+            break
+        for entry in held:
+            heapq.heappush(self.heap, entry)
+        return victim
+
+    def on_evict(self, key: int) -> None:
+        del self.uses[key], self.last_tick[key]
+
+
+@EVICTION_POLICIES.register("random")
+class RandomPolicy(_ResidentOrder):
+    """A resident key drawn uniformly (seeded): the policy any other must beat."""
+
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+        super().__init__(capacity)
+        self.rng = random.Random(seed)
+
+    def victim(self, protected: Container[int]) -> int | None:
+        candidates = self.candidates(protected)
+        return self.rng.choice(candidates) if candidates else None
+
+
+@EVICTION_POLICIES.register("belady")
+class BeladyPolicy(_ResidentOrder):
+    """The key used again farthest in the future (offline optimal for demand loading; needs the future trace)."""
+
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+        super().__init__(capacity)
+        if future is None:
+            raise ValueError("the belady policy needs the future uses of the replayed trace")
+        self.future = future
+
+    def victim(self, protected: Container[int]) -> int | None:
+        candidates = self.candidates(protected)
+        return max(candidates, key=lambda key: (self.future.next_use(key), -key)) if candidates else None
