@@ -30,6 +30,15 @@ def normalise(scores: np.ndarray) -> np.ndarray:
     return np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
 
 
+def layer_distribution(windows: WindowSet, slots: tuple[np.ndarray, np.ndarray, np.ndarray], num_layers: int,
+                       num_experts: int) -> np.ndarray:
+    """(L, E) per target layer, the normalised weight of each expert over the (window row, expert, weight) `slots`."""
+    rows, experts, weights = slots
+    counts = np.zeros((num_layers, num_experts))
+    np.add.at(counts, (windows.target_layer[rows].astype(np.int64), experts), weights)
+    return normalise(counts)
+
+
 @dataclass
 class LookupParams:
     max_context: int = doc("Longest context (in layers; capped at windows.context_length) the table keys on; shorter ones are back-offs.", 3)
@@ -45,10 +54,7 @@ class FrequencyPredictor(Predictor):
     arch = "frequency"
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
-        rows, experts, weights = target_mass(train)
-        counts = np.zeros((self.geometry["num_layers"], self.num_experts))
-        np.add.at(counts, (train.target_layer[rows].astype(np.int64), experts), weights)
-        self.layer_mass = normalise(counts)  # (L, E)
+        self.layer_mass = layer_distribution(train, target_mass(train), self.geometry["num_layers"], self.num_experts)
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
         scores = self.layer_mass[windows.target_layer.astype(np.int64)].astype(np.float32)  # (N, E)
@@ -69,6 +75,44 @@ def context_keys(windows: WindowSet, length: int) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
 
 
+def context_tables(windows: WindowSet, slots: tuple[np.ndarray, np.ndarray, np.ndarray], lengths: list[int],
+                   num_experts: int) -> dict[int, dict[str, np.ndarray]]:
+    """length -> sparse table: per (target layer, last `length` context layers) seen in `windows`, the summed weight
+    of each expert over the (window row, expert, weight) `slots`. CSR: sorted `keys`, `indptr` into `experts`, `mass`."""
+    rows, experts, weights = slots
+    tables = {}
+    for length in lengths:
+        keys, key_of_row = np.unique(context_keys(windows, length), return_inverse=True)
+        cell, cell_of_slot = np.unique(key_of_row[rows] * num_experts + experts, return_inverse=True)
+        mass = np.bincount(cell_of_slot, weights=weights)
+        indptr = np.searchsorted(cell // num_experts, np.arange(len(keys) + 1))
+        tables[length] = {"keys": keys, "indptr": indptr, "experts": cell % num_experts, "mass": mass}
+    return tables
+
+
+def context_distribution(table: dict[str, np.ndarray], windows: WindowSet, length: int,
+                         num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `windows` whose length-`length` context `table` holds (M,), and its normalised mass there (M, E)."""
+    queries = context_keys(windows, length)
+    slot = np.searchsorted(table["keys"], queries).clip(max=len(table["keys"]) - 1)
+    found = np.flatnonzero(table["keys"][slot] == queries)
+    starts, ends = table["indptr"][slot[found]], table["indptr"][slot[found] + 1]
+    counts = ends - starts
+    entry = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    dense = np.zeros((len(found), num_experts))
+    dense[np.repeat(np.arange(len(found)), counts), table["experts"][entry]] = table["mass"][entry]
+    return found, normalise(dense)
+
+
+def backed_off(tables: dict[int, dict[str, np.ndarray]], windows: WindowSet, num_experts: int) -> np.ndarray:
+    """(N, E) the normalised mass of each window's longest context the tables hold; all-zero rows where none does."""
+    matched = np.zeros((len(windows), num_experts))
+    for length in sorted(tables):  # longer contexts overwrite shorter ones where they match
+        found, distribution = context_distribution(tables[length], windows, length, num_experts)
+        matched[found] = distribution
+    return matched
+
+
 @register_arch
 class LookupPredictor(FrequencyPredictor):
     """For each target layer and context (the best-first experts of the last `max_context` layers), the gate
@@ -84,32 +128,12 @@ class LookupPredictor(FrequencyPredictor):
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
         super().fit(train, val, log)
-        rows, experts, weights = target_mass(train)
-        self.tables = {}
-        for length in self.lengths:
-            keys, key_of_row = np.unique(context_keys(train, length), return_inverse=True)
-            cell, cell_of_slot = np.unique(key_of_row[rows] * self.num_experts + experts, return_inverse=True)
-            mass = np.bincount(cell_of_slot, weights=weights)
-            indptr = np.searchsorted(cell // self.num_experts, np.arange(len(keys) + 1))
-            self.tables[length] = {"keys": keys, "indptr": indptr, "experts": cell % self.num_experts, "mass": mass}
+        self.tables = context_tables(train, target_mass(train), self.lengths, self.num_experts)
         log({"lookup_contexts": float(len(self.tables[self.lengths[-1]]["keys"]))})
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
         prior, _ = super().score(windows)  # (N, E)
-        matched = np.zeros_like(prior)
-        for length in self.lengths:  # longer contexts overwrite shorter ones where they match
-            table = self.tables[length]
-            queries = context_keys(windows, length)
-            slot = np.searchsorted(table["keys"], queries).clip(max=len(table["keys"]) - 1)
-            found = np.flatnonzero(table["keys"][slot] == queries)
-            if not len(found):
-                continue
-            starts, ends = table["indptr"][slot[found]], table["indptr"][slot[found] + 1]
-            counts = ends - starts
-            entry = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            dense = np.zeros((len(found), self.num_experts))
-            dense[np.repeat(np.arange(len(found)), counts), table["experts"][entry]] = table["mass"][entry]
-            matched[found] = normalise(dense)
+        matched = backed_off(self.tables, windows, self.num_experts).astype(prior.dtype)  # summed in float32, as exported
         unmatched = matched.sum(axis=1) == 0
         confidence = np.where(unmatched, prior.max(axis=1), matched.max(axis=1))
         return (matched + TIE_BREAK * prior).astype(np.float32), confidence.astype(np.float32)
