@@ -67,33 +67,31 @@ class FrequencyPredictor(Predictor):
         self.layer_mass = arrays["layer_mass"]
 
 
-def context_keys(windows: WindowSet, length: int) -> np.ndarray:
-    """(N,) opaque row keys of (target layer, experts of the last `length` context layers)."""
-    context = windows.context_experts[:, -length:, :].reshape(len(windows), -1)
-    rows = np.concatenate([windows.target_layer[:, None].astype(np.int16), context.astype(np.int16)], axis=1)
+def row_keys(rows: np.ndarray) -> np.ndarray:
+    """(N,) opaque, sortable keys of the rows of a 2-D array (N, m): equal rows have equal keys."""
     rows = np.ascontiguousarray(rows)
     return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
 
 
-def context_tables(windows: WindowSet, slots: tuple[np.ndarray, np.ndarray, np.ndarray], lengths: list[int],
-                   num_experts: int) -> dict[int, dict[str, np.ndarray]]:
-    """length -> sparse table: per (target layer, last `length` context layers) seen in `windows`, the summed weight
-    of each expert over the (window row, expert, weight) `slots`. CSR: sorted `keys`, `indptr` into `experts`, `mass`."""
+def context_keys(windows: WindowSet, length: int) -> np.ndarray:
+    """(N,) opaque row keys of (target layer, experts of the last `length` context layers)."""
+    context = windows.context_experts[:, -length:, :].reshape(len(windows), -1)
+    return row_keys(np.concatenate([windows.target_layer[:, None].astype(np.int16), context.astype(np.int16)], axis=1))
+
+
+def keyed_table(keys: np.ndarray, slots: tuple[np.ndarray, np.ndarray, np.ndarray], num_experts: int) -> dict[str, np.ndarray]:
+    """Sparse table: per distinct row key (N,) (row_keys), the summed weight of each expert over the (window row,
+    expert, weight) `slots`. CSR: sorted `keys`, `indptr` into `experts` and `mass`."""
     rows, experts, weights = slots
-    tables = {}
-    for length in lengths:
-        keys, key_of_row = np.unique(context_keys(windows, length), return_inverse=True)
-        cell, cell_of_slot = np.unique(key_of_row[rows] * num_experts + experts, return_inverse=True)
-        mass = np.bincount(cell_of_slot, weights=weights)
-        indptr = np.searchsorted(cell // num_experts, np.arange(len(keys) + 1))
-        tables[length] = {"keys": keys, "indptr": indptr, "experts": cell % num_experts, "mass": mass}
-    return tables
+    unique_keys, key_of_row = np.unique(keys, return_inverse=True)
+    cell, cell_of_slot = np.unique(key_of_row[rows] * num_experts + experts, return_inverse=True)
+    mass = np.bincount(cell_of_slot, weights=weights)
+    indptr = np.searchsorted(cell // num_experts, np.arange(len(unique_keys) + 1))
+    return {"keys": unique_keys, "indptr": indptr, "experts": cell % num_experts, "mass": mass}
 
 
-def context_distribution(table: dict[str, np.ndarray], windows: WindowSet, length: int,
-                         num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of `windows` whose length-`length` context `table` holds (M,), and its normalised mass there (M, E)."""
-    queries = context_keys(windows, length)
+def keyed_distribution(table: dict[str, np.ndarray], queries: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the query keys (N,) that `table` holds (M,), and its normalised mass there (M, E)."""
     slot = np.searchsorted(table["keys"], queries).clip(max=len(table["keys"]) - 1)
     found = np.flatnonzero(table["keys"][slot] == queries)
     starts, ends = table["indptr"][slot[found]], table["indptr"][slot[found] + 1]
@@ -102,6 +100,18 @@ def context_distribution(table: dict[str, np.ndarray], windows: WindowSet, lengt
     dense = np.zeros((len(found), num_experts))
     dense[np.repeat(np.arange(len(found)), counts), table["experts"][entry]] = table["mass"][entry]
     return found, normalise(dense)
+
+
+def context_tables(windows: WindowSet, slots: tuple[np.ndarray, np.ndarray, np.ndarray], lengths: list[int],
+                   num_experts: int) -> dict[int, dict[str, np.ndarray]]:
+    """length -> keyed_table of (target layer, last `length` context layers) over the `slots` of `windows`."""
+    return {length: keyed_table(context_keys(windows, length), slots, num_experts) for length in lengths}
+
+
+def context_distribution(table: dict[str, np.ndarray], windows: WindowSet, length: int,
+                         num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `windows` whose length-`length` context `table` holds (M,), and its normalised mass there (M, E)."""
+    return keyed_distribution(table, context_keys(windows, length), num_experts)
 
 
 def backed_off(tables: dict[int, dict[str, np.ndarray]], windows: WindowSet, num_experts: int) -> np.ndarray:
