@@ -1,5 +1,5 @@
 """The count-table baselines beyond lookup (moe_prefetch/evaluation/table_baselines.py) on hand-built windows whose
-right answer is worked out by hand: top1_table, cooccurrence and lookup_interpolated."""
+right answer is worked out by hand: top1_table, cooccurrence, lookup_interpolated and token."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from moe_prefetch.evaluation.table_baselines import COOCCURRENCE_ALPHA, interpol
 from moe_prefetch.windows.data import WindowSet
 
 
-def windows(context: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None, layer: np.ndarray | None = None) -> WindowSet:
-    """Windows of one sequence from context experts (N, c, k) and target experts (N, k); weights default to 1/k."""
+def windows(context: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None, layer: np.ndarray | None = None,
+            token: np.ndarray | None = None) -> WindowSet:
+    """Windows of one sequence from context experts (N, c, k), target experts (N, k) and optionally target layers
+    and token ids (N,); weights default to 1/k, the target layer to 1."""
     target = np.asarray(target, dtype=np.int16)
     n, k = target.shape
     return WindowSet(
@@ -21,6 +23,7 @@ def windows(context: np.ndarray, target: np.ndarray, weights: np.ndarray | None 
         target_weights=np.full((n, k), 1 / k, dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32),
         prev_token_experts=np.zeros((n, k), dtype=np.int16), position=np.arange(n, dtype=np.int32),
         domain_index=np.zeros(n, dtype=np.int64), sequence_index=np.zeros(n, dtype=np.int64), domains=["d"], sequence_ids=["s"],
+        token_id=None if token is None else np.asarray(token, dtype=np.int32),
     )
 
 
@@ -136,3 +139,17 @@ def test_lookup_interpolated_weights_the_frequency_when_the_context_is_noise() -
 def test_lookup_interpolated_needs_the_val_windows() -> None:
     assert "lookup_interpolated" not in baseline_scorers(TOP1_TRAIN, summary(5, 2, 2))
     assert "lookup_interpolated" in baseline_scorers(TOP1_TRAIN, summary(5, 2, 2), val=TOP1_TRAIN)
+
+
+# --- token ---------------------------------------------------------------------------------------------------
+
+def test_token_keys_on_target_layer_and_token_then_falls_back_to_frequency() -> None:
+    """E = 4, k = 1. Layer 1: token 7 -> 2 twice, token 8 -> 3 once; layer 2: token 7 -> 0 once. Frequency at layer
+    1 is 2 (2 of 3); so token 8 at layer 1 scores 3 first, token 7 at layer 2 scores 0 first, and the unseen
+    token 9 at layer 1 ranks by frequency: 2, then 3."""
+    train = windows(context=[[[0]]] * 4, target=[[2], [2], [3], [0]], layer=[1, 1, 1, 2], token=[7, 7, 8, 7])
+    test = windows(context=[[[0]]] * 3, target=[[3], [0], [2]], layer=[1, 2, 1], token=[8, 7, 9])
+    scores, _ = scorer("token", train, summary(4, 1, 1))(test)
+    assert scores.argmax(axis=1).tolist() == [3, 0, 2]
+    assert np.argsort(-scores[2])[:2].tolist() == [2, 3]
+    assert "token" not in baseline_scorers(windows(context=[[[0]]], target=[[2]]), summary(4, 1, 1))

@@ -72,7 +72,7 @@ def test_defaults_add_no_column_and_no_summary_key(tmp_path) -> None:
     for split in SPLITS:
         assert pq.read_schema(out / f"{split}.parquet").names == BASE_COLUMNS
     summary = read_summary(out)
-    assert not {"token_context", "token_horizon", "hidden_dim"} & (set(summary) | set(summary["params"]))
+    assert not {"token_context", "token_horizon", "hidden_dim", "token_ids"} & (set(summary) | set(summary["params"]))
 
 
 @pytest.mark.parametrize("horizon", [1, 2])

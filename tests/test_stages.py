@@ -152,6 +152,22 @@ def test_windows_are_deterministic(tiny, tmp_path):
         assert traces.sha256_file(tmp_path / name) == traces.sha256_file(tiny.windows / name), name
 
 
+def test_token_ids_add_each_windows_token_id_and_only_the_summary_key(tiny, tmp_path):
+    """windows.token_ids: every window carries its token's tokenizer id from the shards; the other columns and
+    the default windows (no token_id column, no summary key) are unchanged."""
+    summary = build_windows(tiny.shards, tmp_path, tiny_params("windows", token_ids=True))
+    shards = read_shard_tables(tiny.shards)
+    token_of = dict(zip(zip(shards["sequence_id"].to_pylist(), shards["position"].to_pylist()), shards["token_id"].to_pylist()))
+    for split in SPLITS:
+        table = pq.read_table(tmp_path / f"{split}.parquet")
+        tokens = zip(table["sequence_id"].to_pylist(), table["position"].to_pylist())
+        assert table["token_id"].to_pylist() == [token_of[token] for token in tokens]
+        assert read_split(tmp_path, split) == read_split(tiny.windows, split)
+        assert "token_id" not in pq.read_schema(tiny.windows / f"{split}.parquet").names
+    assert read_windows(tmp_path, "test").token_id.tolist() == pq.read_table(tmp_path / "test.parquet")["token_id"].to_pylist()
+    assert summary["params"]["token_ids"] is True and "token_ids" not in tiny.summary["params"]
+
+
 # --- train ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["predictor", "lookup"])
@@ -186,11 +202,12 @@ def test_metrics_have_predictor_and_baselines(tiny):
     assert metrics["test_windows"] == tiny.summary["splits"]["test"]["windows"]
     assert RANKING_KEYS <= set(metrics["predictor"])
     assert BASELINES <= set(metrics["baselines"])
-    # Metrics keys come from the registries, in registration order (the tiny collect captures no look-ahead).
+    # Metrics keys come from the registries, in registration order (the tiny collect captures no look-ahead, the
+    # tiny windows carry no token ids).
     from moe_prefetch.evaluation.baselines import BASELINES as REGISTERED_BASELINES
     from moe_prefetch.evaluation.replay import PREFETCH_STRATEGIES
 
-    assert list(metrics["baselines"]) == [name for name in REGISTERED_BASELINES if name != "stale_gate"]
+    assert list(metrics["baselines"]) == [name for name in REGISTERED_BASELINES if name not in ("stale_gate", "token")]
     assert list(metrics["cache"]) == ["config", *(name for name in PREFETCH_STRATEGIES if name != "stale_gate")]
     for result in [metrics["predictor"], *metrics["baselines"].values()]:
         assert RANKING_KEYS <= set(result)

@@ -2,7 +2,7 @@
 metrics. Each builds a scorer (function(windows batch) -> (scores (n, E), None or confidence (n,))) from the train
 windows and the windows summary; entries that need an input the run lacks are left out (stale_gate without the
 captured look-ahead, random without the evaluation's seeded rng, as in per_horizon; lookup_interpolated without
-the val windows). The count-table baselines beyond lookup live in moe_prefetch/evaluation/table_baselines.py."""
+the val windows, token without the windows' token ids). The count-table baselines beyond lookup live in moe_prefetch/evaluation/table_baselines.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from moe_prefetch.evaluation.table_baselines import Cooccurrence, InterpolatedLookup, Top1Table
+from moe_prefetch.evaluation.table_baselines import Cooccurrence, InterpolatedLookup, TokenTable, Top1Table
 from moe_prefetch.predictors import FrequencyPredictor, LookupPredictor
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet, geometry_of
@@ -129,6 +129,12 @@ def _cooccurrence(inputs: BaselineInputs) -> Scorer:
 def _lookup_interpolated(inputs: BaselineInputs) -> Scorer:
     """Frequency and every context length's lookup table mixed, the mixture weights fit by EM on val."""
     return InterpolatedLookup(inputs.train, inputs.val, inputs.summary, inputs.frequency).score
+
+
+@register_baseline("token", available=lambda inputs: inputs.train.token_id is not None)
+def _token(inputs: BaselineInputs) -> Scorer:
+    """Per (target layer, token id) gate mass in train, then frequency (windows written with windows.token_ids)."""
+    return TokenTable(inputs.train, inputs.summary, inputs.frequency).score
 
 
 def _copied(inputs: BaselineInputs, column: str) -> Scorer:

@@ -6,6 +6,7 @@ windows in a few vectorised passes:
   layer), summed over every routed context expert: dense (c, L, E, E), so it never starves on unseen contexts.
 - InterpolatedLookup: a mixture of the frequency and every context length's `lookup` table, with mixture weights
   fit by EM on the val windows.
+- TokenTable: per target layer and token id, the gate mass of each expert (windows with windows.token_ids).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from moe_prefetch.predictors.tables import (
     backed_off,
     context_distribution,
     context_tables,
+    keyed_distribution,
+    keyed_table,
     layer_distribution,
+    row_keys,
     target_mass,
 )
 from moe_prefetch.windows.data import WindowSet
@@ -136,3 +140,24 @@ class InterpolatedLookup:
     def score(self, windows: WindowSet) -> tuple[np.ndarray, None]:
         components, longest = self.components(windows)
         return np.einsum("nc,cne->ne", self.weights[longest], components).astype(np.float32), None
+
+
+def token_keys(windows: WindowSet) -> np.ndarray:
+    """(N,) opaque row keys of (target layer, token id)."""
+    return row_keys(np.stack([windows.target_layer.astype(np.int32), windows.token_id.astype(np.int32)], axis=1))
+
+
+class TokenTable:
+    """Per target layer and token id, the gate mass of each expert in train; tokens train never saw at that layer
+    fall back to the frequency (which also breaks ties, times TIE_BREAK)."""
+
+    def __init__(self, train: WindowSet, summary: dict, frequency: FrequencyPredictor):
+        self.num_experts, self.frequency = summary["num_experts"], frequency
+        self.table = keyed_table(token_keys(train), target_mass(train), self.num_experts)
+
+    def score(self, windows: WindowSet) -> tuple[np.ndarray, None]:
+        prior = self.frequency.score(windows)[0]  # (N, E)
+        found, distribution = keyed_distribution(self.table, token_keys(windows), self.num_experts)
+        matched = np.zeros_like(prior)
+        matched[found] = distribution
+        return matched + TIE_BREAK * prior, None
