@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 README = Path("README.md")
-BASELINES = ("lookup", "frequency", "previous_token", "stale_gate", "random")
+BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
+             "stale_gate", "random")
 PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "lookup", "stale_gate", "oracle", "oracle_belady")
 
 

@@ -465,8 +465,12 @@ def _windows(context: list[int], target: list[int], previous: list[int], stale: 
 
 # E = 4, one target layer (1). Train: context 0 -> 1 once, context 2 -> 3 twice.
 BASELINE_SUMMARY = {"num_experts": 4, "top_k": 1, "num_layers": 2, "context_length": 1, "horizon": 1}
-BASELINE_TRAIN = _windows([0, 2, 2], [1, 3, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1])
-BASELINE_TEST = _windows([0], [1], [2], [0], [0], [1])  # context 0, previous token's expert 2, stale gate 0
+# Token ids: 9 -> 1 once, 5 -> 3 twice.
+BASELINE_TRAIN = dataclasses.replace(_windows([0, 2, 2], [1, 3, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1]),
+                                     token_id=np.array([9, 5, 5], dtype=np.int32))
+# context 0, previous token's expert 2, stale gate 0, token 9
+BASELINE_TEST = dataclasses.replace(_windows([0], [1], [2], [0], [0], [1]), token_id=np.array([9], dtype=np.int32))
+BASELINE_VAL = BASELINE_TRAIN  # in-sample: the interpolation trusts the context table
 # baseline -> its top-1 on BASELINE_TEST; every registered baseline needs its own.
 BASELINE_TOP1 = {
     "random": int(np.random.default_rng(0).random((1, 4)).argmax()),  # the first draw of the seeded rng
@@ -474,6 +478,10 @@ BASELINE_TOP1 = {
     "lookup": 1,  # context 0 was followed by 1
     "previous_token": 2,
     "stale_gate": 0,
+    "top1_table": 1,  # context 0's only top-1 was 1
+    "cooccurrence": 1,  # P(1 | 0 at the context layer) = (1 + alpha) / (1 + 4 alpha), every other (alpha) / (1 + 4 alpha)
+    "lookup_interpolated": 1,  # weight ~1 on the context table: 1 + ~0 beats 3's ~0 * 2/3
+    "token": 1,  # token 9 was followed by 1
 }
 
 
@@ -483,14 +491,14 @@ def test_every_baseline_has_a_hand_worked_top1() -> None:
 
 @pytest.mark.parametrize("name", list(BASELINE_TOP1))
 def test_baseline_top1_by_hand(name: str) -> None:
-    scores, _ = baseline_scorers(BASELINE_TRAIN, BASELINE_SUMMARY, np.random.default_rng(0))[name](BASELINE_TEST)
+    scores, _ = baseline_scorers(BASELINE_TRAIN, BASELINE_SUMMARY, np.random.default_rng(0), BASELINE_VAL)[name](BASELINE_TEST)
     assert scores.shape == (1, 4) and int(scores.argmax()) == BASELINE_TOP1[name]
 
 
 def test_baselines_in_registration_order_without_the_missing_inputs() -> None:
-    assert list(baseline_scorers(BASELINE_TRAIN, BASELINE_SUMMARY, np.random.default_rng(0))) == list(BASELINES)
-    uncaptured = dataclasses.replace(BASELINE_TRAIN, stale_gate_experts=None)
-    assert list(baseline_scorers(uncaptured, BASELINE_SUMMARY)) == ["frequency", "lookup", "previous_token"]
+    assert list(baseline_scorers(BASELINE_TRAIN, BASELINE_SUMMARY, np.random.default_rng(0), BASELINE_VAL)) == list(BASELINES)
+    uncaptured = dataclasses.replace(BASELINE_TRAIN, stale_gate_experts=None, token_id=None)
+    assert list(baseline_scorers(uncaptured, BASELINE_SUMMARY)) == ["frequency", "lookup", "previous_token", "top1_table", "cooccurrence"]
 
 
 # --- prefetch strategies -------------------------------------------------------------------------------------

@@ -67,12 +67,19 @@ def build(tmp_path, windows: dict, hidden_dim: int = 0):
     return tokens, out
 
 
-def test_defaults_add_no_column_and_no_summary_key(tmp_path) -> None:
-    _, out = build(tmp_path, {"context_length": 2})
+def test_optional_extents_off_add_no_column_and_no_summary_key(tmp_path) -> None:
+    _, out = build(tmp_path, {"context_length": 2, "token_ids": False})
     for split in SPLITS:
         assert pq.read_schema(out / f"{split}.parquet").names == BASE_COLUMNS
     summary = read_summary(out)
-    assert not {"token_context", "token_horizon", "hidden_dim"} & (set(summary) | set(summary["params"]))
+    assert not {"token_context", "token_horizon", "hidden_dim", "token_ids"} & (set(summary) | set(summary["params"]))
+
+
+def test_defaults_add_only_the_token_id_column(tmp_path) -> None:
+    _, out = build(tmp_path, {"context_length": 2})
+    for split in SPLITS:
+        assert pq.read_schema(out / f"{split}.parquet").names == [*BASE_COLUMNS, "token_id"]
+    assert read_summary(out)["params"]["token_ids"] is True
 
 
 @pytest.mark.parametrize("horizon", [1, 2])

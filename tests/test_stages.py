@@ -152,6 +152,24 @@ def test_windows_are_deterministic(tiny, tmp_path):
         assert traces.sha256_file(tmp_path / name) == traces.sha256_file(tiny.windows / name), name
 
 
+def test_token_ids_add_each_windows_token_id_and_only_the_summary_key(tiny, tmp_path):
+    """windows.token_ids (the default): every window carries its token's tokenizer id from the shards; turned off,
+    the windows lose that column and the summary key, nothing else."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    on.mkdir(), off.mkdir()
+    summary = build_windows(tiny.shards, on, tiny_params("windows"))
+    summary_off = build_windows(tiny.shards, off, tiny_params("windows", token_ids=False))
+    shards = read_shard_tables(tiny.shards)
+    token_of = dict(zip(zip(shards["sequence_id"].to_pylist(), shards["position"].to_pylist()), shards["token_id"].to_pylist()))
+    for split in SPLITS:
+        table = pq.read_table(on / f"{split}.parquet")
+        tokens = zip(table["sequence_id"].to_pylist(), table["position"].to_pylist())
+        assert table["token_id"].to_pylist() == [token_of[token] for token in tokens]
+        assert table.drop_columns(["token_id"]).equals(pq.read_table(off / f"{split}.parquet"))
+    assert read_windows(on, "test").token_id.tolist() == pq.read_table(on / "test.parquet")["token_id"].to_pylist()
+    assert summary["params"]["token_ids"] is True and "token_ids" not in summary_off["params"]
+
+
 # --- train ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["predictor", "lookup"])
@@ -202,7 +220,8 @@ def test_metrics_have_predictor_and_baselines(tiny):
     assert metrics["test_windows"] == tiny.summary["splits"]["test"]["windows"]
     assert RANKING_KEYS <= set(metrics["predictor"])
     assert BASELINES <= set(metrics["baselines"])
-    # Metrics keys come from the registries, in registration order (the tiny collect captures no look-ahead).
+    # Metrics keys come from the registries, in registration order (the tiny collect captures no look-ahead, the
+    # tiny windows carry no token ids).
     from moe_prefetch.evaluation.baselines import BASELINES as REGISTERED_BASELINES
     from moe_prefetch.evaluation.replay import PREFETCH_STRATEGIES
 

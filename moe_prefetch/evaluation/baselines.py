@@ -1,7 +1,8 @@
 """The baselines the predictor is compared with, one registered entry each in BASELINES, in the order of the
 metrics. Each builds a scorer (function(windows batch) -> (scores (n, E), None or confidence (n,))) from the train
 windows and the windows summary; entries that need an input the run lacks are left out (stale_gate without the
-captured look-ahead, random without the evaluation's seeded rng, as in per_horizon)."""
+captured look-ahead, random without the evaluation's seeded rng, as in per_horizon; lookup_interpolated without
+the val windows, token without the windows' token ids). The count-table baselines beyond lookup live in moe_prefetch/evaluation/table_baselines.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
+from moe_prefetch.evaluation.table_baselines import Cooccurrence, InterpolatedLookup, TokenTable, Top1Table
 from moe_prefetch.predictors import FrequencyPredictor, LookupPredictor
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet, geometry_of
@@ -32,12 +34,14 @@ def copied_scores(experts: np.ndarray, prior: np.ndarray) -> np.ndarray:
 
 @dataclass
 class BaselineInputs:
-    """What baselines are built from: the train windows, the windows summary and the evaluation's seeded rng (None:
-    no seeded baseline). The frequency table several baselines share is fitted once, on first use."""
+    """What baselines are built from: the train windows, the windows summary, the evaluation's seeded rng (None:
+    no seeded baseline) and the val windows (None: no baseline tuned on val). The frequency table several
+    baselines share is fitted once, on first use."""
 
     train: WindowSet
     summary: dict
     rng: np.random.Generator | None = None
+    val: WindowSet | None = None
 
     @cached_property
     def frequency(self) -> FrequencyPredictor:
@@ -68,9 +72,10 @@ def register_baseline(name: str, available: Callable[[BaselineInputs], bool] = l
     return add
 
 
-def baseline_scorers(train: WindowSet, summary: dict, rng: np.random.Generator | None = None) -> dict[str, Scorer]:
-    """name -> scorer of every baseline the inputs allow, fit on `train`, in registration order."""
-    inputs = BaselineInputs(train, summary, rng)
+def baseline_scorers(train: WindowSet, summary: dict, rng: np.random.Generator | None = None,
+                     val: WindowSet | None = None) -> dict[str, Scorer]:
+    """name -> scorer of every baseline the inputs allow, fit on `train` (tuned on `val`), in registration order."""
+    inputs = BaselineInputs(train, summary, rng, val)
     return {name: baseline.build(inputs) for name, baseline in BASELINES.items() if baseline.available(inputs)}
 
 
@@ -106,6 +111,30 @@ def _previous_token(inputs: BaselineInputs) -> Scorer:
 def _stale_gate(inputs: BaselineInputs) -> Scorer:
     """Layer t's own router applied h layers early (then frequency), when the collector captured look-ahead."""
     return _copied(inputs, "stale_gate_experts")
+
+
+@register_baseline("top1_table")
+def _top1_table(inputs: BaselineInputs) -> Scorer:
+    """Per (target layer, context) count of the target's top-1 expert in train, with lookup's back-off."""
+    return Top1Table(inputs.train, inputs.summary).score
+
+
+@register_baseline("cooccurrence")
+def _cooccurrence(inputs: BaselineInputs) -> Scorer:
+    """Sum over routed context experts of P(target expert | that expert at that context layer), per target layer."""
+    return Cooccurrence(inputs.train, inputs.summary, inputs.frequency).score
+
+
+@register_baseline("lookup_interpolated", available=lambda inputs: inputs.val is not None)
+def _lookup_interpolated(inputs: BaselineInputs) -> Scorer:
+    """Frequency and every context length's lookup table mixed, the mixture weights fit by EM on val."""
+    return InterpolatedLookup(inputs.train, inputs.val, inputs.summary, inputs.frequency).score
+
+
+@register_baseline("token", available=lambda inputs: inputs.train.token_id is not None)
+def _token(inputs: BaselineInputs) -> Scorer:
+    """Per (target layer, token id) gate mass in train, then frequency (windows written with windows.token_ids)."""
+    return TokenTable(inputs.train, inputs.summary, inputs.frequency).score
 
 
 def _copied(inputs: BaselineInputs, column: str) -> Scorer:

@@ -64,22 +64,22 @@ def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary:
 HORIZON_METRICS = ("top1", "recall_at_k", "recall_at_2k")
 
 
-def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: WindowSet, test: WindowSet,
-                predictor_result: dict) -> dict:
+def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: WindowSet, val: WindowSet,
+                test: WindowSet, predictor_result: dict) -> dict:
     """h -> strategy -> top1/recall@k/recall@2k for h = 1..max_horizon: baselines (but the seeded random one) refit
-    on each horizon's train windows (rebuilt from the shards, same document split), the predictor at the horizon it
-    was trained for."""
+    on each horizon's train windows and tuned on its val windows (rebuilt from the shards, same document split),
+    the predictor at the horizon it was trained for."""
     windows_params = parse(WindowsParams, summary["params"], "windows")
     results = {}
     for h in range(1, params.max_horizon + 1):
         if h == summary["horizon"]:  # the stage's own windows
-            train_h, test_h, summary_h = train, test, summary
+            train_h, val_h, test_h, summary_h = train, val, test, summary
         else:
             at_h = dataclasses.replace(windows_params, horizon=h, token_context=0, token_horizon=0)
             summary_h = {**summary, "horizon": h, "token_context": 0, "token_horizon": 0}
-            tables = windows_in_memory(shard_dir, at_h, ("train", "test"))
-            train_h, test_h = (windows_from_table(tables[split], summary_h) for split in ("train", "test"))
-        accumulators = rank_all(baseline_scorers(train_h, summary_h), test_h, params, summary_h)
+            tables = windows_in_memory(shard_dir, at_h, ("train", "val", "test"))
+            train_h, val_h, test_h = (windows_from_table(tables[split], summary_h) for split in ("train", "val", "test"))
+        accumulators = rank_all(baseline_scorers(train_h, summary_h, val=val_h), test_h, params, summary_h)
         row = {name: {m: acc.result()[m] for m in HORIZON_METRICS} for name, acc in accumulators.items()}
         if h == summary["horizon"]:
             row = {"predictor": {m: predictor_result[m] for m in HORIZON_METRICS}, **row}
@@ -140,8 +140,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
               f"windows.context_length is {c}, so per_horizon scores h = 1..{L - c}")
         params = dataclasses.replace(params, max_horizon=L - c)
     predictor = load_predictor(predictor_dir)
-    train, test = read_windows(windows_dir, "train"), read_windows(windows_dir, "test")
-    scorers = {"predictor": predictor.score, **baseline_scorers(train, summary, np.random.default_rng(params.seed))}
+    train, val, test = (read_windows(windows_dir, split) for split in ("train", "val", "test"))
+    scorers = {"predictor": predictor.score, **baseline_scorers(train, summary, np.random.default_rng(params.seed), val)}
     E, k = summary["num_experts"], summary["top_k"]
     calibration = CalibrationAccumulator(bins=10)
     accumulators = rank_all(scorers, test, params, summary, calibration)
@@ -167,7 +167,7 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         by_kind = breakdown(accumulators, "generated")
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     if params.max_horizon:
-        metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, test, results["predictor"])
+        metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
     report = cache_report(test, scorers, params.cache, summary)
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}

@@ -30,6 +30,15 @@ def normalise(scores: np.ndarray) -> np.ndarray:
     return np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
 
 
+def layer_distribution(windows: WindowSet, slots: tuple[np.ndarray, np.ndarray, np.ndarray], num_layers: int,
+                       num_experts: int) -> np.ndarray:
+    """(L, E) per target layer, the normalised weight of each expert over the (window row, expert, weight) `slots`."""
+    rows, experts, weights = slots
+    counts = np.zeros((num_layers, num_experts))
+    np.add.at(counts, (windows.target_layer[rows].astype(np.int64), experts), weights)
+    return normalise(counts)
+
+
 @dataclass
 class LookupParams:
     max_context: int = doc("Longest context (in layers; capped at windows.context_length) the table keys on; shorter ones are back-offs.", 3)
@@ -45,10 +54,7 @@ class FrequencyPredictor(Predictor):
     arch = "frequency"
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
-        rows, experts, weights = target_mass(train)
-        counts = np.zeros((self.geometry["num_layers"], self.num_experts))
-        np.add.at(counts, (train.target_layer[rows].astype(np.int64), experts), weights)
-        self.layer_mass = normalise(counts)  # (L, E)
+        self.layer_mass = layer_distribution(train, target_mass(train), self.geometry["num_layers"], self.num_experts)
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
         scores = self.layer_mass[windows.target_layer.astype(np.int64)].astype(np.float32)  # (N, E)
@@ -61,12 +67,60 @@ class FrequencyPredictor(Predictor):
         self.layer_mass = arrays["layer_mass"]
 
 
+def row_keys(rows: np.ndarray) -> np.ndarray:
+    """(N,) opaque, sortable keys of the rows of a 2-D array (N, m): equal rows have equal keys."""
+    rows = np.ascontiguousarray(rows)
+    return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
+
+
 def context_keys(windows: WindowSet, length: int) -> np.ndarray:
     """(N,) opaque row keys of (target layer, experts of the last `length` context layers)."""
     context = windows.context_experts[:, -length:, :].reshape(len(windows), -1)
-    rows = np.concatenate([windows.target_layer[:, None].astype(np.int16), context.astype(np.int16)], axis=1)
-    rows = np.ascontiguousarray(rows)
-    return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
+    return row_keys(np.concatenate([windows.target_layer[:, None].astype(np.int16), context.astype(np.int16)], axis=1))
+
+
+def keyed_table(keys: np.ndarray, slots: tuple[np.ndarray, np.ndarray, np.ndarray], num_experts: int) -> dict[str, np.ndarray]:
+    """Sparse table: per distinct row key (N,) (row_keys), the summed weight of each expert over the (window row,
+    expert, weight) `slots`. CSR: sorted `keys`, `indptr` into `experts` and `mass`."""
+    rows, experts, weights = slots
+    unique_keys, key_of_row = np.unique(keys, return_inverse=True)
+    cell, cell_of_slot = np.unique(key_of_row[rows] * num_experts + experts, return_inverse=True)
+    mass = np.bincount(cell_of_slot, weights=weights)
+    indptr = np.searchsorted(cell // num_experts, np.arange(len(unique_keys) + 1))
+    return {"keys": unique_keys, "indptr": indptr, "experts": cell % num_experts, "mass": mass}
+
+
+def keyed_distribution(table: dict[str, np.ndarray], queries: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the query keys (N,) that `table` holds (M,), and its normalised mass there (M, E)."""
+    slot = np.searchsorted(table["keys"], queries).clip(max=len(table["keys"]) - 1)
+    found = np.flatnonzero(table["keys"][slot] == queries)
+    starts, ends = table["indptr"][slot[found]], table["indptr"][slot[found] + 1]
+    counts = ends - starts
+    entry = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    dense = np.zeros((len(found), num_experts))
+    dense[np.repeat(np.arange(len(found)), counts), table["experts"][entry]] = table["mass"][entry]
+    return found, normalise(dense)
+
+
+def context_tables(windows: WindowSet, slots: tuple[np.ndarray, np.ndarray, np.ndarray], lengths: list[int],
+                   num_experts: int) -> dict[int, dict[str, np.ndarray]]:
+    """length -> keyed_table of (target layer, last `length` context layers) over the `slots` of `windows`."""
+    return {length: keyed_table(context_keys(windows, length), slots, num_experts) for length in lengths}
+
+
+def context_distribution(table: dict[str, np.ndarray], windows: WindowSet, length: int,
+                         num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `windows` whose length-`length` context `table` holds (M,), and its normalised mass there (M, E)."""
+    return keyed_distribution(table, context_keys(windows, length), num_experts)
+
+
+def backed_off(tables: dict[int, dict[str, np.ndarray]], windows: WindowSet, num_experts: int) -> np.ndarray:
+    """(N, E) the normalised mass of each window's longest context the tables hold; all-zero rows where none does."""
+    matched = np.zeros((len(windows), num_experts))
+    for length in sorted(tables):  # longer contexts overwrite shorter ones where they match
+        found, distribution = context_distribution(tables[length], windows, length, num_experts)
+        matched[found] = distribution
+    return matched
 
 
 @register_arch
@@ -84,32 +138,12 @@ class LookupPredictor(FrequencyPredictor):
 
     def fit(self, train: WindowSet, val: WindowSet, log: Callable[[dict], None]) -> None:
         super().fit(train, val, log)
-        rows, experts, weights = target_mass(train)
-        self.tables = {}
-        for length in self.lengths:
-            keys, key_of_row = np.unique(context_keys(train, length), return_inverse=True)
-            cell, cell_of_slot = np.unique(key_of_row[rows] * self.num_experts + experts, return_inverse=True)
-            mass = np.bincount(cell_of_slot, weights=weights)
-            indptr = np.searchsorted(cell // self.num_experts, np.arange(len(keys) + 1))
-            self.tables[length] = {"keys": keys, "indptr": indptr, "experts": cell % self.num_experts, "mass": mass}
+        self.tables = context_tables(train, target_mass(train), self.lengths, self.num_experts)
         log({"lookup_contexts": float(len(self.tables[self.lengths[-1]]["keys"]))})
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
         prior, _ = super().score(windows)  # (N, E)
-        matched = np.zeros_like(prior)
-        for length in self.lengths:  # longer contexts overwrite shorter ones where they match
-            table = self.tables[length]
-            queries = context_keys(windows, length)
-            slot = np.searchsorted(table["keys"], queries).clip(max=len(table["keys"]) - 1)
-            found = np.flatnonzero(table["keys"][slot] == queries)
-            if not len(found):
-                continue
-            starts, ends = table["indptr"][slot[found]], table["indptr"][slot[found] + 1]
-            counts = ends - starts
-            entry = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            dense = np.zeros((len(found), self.num_experts))
-            dense[np.repeat(np.arange(len(found)), counts), table["experts"][entry]] = table["mass"][entry]
-            matched[found] = normalise(dense)
+        matched = backed_off(self.tables, windows, self.num_experts).astype(prior.dtype)  # summed in float32, as exported
         unmatched = matched.sum(axis=1) == 0
         confidence = np.where(unmatched, prior.max(axis=1), matched.max(axis=1))
         return (matched + TIE_BREAK * prior).astype(np.float32), confidence.astype(np.float32)

@@ -167,6 +167,8 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
         "target_weights": traces.nested_array(weights[:, first:].reshape(n * G, k), pa.float32()),
         "prev_token_experts": traces.nested_array(previous.reshape(n * G, k), pa.int16()),
     }
+    if params.token_ids:
+        columns["token_id"] = pa.array(np.repeat(table["token_id"].to_numpy(), G), type=pa.int32())
     if geometry.capture.lookahead >= h:
         stale = traces.read_column(table, "lookahead_experts", geometry)  # (n, L, H, k)
         columns["stale_gate_experts"] = traces.nested_array(stale[:, first - h : L - h, h - 1].reshape(n * G, k), pa.int16())
@@ -200,10 +202,10 @@ def temporal_extents(params: WindowsParams, manifest: traces.Manifest) -> dict:
 
 
 def summary_params(params: WindowsParams) -> dict:
-    """The windows params as recorded in summary.json; zero temporal extents are left out so that default
-    windows stay byte-identical to those written before the keys existed."""
+    """The windows params as recorded in summary.json; zero temporal extents and token_ids off are left out so
+    that default windows stay byte-identical to those written before the keys existed."""
     recorded = as_dict(params)
-    for name in ("token_context", "token_horizon"):
+    for name in ("token_context", "token_horizon", "token_ids"):
         if not recorded[name]:
             del recorded[name]
     return recorded

@@ -37,6 +37,9 @@ class WindowsParams:
     token_horizon: int = doc(
         "Next tokens i+1..i+H whose target-layer routing each window carries (next_token_experts/weights, -1/0 after "
         "the sequence end) for the hybrid's temporal head; the target stays token i's own. 0 = none.", 0)
+    token_ids: bool = doc(
+        "Also store each window's tokenizer id (column token_id), which the `token` baseline keys on (the token id is "
+        "the strongest signal an engine has, so the default run measures it).", True)
 
     def validate(self) -> None:
         positive("windows", self, "context_length", "horizon")

@@ -35,14 +35,16 @@ the target. Example with c = 3, h = 2, T = 2, H = 2 (P = token context, C = cont
 | target_weights        | fixed_size_list<float32, k>      | their gate weights                                       |
 | prev_token_experts    | fixed_size_list<int16, k>        | layer t's experts of the previous token (-1 at position 0)|
 | stale_gate_experts    | fixed_size_list<int16, k>        | optional: layer t's router applied at layer t-h          |
+| token_id              | int32                            | optional (windows.token_ids): tokenizer id of token i    |
 | token_context_experts | fixed_size_list<int16, T*(c+1)*k>| optional (T > 0): token-major (i-T first), then layers t-h-c+1 .. t-h, t; best-first |
 | next_token_experts    | fixed_size_list<int16, H*k>      | optional (H > 0): layer t's experts of tokens i+1 .. i+H, token-major |
 | next_token_weights    | fixed_size_list<float32, H*k>    | optional (H > 0): their gate weights (0 where no token)  |
 | hidden_state          | fixed_size_list<float16, D>      | optional (shards with hidden states): token i entering layer t-h |
 | generated             | bool                             | optional (traces with generated tokens): token i was generated, not prompt |
 
-The optional columns (and summary.json keys token_context, token_horizon, hidden_dim) exist only when
-non-empty, so the default windows are byte-identical to those written before they existed.
+The optional columns (and summary.json keys token_context, token_horizon, hidden_dim, params.token_ids) exist
+only when non-empty (token_id: when windows.token_ids is on, the default since stop 19), so windows written with them
+off are byte-identical to those written before they existed.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class WindowSet:
     domains: list[str]
     sequence_ids: list[str]
     stale_gate_experts: np.ndarray | None = None  # (N, k) int16
+    token_id: np.ndarray | None = None  # (N,) int32: tokenizer id of token i (windows.token_ids)
     generated: np.ndarray | None = None  # (N,) bool: the token was generated (present when any token was)
     token_context_experts: np.ndarray | None = None  # (N, T, c+1, k) int16: tokens i-T..i-1 x (context layers, t)
     next_token_experts: np.ndarray | None = None  # (N, H, k) int16: layer t of tokens i+1..i+H
@@ -203,6 +206,7 @@ def windows_from_table(table: pa.Table, summary: dict) -> WindowSet:
         domains=domains,
         sequence_ids=sequence_ids,
         stale_gate_experts=_optional(table, "stale_gate_experts", k),
+        token_id=table["token_id"].to_numpy() if "token_id" in table.column_names else None,
         token_context_experts=_optional(table, "token_context_experts", T, c + 1, k),
         next_token_experts=_optional(table, "next_token_experts", H, k),
         next_token_weights=_optional(table, "next_token_weights", H, k),
