@@ -20,7 +20,8 @@ from pathlib import Path
 README = Path("README.md")
 BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
              "stale_gate", "random")
-PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "lookup", "stale_gate", "oracle", "oracle_belady")
+PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "lookup", "lookup_gated", "stale_gate",
+                       "oracle", "oracle_belady")
 
 
 def pct(value: float | None) -> str:

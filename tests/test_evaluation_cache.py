@@ -520,6 +520,8 @@ STRATEGY_PLANS = {
     "oracle": [[[1], [-1]], [[3], [-1]]],
     "belady": None,
     "oracle_belady": [[[1], [-1]], [[3], [-1]]],
+    "predictor_gated": [[[1], [-1]], [[3], [-1]]],  # at depth m; the depth itself is tuned on val (below)
+    "lookup_gated": [[[2], [-1]], [[0], [-1]]],
 }
 
 
@@ -532,17 +534,37 @@ def test_prefetch_strategy_plan_by_hand(name: str) -> None:
     inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
     steps = DecodeSteps(inputs, batch_size=1)
     assert steps.routed.tolist() == [[[0], [1]], [[2], [3]]]
-    plan = PREFETCH_STRATEGIES[name].plan(inputs, steps)
+    plan = PREFETCH_STRATEGIES[name].plan(inputs, steps, inputs.m)
     assert (None if plan is None else plan.tolist()) == STRATEGY_PLANS[name]
 
 
 def test_strategies_in_registration_order_without_the_missing_inputs() -> None:
     params = parse_section("evaluate", None).cache
     inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
-    assert list(simulate_strategies(inputs, params, capacity=1, batch_size=1)) == [*PREFETCH_STRATEGIES, "ideal"]
+    with_val = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, val=inputs)
+    assert list(simulate_strategies(with_val, params, capacity=1, batch_size=1)) == [*PREFETCH_STRATEGIES, "ideal"]
+    assert "predictor_gated" not in simulate_strategies(inputs, params, capacity=1, batch_size=1)  # no val windows
     uncaptured = ReplayInputs(dataclasses.replace(REPLAY, stale_gate_experts=None), {}, m=1, horizon=1, num_target_layers=2)
     assert list(simulate_strategies(uncaptured, params, capacity=1, batch_size=1)) == [
         "on_demand", "belady", "oracle", "oracle_belady", "ideal"]
+
+
+def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
+    # 1 ms transfers, 2 ms compute: the predictor (always right) hides every transfer, so its gate keeps depth 1; the
+    # lookup is always wrong, so prefetching only adds traffic and its gate keeps depth 0 = on-demand exactly.
+    params = dataclasses.replace(parse_section("evaluate", None).cache, expert_bytes=1e6, bandwidth_gbps=1.0,
+                                 layer_compute_ms=2.0)
+    val = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, val=val)
+    result = simulate_strategies(inputs, params, capacity=1, batch_size=1)
+    assert (result["predictor_gated"]["prefetch_depth"], result["lookup_gated"]["prefetch_depth"]) == (1, 0)
+    assert result["predictor_gated"]["time_per_token_ms"] == result["predictor"]["time_per_token_ms"]
+    assert result["predictor_gated"]["speedup_vs_on_demand"] > 1.0
+    assert result["lookup_gated"]["time_per_token_ms"] == result["on_demand"]["time_per_token_ms"]
+    assert result["lookup"]["time_per_token_ms"] >= result["on_demand"]["time_per_token_ms"]
+    # A predictor that costs more than it saves is gated off too.
+    costly = simulate_strategies(inputs, dataclasses.replace(params, predictor_ms=5.0), capacity=1, batch_size=1)
+    assert costly["predictor_gated"]["prefetch_depth"] == 0 and costly["predictor"]["speedup_vs_on_demand"] < 1.0
 
 
 def test_twenty_thousand_steps_count_every_use() -> None:

@@ -213,6 +213,11 @@ def test_cache_ceilings_hold_on_the_tiny_run(tiny):
         speedups = {key: value for key, value in row.items() if key.endswith("_speedup_vs_on_demand")}
         assert speedups["ideal_speedup_vs_on_demand"] == max(speedups.values())
     assert (tiny.plots / "cache_speedup_by_regime.png").stat().st_size > 0
+    # The gates: never more than 1% slower than on-demand LRU, in any profile or regime.
+    for row in [cache, *tiny.metrics["cache_by_profile"].values(), *tiny.metrics["cache_by_regime"].values()]:
+        for name in ("predictor_gated", "lookup_gated"):
+            speedup = row[name]["speedup_vs_on_demand"] if name in row else row[f"{name}_speedup_vs_on_demand"]
+            assert speedup >= 0.99, (name, speedup)
 
 
 def test_metrics_have_predictor_and_baselines(tiny):

@@ -93,6 +93,9 @@ class CacheParams:
         "The predictor's inference time per prefetching layer, charged on the compute stream to the `predictor` "
         "strategy (benchmarks/bench_export.py measures it).", 0.0)
     seed: int = doc("Seed of the random eviction policy.", 0)
+    gate_margin: float = doc(
+        "predictor_gated / lookup_gated prefetch only if that makes the val replay at least this much faster (a "
+        "share of its time), else not at all.", 0.01)
     decode_batch_size: int = doc("Sequences decoded together: a step needs the union of their experts.", 1)
     max_tokens: int = doc("Replay at most this many test tokens (whole sequences, in order) to bound run time.", 4000)
     capacity_sweep: list = doc("Capacities of the hit-rate/speedup vs capacity plot.", factory=lambda: [1, 2, 4, 8, 12])
@@ -116,7 +119,7 @@ class CacheParams:
         costs = self.costs()  # the numbers the replay uses: each override, or else the profile's own
         positive("evaluate.cache", costs, "expert_bytes", "bandwidth_gbps")
         non_negative("evaluate.cache", costs, "layer_compute_ms")
-        non_negative("evaluate.cache", self, "chunk_bytes", "predictor_ms")
+        non_negative("evaluate.cache", self, "chunk_bytes", "predictor_ms", "gate_margin")
         positive_int_list("evaluate.cache", self, "capacity_sweep", "decode_batch_sweep")
         if not self.regime_sweep or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in self.regime_sweep):
             raise PipelineError(f"evaluate.cache.regime_sweep: must be a non-empty list of numbers > 0, got {self.regime_sweep}")

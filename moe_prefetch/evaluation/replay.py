@@ -68,11 +68,13 @@ def batched_steps(per_token: np.ndarray, sequence: np.ndarray, batch_size: int) 
 
 class ReplayInputs:
     """What strategies plan from, for one replay: its windows, the scorers (name -> function(windows) -> (scores,
-    confidence)), m experts per prefetch, the horizon. Each scorer ranks the windows once, on first use."""
+    confidence)), m experts per prefetch, the horizon, and the same for the val windows the gated strategies tune
+    on (None: no gated strategy). Each scorer ranks the windows once, on first use."""
 
-    def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int):
+    def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int,
+                 val: ReplayInputs | None = None):
         self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
-        self.num_target_layers = num_target_layers
+        self.num_target_layers, self.val = num_target_layers, val
         self.tokens = len(windows) // num_target_layers
         self._predicted: dict[str, np.ndarray] = {}
 
@@ -104,27 +106,31 @@ class DecodeSteps:
 
 @dataclass(frozen=True)
 class PrefetchStrategy:
-    """A registered prefetch strategy: `plan` -> prefetch (steps, T, m') or None (no prefetch), when `available`."""
+    """A registered prefetch strategy: `plan(inputs, steps, depth)` -> prefetch (steps, T, m') or None (no
+    prefetch), when `available`; `depth` is how many of a scorer's ranked experts to prefetch (m unless gated)."""
 
     doc: str  # one line: what it prefetches
-    plan: Callable[[ReplayInputs, DecodeSteps], np.ndarray | None]
+    plan: Callable[[ReplayInputs, DecodeSteps, int], np.ndarray | None]
     available: Callable[[ReplayInputs], bool] = lambda inputs: True
     policy: str | None = None  # its own eviction policy; None = evaluate.cache.policy
     charged: bool = False  # pays evaluate.cache.predictor_ms per prefetching layer
+    gated: bool = False  # depth tuned on the val replay of the same cache and costs (0 = no prefetch)
 
 
-def _scored(scorer: str, doc: str, charged: bool = False) -> PrefetchStrategy:
-    """The strategy prefetching `scorer`'s top-m (available when the run has that scorer)."""
-    return PrefetchStrategy(doc, lambda inputs, steps: steps.issue(inputs.predicted(scorer)),
-                            lambda inputs: scorer in inputs.scorers, charged=charged)
+def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -> PrefetchStrategy:
+    """The strategy prefetching `scorer`'s top-depth (available when the run has that scorer, and val windows when
+    gated)."""
+    return PrefetchStrategy(
+        doc, lambda inputs, steps, depth: steps.issue(inputs.predicted(scorer)[:, :depth]) if depth else None,
+        lambda inputs: scorer in inputs.scorers and (not gated or inputs.val is not None), charged=charged, gated=gated)
 
 
-def _perfect(inputs: ReplayInputs, steps: DecodeSteps) -> np.ndarray:
+def _perfect(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> np.ndarray:
     """The experts layer l+h will really use, every one of them."""
     return oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2])
 
 
-def _no_prefetch(inputs: ReplayInputs, steps: DecodeSteps) -> None:
+def _no_prefetch(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> None:
     return None
 
 
@@ -133,10 +139,15 @@ PREFETCH_STRATEGIES.add("on_demand", PrefetchStrategy("No prefetch: the cache al
 PREFETCH_STRATEGIES.add("belady", PrefetchStrategy(
     "No prefetch, Belady (offline optimal) eviction: what better eviction alone can buy.", _no_prefetch, policy="belady"))
 PREFETCH_STRATEGIES.add("predictor", _scored("predictor", "The trained predictor's top-m for layer l+h.", charged=True))
+PREFETCH_STRATEGIES.add("predictor_gated", _scored(
+    "predictor", "The predictor's top-d, d in 0..m the fastest on the val replay of the same cache and costs (0 = no prefetch).",
+    charged=True, gated=True))
 PREFETCH_STRATEGIES.add("lookup", _scored("lookup", "The same from the lookup baseline."))
+PREFETCH_STRATEGIES.add("lookup_gated", _scored("lookup", "The lookup's top-d, d tuned on val like predictor_gated.",
+                                                gated=True))
 PREFETCH_STRATEGIES.add("stale_gate", PrefetchStrategy(
     "Layer l+h's router applied at layer l (when captured).",
-    lambda inputs, steps: steps.issue(inputs.windows.stale_gate_experts.astype(np.int64)[:, : inputs.m]),
+    lambda inputs, steps, depth: steps.issue(inputs.windows.stale_gate_experts.astype(np.int64)[:, : inputs.m]),
     lambda inputs: inputs.windows.stale_gate_experts is not None,
 ))
 PREFETCH_STRATEGIES.add("oracle", PrefetchStrategy("The experts layer l+h will really use (perfect knowledge).", _perfect))
@@ -145,17 +156,35 @@ PREFETCH_STRATEGIES.add("oracle_belady", PrefetchStrategy(
     policy="belady"))
 
 
+def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, params: CacheParams, cache: CacheConfig,
+                 batch_size: int, no_prefetch_ms: dict) -> int:
+    """The prefetch depth d in 1..m with the shortest val replay (ties to the smaller d) if it beats no prefetch by
+    at least evaluate.cache.gate_margin of its time, else 0: the gate, fit where the test split is not seen, with a
+    margin because a small val gain need not carry over. `no_prefetch_ms` caches d = 0, the same for every gated
+    strategy."""
+    steps, cost = DecodeSteps(val, batch_size), params.cost_model()
+    if "time_ms" not in no_prefetch_ms:
+        no_prefetch_ms["time_ms"] = simulate(steps.routed, None, cache, cost, val.horizon)["time_ms"]
+    times = {depth: simulate(steps.routed, strategy.plan(val, steps, depth), cache, cost, val.horizon,
+                             params.predictor_ms if strategy.charged else 0.0)["time_ms"] for depth in range(1, val.m + 1)}
+    best = min(times, key=lambda depth: (times[depth], depth))
+    return best if times[best] <= (1.0 - params.gate_margin) * no_prefetch_ms["time_ms"] else 0
+
+
 def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int) -> dict[str, dict]:
     """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time;
     then the ideal floor."""
     steps = DecodeSteps(inputs, batch_size)
     cost = params.cost_model()
-    results = {}
+    results, depths, no_prefetch_ms = {}, {}, {}
     for name, strategy in PREFETCH_STRATEGIES.items():
         if strategy.available(inputs):
             cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
                                 seed=params.seed)
-            results[name] = simulate(steps.routed, strategy.plan(inputs, steps), cache, cost, inputs.horizon,
+            depth = inputs.m
+            if strategy.gated:
+                depth = depths[name] = _tuned_depth(strategy, inputs.val, params, cache, batch_size, no_prefetch_ms)
+            results[name] = simulate(steps.routed, strategy.plan(inputs, steps, depth), cache, cost, inputs.horizon,
                                      params.predictor_ms if strategy.charged else 0.0)
     base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
     summary = {}
@@ -172,20 +201,23 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
             "time_per_token_ms": result["time_ms"] / inputs.tokens,
             "speedup_vs_on_demand": speedup(base, result["time_ms"]),
             "share_of_ideal": ideal_share(base, result["time_ms"], ideal),
+            **({"prefetch_depth": depths[name]} if name in depths else {}),
         }
     summary["ideal"] = {"time_per_token_ms": ideal / inputs.tokens, "speedup_vs_on_demand": speedup(base, ideal),
                         "share_of_ideal": 1.0}
     return summary
 
 
-def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict) -> dict:
+def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
+                 val: WindowSet | None = None) -> dict:
     """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
     (`by_profile`), and the rows of the capacity, decode batch-size and regime sweeps (`by_capacity`, `by_batch`,
     `by_regime`: transfer time per expert = ratio x layer compute time, the profile's compute)."""
     T = len(summary["target_layers"])
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
-    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T)
+    val_inputs = None if val is None else ReplayInputs(replay_windows(val, T, params.max_tokens), scorers, m, summary["horizon"], T)
+    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs)
     replays = 1 + len(params.capacity_sweep) + len(params.decode_batch_sweep) + len(COST_PROFILES) + len(params.regime_sweep)
     progress = Progress(replays, "evaluate: cache replay", unit="replays")
 
