@@ -1,10 +1,11 @@
 """Stage evaluate: score the trained predictor and the baselines on the test split.
 
 Writes `<metrics>` (nested dict of numbers, `[lo, hi]` intervals and the best baseline's name: `dvc metrics diff`
-compares every numeric leaf) and plot data + PNGs into `<plots>`. The baselines that could embarrass the predictor (BASELINES, moe_prefetch/evaluation/baselines.py) are
-all scored by the same code on the same windows as the predictor. With evaluate.max_horizon > 0 the baselines but
-random are also scored at horizons 1..min(max_horizon, MoE layers - context length) on windows rebuilt from the
-shards (same document split), next to the predictor at the horizon it was trained for (`per_horizon`).
+compares every numeric leaf) and plot data + PNGs into `<plots>`. The baselines that could embarrass the predictor
+(BASELINES, moe_prefetch/evaluation/baselines.py) are all scored by the same code on the same windows as the
+predictor. With evaluate.max_horizon > 0 the baselines but random are also scored at horizons
+1..min(max_horizon, MoE layers - context length) on windows rebuilt from the shards (same document split), next to
+the predictor at the horizon it was trained for (`per_horizon`).
 Every scorer's top1 and recall_at_k carry a document-level bootstrap 95% interval (`top1_ci95`, `recall_at_k_ci95`),
 and `predictor_minus_best_baseline_top1` holds the paired interval of the headline difference
 (moe_prefetch/evaluation/intervals.py says what is resampled).
