@@ -28,6 +28,28 @@ def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def pct_interval(result: dict, metric: str) -> str:
+    """`metric` of a scorer's result as a percentage, followed by its 95% interval `[lo, hi]` (in percent) when the
+    result carries `<metric>_ci95` (evaluate writes one for top1 and recall_at_k; metrics written before the
+    intervals existed carry none)."""
+    interval = result.get(f"{metric}_ci95")
+    if interval is None or None in interval:
+        return pct(result.get(metric))
+    return f"{pct(result.get(metric))} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def difference_lines(metrics: dict) -> list[str]:
+    """The paired interval of predictor minus the best baseline on top-1, when the metrics carry it."""
+    difference = metrics.get("predictor_minus_best_baseline_top1")
+    if difference is None:
+        return []
+    lo, hi = difference["ci95"]
+    return [f"Predictor minus the best baseline ({difference['best_baseline']}) on top-1: "
+            f"{100 * difference['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]. Intervals in brackets are "
+            f"95% percentile-bootstrap intervals over the {metrics['bootstrap']['documents']} test documents (whole "
+            f"documents resampled with replacement, {metrics['bootstrap']['resamples']:,} resamples, paired across scorers)."]
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -69,7 +91,7 @@ def tiny_model_section(report: dict) -> str:
 def results_section(metrics: dict) -> str:
     cols = ["top1", "top3", "top5", "top10", "recall_at_k", "recall_at_2k", "exact_set", "any_overlap"]
     names = [("predictor", metrics["predictor"])] + [(b, metrics["baselines"][b]) for b in BASELINES if b in metrics["baselines"]]
-    rows = [[name] + [pct(m.get(c)) for c in cols] for name, m in names]
+    rows = [[name] + [pct_interval(m, c) for c in cols] for name, m in names]  # intervals: top1, recall_at_k
     b = metrics["bounds"]
     data = metrics["data"]
     cache = metrics["cache"]
@@ -85,6 +107,7 @@ def results_section(metrics: dict) -> str:
         f"(train {data['train_windows']:,} windows / {data['train_documents']} documents); context "
         f"{data['context_length']} layers, horizon {data['horizon']}; {data['num_experts']} experts, top-{data['top_k']}.",
         table(["scorer"] + cols, rows),
+        *difference_lines(metrics),
         "Bounds for the lookup's context (target layer + the context layers' experts) on the test split: "
         f"plug-in H(top-1 | context) = {b['h_plugin_bits']:.3f} bits (Miller-Madow {b['h_miller_madow_bits']:.3f}); "
         f"Fano upper bound on any top-1: {pct(b['fano_top1_upper_bound'])}; 2^-H lower bound on the Bayes top-1: "

@@ -129,7 +129,10 @@ class CacheParams:
 class EvaluateParams:
     top_m: list = doc("m values of the top-m accuracy of the highest-weight target expert.", factory=lambda: [1, 3, 5, 10])
     score_batch_size: int = doc("Windows scored per batch.", 4096)
-    seed: int = doc("Seed of the random baseline.", 0)
+    seed: int = doc("Seed of the random baseline and of the bootstrap's document resamples.", 0)
+    bootstrap_resamples: int = doc(
+        "Resamples B of the document-level percentile bootstrap behind every `<metric>_ci95` interval (whole test "
+        "documents drawn with replacement; moe_prefetch/evaluation/intervals.py).", 1000)
     max_horizon: int = doc(
         "Also score every baseline but random (chance does not depend on h) at horizons 1..max_horizon, each on "
         "windows rebuilt from the shards with the windows split, and the predictor at its own horizon (metrics "
@@ -141,7 +144,7 @@ class EvaluateParams:
         positive_int_list("evaluate", self, "top_m")
         if 1 not in self.top_m:
             raise PipelineError(f"evaluate.top_m: must include 1 (top-1 is the headline metric), got {self.top_m}")
-        positive("evaluate", self, "score_batch_size")
+        positive("evaluate", self, "score_batch_size", "bootstrap_resamples")
         if self.max_horizon < 0:
             raise PipelineError(f"evaluate.max_horizon: must be >= 0 (0 = off), got {self.max_horizon}")
         self.cache.validate()

@@ -1,10 +1,14 @@
 """Stage evaluate: score the trained predictor and the baselines on the test split.
 
-Writes `<metrics>` (nested dict of numbers: `dvc metrics diff` compares every leaf) and plot data + PNGs into
-`<plots>`. The baselines that could embarrass the predictor (BASELINES, moe_prefetch/evaluation/baselines.py) are
-all scored by the same code on the same windows as the predictor. With evaluate.max_horizon > 0 the baselines but
-random are also scored at horizons 1..min(max_horizon, MoE layers - context length) on windows rebuilt from the
-shards (same document split), next to the predictor at the horizon it was trained for (`per_horizon`).
+Writes `<metrics>` (nested dict of numbers, `[lo, hi]` intervals and the best baseline's name: `dvc metrics diff`
+compares every numeric leaf) and plot data + PNGs into `<plots>`. The baselines that could embarrass the predictor
+(BASELINES, moe_prefetch/evaluation/baselines.py) are all scored by the same code on the same windows as the
+predictor. With evaluate.max_horizon > 0 the baselines but random are also scored at horizons
+1..min(max_horizon, MoE layers - context length) on windows rebuilt from the shards (same document split), next to
+the predictor at the horizon it was trained for (`per_horizon`).
+Every scorer's top1 and recall_at_k carry a document-level bootstrap 95% interval (`top1_ci95`, `recall_at_k_ci95`),
+and `predictor_minus_best_baseline_top1` holds the paired interval of the headline difference
+(moe_prefetch/evaluation/intervals.py says what is resampled).
 
     python -m stages.evaluate --windows data/windows --shards data/shards --predictor data/predictor \
         --metrics metrics/evaluate.json --plots plots
@@ -22,13 +26,14 @@ from moe_prefetch.config import parse
 from moe_prefetch.evaluation.baselines import baseline_scorers
 from moe_prefetch.evaluation.bounds import conditional_entropy_bounds
 from moe_prefetch.evaluation.config import EvaluateParams
+from moe_prefetch.evaluation.intervals import bootstrap_report
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
 from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
 from moe_prefetch.evaluation.replay import cache_report
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
 from moe_prefetch.progress import Progress
-from moe_prefetch.windows.build import windows_in_memory
+from moe_prefetch.windows.build import window_documents, windows_in_memory
 from moe_prefetch.windows.config import WindowsParams
 from moe_prefetch.windows.data import (
     WindowSet,
@@ -39,16 +44,21 @@ from moe_prefetch.windows.data import (
 
 
 def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary: dict,
-             calibration: CalibrationAccumulator | None = None) -> dict[str, RankingAccumulator]:
-    """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain and (when
-    recorded) prompt (0) vs generated (1) token. `calibration` collects the predictor's confidence."""
+             calibration: CalibrationAccumulator | None = None,
+             documents: np.ndarray | None = None) -> dict[str, RankingAccumulator]:
+    """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain, (when
+    recorded) prompt (0) vs generated (1) token and (when `documents`, the (N,) document code of every window,
+    is given) document. `calibration` collects the predictor's confidence."""
     accumulators = {name: RankingAccumulator(params.top_m, summary["num_experts"], summary["top_k"]) for name in scorers}
     progress = Progress(len(windows), f"evaluate: scoring h={summary['horizon']}", unit="windows")
     for start in range(0, len(windows), params.score_batch_size):
-        batch = windows.subset(np.arange(start, min(start + params.score_batch_size, len(windows))))
+        rows = np.arange(start, min(start + params.score_batch_size, len(windows)))
+        batch = windows.subset(rows)
         groups = {"layer": batch.target_layer.astype(np.int64), "domain": batch.domain_index}
         if windows.generated is not None:
             groups["generated"] = batch.generated.astype(np.int64)
+        if documents is not None:
+            groups["document"] = documents[rows]
         for name, scorer in scorers.items():
             scores, confidence = scorer(batch)
             accumulators[name].update(scores, batch.target_experts, groups)
@@ -91,6 +101,8 @@ def clean(value):
     """JSON-safe numbers: NaN (no qualifying rows) becomes None, which DVC shows as missing, never as a number."""
     if isinstance(value, dict):
         return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 6)
     return value
@@ -100,6 +112,16 @@ def breakdown(accumulators: dict[str, RankingAccumulator], group: str) -> dict[i
     """group code -> strategy -> metrics, for every code of breakdown `group` (ascending)."""
     by_strategy = {name: acc.result_by_group(group) for name, acc in accumulators.items()}
     return {code: {name: results[code] for name, results in by_strategy.items()} for code in by_strategy["predictor"]}
+
+
+def with_intervals(result: dict, intervals: dict) -> dict:
+    """`result` with each `<metric>_ci95` of `intervals` right after its `<metric>`."""
+    merged = {}
+    for key, value in result.items():
+        merged[key] = value
+        if f"{key}_ci95" in intervals:
+            merged[f"{key}_ci95"] = intervals[f"{key}_ci95"]
+    return merged
 
 
 def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
@@ -114,9 +136,11 @@ def headline(metrics: dict) -> dict:
     """The handful of numbers `dvc exp show` and `dvc metrics diff` should show first (metrics/headline.json):
     the predictor's top-1 and recall@k, the best baseline's on each (the strongest of every registered baseline),
     and the cache replay's speedups over on-demand loading (the predictor's prefetch, the oracle's, Belady eviction
-    alone, the ideal floor) and the predictor's share of the ideal's saving. Nested
+    alone, the ideal floor) and the predictor's share of the ideal's saving; the document-bootstrap 95% interval
+    of predictor minus best baseline on top-1 as two numbers (`_ci95_low`, `_ci95_high`: DVC diffs numbers). Nested
     under one `headline` key, so that DVC names the columns `headline.<name>` and `--keep '^headline'` selects them."""
     predictor, baselines, cache = metrics["predictor"], metrics["baselines"], metrics["cache"]
+    difference = metrics["predictor_minus_best_baseline_top1"]
     best = {m: max(result[m] for result in baselines.values()) for m in ("top1", "recall_at_k")}
     return {"headline": {
         "predictor_top1": predictor["top1"],
@@ -124,6 +148,8 @@ def headline(metrics: dict) -> dict:
         "best_baseline_top1": best["top1"],
         "best_baseline_recall_at_k": best["recall_at_k"],
         "predictor_minus_best_baseline_top1": round(predictor["top1"] - best["top1"], 6),
+        "predictor_minus_best_baseline_top1_ci95_low": difference["ci95"][0],
+        "predictor_minus_best_baseline_top1_ci95_high": difference["ci95"][1],
         "cache_predictor_speedup": cache["predictor"]["speedup_vs_on_demand"],
         "cache_oracle_speedup": cache["oracle"]["speedup_vs_on_demand"],
         "cache_belady_speedup": cache["belady"]["speedup_vs_on_demand"],
@@ -144,8 +170,10 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     scorers = {"predictor": predictor.score, **baseline_scorers(train, summary, np.random.default_rng(params.seed), val)}
     E, k = summary["num_experts"], summary["top_k"]
     calibration = CalibrationAccumulator(bins=10)
-    accumulators = rank_all(scorers, test, params, summary, calibration)
-    results = {name: acc.result() for name, acc in accumulators.items()}
+    documents = window_documents(shard_dir, test)
+    accumulators = rank_all(scorers, test, params, summary, calibration, documents)
+    intervals = bootstrap_report(accumulators, params.bootstrap_resamples, params.seed)
+    results = {name: with_intervals(acc.result(), intervals["per_scorer"][name]) for name, acc in accumulators.items()}
     metrics = {
         "test_windows": len(test),
         "data": {
@@ -155,6 +183,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         },
         "predictor": {**results["predictor"], "arch_parameters": predictor.parameter_count()},
         "baselines": {name: r for name, r in results.items() if name != "predictor"},
+        "predictor_minus_best_baseline_top1": intervals["predictor_minus_best_baseline_top1"],
+        "bootstrap": {"documents": intervals["documents"], "resamples": intervals["resamples"]},
         "bounds": {**lookup_bounds(test, E), "predictor_top1": results["predictor"]["top1"]},
         "calibration": calibration.result(),
         "per_domain": {test.domains[code]: by_strategy for code, by_strategy in breakdown(accumulators, "domain").items()},

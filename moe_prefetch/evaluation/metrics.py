@@ -135,12 +135,24 @@ class RankingAccumulator:
         """Metrics over every row seen so far."""
         return self._format(self._sums, self._counts)
 
-    def result_by_group(self, name: str) -> dict[int, dict[str, float]]:
-        """Metrics per group code of breakdown `name`, codes ascending."""
+    def _group(self, name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         if name not in self._groups:
             raise ValueError(f"unknown group breakdown '{name}', known: {sorted(self._groups)}")
-        per_code = self._groups[name]
+        return self._groups[name]
+
+    def result_by_group(self, name: str) -> dict[int, dict[str, float]]:
+        """Metrics per group code of breakdown `name`, codes ascending."""
+        per_code = self._group(name)
         return {code: self._format(*per_code[code]) for code in sorted(per_code)}
+
+    def group_totals(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The raw totals of breakdown `name`: codes (G,) ascending, summed values (G, M) and counts (G, M), the
+        columns in the order of `names` (what a bootstrap over groups resamples)."""
+        per_code = self._group(name)
+        codes = sorted(per_code)
+        sums = np.array([per_code[code][0] for code in codes]).reshape(len(codes), len(self.names))
+        counts = np.array([per_code[code][1] for code in codes]).reshape(len(codes), len(self.names))
+        return np.array(codes, dtype=np.int64), sums, counts
 
 
 class CalibrationAccumulator:

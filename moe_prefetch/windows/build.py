@@ -27,6 +27,7 @@ from moe_prefetch.windows.data import (
     ROW_GROUP_WINDOWS,
     SPLITS,
     SUMMARY_NAME,
+    WindowSet,
     context_layer_offsets,
 )
 
@@ -222,6 +223,25 @@ def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsP
         domains_of.update(zip(pairs["document_id"].to_pylist(), pairs["domain"].to_pylist()))
         has_generated = has_generated or bool(pc.any(docs["generated"]).as_py())
     return assign_splits(list(domains_of), domains_of, params, manifest.domains), domains_of, has_generated
+
+
+def window_documents(shard_dir: Path, windows: WindowSet) -> np.ndarray:
+    """(N,) int64 code of each window's document (its rank among the sorted ids of the windows' documents), from the
+    shards the windows were built from: windows carry only their sequence, the shards map a sequence to its
+    document (a `<domain>/<document>/<chunk>` sequence id is not guaranteed, collect.import takes any)."""
+    manifest = traces.Manifest.read(shard_dir)
+    document_of: dict[str, str] = {}
+    for entry in manifest.shards:  # distinct (sequence, document) pairs, one shard at a time: memory ~ sequences
+        table = traces.read_shard(shard_dir, entry, manifest, columns=["sequence_id", "document_id"])
+        pairs = table.group_by(["sequence_id", "document_id"]).aggregate([])
+        document_of.update(zip(pairs["sequence_id"].to_pylist(), pairs["document_id"].to_pylist()))
+    missing = [sequence for sequence in windows.sequence_ids if sequence not in document_of]
+    if missing:
+        raise PipelineError(f"windows: sequence {missing[0]!r} is not in the shards {shard_dir}; re-run the windows stage")
+    document_ids = sorted({document_of[sequence] for sequence in windows.sequence_ids})
+    code_of = {document: code for code, document in enumerate(document_ids)}
+    sequence_codes = np.array([code_of[document_of[sequence]] for sequence in windows.sequence_ids], dtype=np.int64)
+    return sequence_codes[windows.sequence_index]
 
 
 def check_geometry(params: WindowsParams, manifest: traces.Manifest) -> None:
