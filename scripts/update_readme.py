@@ -100,7 +100,9 @@ def results_section(metrics: dict) -> str:
                    *([f"{cache[s]['stall_per_token_ms']:.2f}", f"{cache[s]['bytes_moved'] / 1e9:,.0f}",
                       f"{cache[s]['wasted_prefetch_bytes'] / 1e9:,.0f}", f"{cache[s]['cancelled_prefetches']:,.0f}"]
                      if s != "ideal" else ["—"] * 4),
-                   f"{cache[s]['speedup_vs_on_demand']:.3f}x", f"{cache[s]['share_of_ideal']:.2f}"] for s in strategies]
+                   f"{cache[s]['speedup_vs_on_demand']:.3f}x" + (" [{:.3f}, {:.3f}]".format(*cache[s]["speedup_ci95"])
+                                                                   if "speedup_ci95" in cache[s] else ""),
+                   f"{cache[s]['share_of_ideal']:.2f}"] for s in strategies]
     c = cache["config"]
     return "\n\n".join([
         f"Test split: {metrics['test_windows']:,} windows from {data['test_documents']} held-out documents "

@@ -24,6 +24,7 @@ from moe_prefetch.evaluation.cache import (
     speedup,
 )
 from moe_prefetch.evaluation.config import COST_PROFILES
+from moe_prefetch.evaluation.intervals import resample_weights
 from moe_prefetch.evaluation.policies import FutureUses, PoolFuture
 from moe_prefetch.evaluation.replay import (
     PREFETCH_STRATEGIES,
@@ -565,6 +566,24 @@ def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
     # A predictor that costs more than it saves is gated off too.
     costly = simulate_strategies(inputs, dataclasses.replace(params, predictor_ms=5.0), capacity=1, batch_size=1)
     assert costly["predictor_gated"]["prefetch_depth"] == 0 and costly["predictor"]["speedup_vs_on_demand"] < 1.0
+
+
+def test_speedup_intervals_resample_whole_documents() -> None:
+    # Two tokens of one document: every resample is that document, so each interval is its point estimate.
+    params = parse_section("evaluate", None).cache
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, documents=np.zeros(2, dtype=np.int64),
+                          document_weights=resample_weights(1, 20, seed=0))
+    result = simulate_strategies(inputs, params, capacity=1, batch_size=1)
+    for name in PREFETCH_STRATEGIES:
+        if name in result:
+            assert result[name]["speedup_ci95"] == [pytest.approx(result[name]["speedup_vs_on_demand"])] * 2
+    assert "speedup_ci95" not in result["ideal"]
+    assert "speedup_ci95" not in simulate_strategies(inputs, params, capacity=1, batch_size=2)["predictor"]  # steps mix documents
+
+
+def test_step_times_add_up_to_the_clock() -> None:
+    result = simulate(ROUTED, oracle_prefetch(ROUTED, 1, 1), CacheConfig(capacity=1), COST, horizon=1)
+    assert result["step_ms"].tolist() == pytest.approx([7.0, 6.0, 7.0]) and result["step_ms"].sum() == result["time_ms"]
 
 
 def test_twenty_thousand_steps_count_every_use() -> None:

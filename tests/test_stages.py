@@ -213,6 +213,9 @@ def test_cache_ceilings_hold_on_the_tiny_run(tiny):
         speedups = {key: value for key, value in row.items() if key.endswith("_speedup_vs_on_demand")}
         assert speedups["ideal_speedup_vs_on_demand"] == max(speedups.values())
     assert (tiny.plots / "cache_speedup_by_regime.png").stat().st_size > 0
+    for name in strategies:  # decode batch 1: every strategy's speedup carries its document-bootstrap interval
+        low, high = cache[name]["speedup_ci95"]
+        assert low - 1e-9 <= cache[name]["speedup_vs_on_demand"] <= high + 1e-9
     # The gates: never more than 1% slower than on-demand LRU, in any profile or regime.
     for row in [cache, *tiny.metrics["cache_by_profile"].values(), *tiny.metrics["cache_by_regime"].values()]:
         for name in ("predictor_gated", "lookup_gated"):

@@ -32,7 +32,8 @@ When layer l of step t starts at clock c:
      one that finds no evictable slot is `dropped` (no bytes). Listed experts already resident keep their state.
      overlap_prefetch = false: prefetches are issued after compute and the step waits until they have all arrived.
   5. Compute: layer_compute_ms.
-Counters: on-time and late hits, misses (demand loads), prefetches started, cancelled, dropped and pre-empted.
+Counters: on-time and late hits, misses (demand loads), prefetches started, cancelled, dropped and pre-empted;
+step_ms (T,): the time each step adds to the clock.
 Prefetched experts evicted before their first use, or never used by the end, are wasted (their bytes moved).
 time_ms ends when the last layer finishes computing; stall_ms = time_ms - compute time (predictor time included).
 """
@@ -322,12 +323,14 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     routed_rows = routed.tolist()  # Python lists: per-element numpy indexing would dominate the loop
     prefetch_rows = prefetch.tolist() if prefetch is not None else None
     no_prefetch: list[int] = []
+    step_end_ms = np.zeros(steps)
     for step in range(steps):
         for layer in range(layers):
             target = layer + horizon if prefetch_rows is not None and layer + horizon < layers else None
             prefetch_row = prefetch_rows[step][layer] if target is not None else no_prefetch
             replay.run_layer(layer, routed_rows[step][layer], target, prefetch_row)
-    return _summary(replay, distinct, steps, cost)
+        step_end_ms[step] = replay.clock
+    return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(step_end_ms, prepend=0.0)}
 
 
 def _summary(replay: _Replay, distinct_pools: list[_Pool], steps: int, cost: CostModel) -> dict[str, float | list[int]]:

@@ -30,6 +30,7 @@ from moe_prefetch.evaluation.cache import (
     speedup,
 )
 from moe_prefetch.evaluation.config import COST_PROFILES, CacheParams
+from moe_prefetch.evaluation.intervals import percentile_interval, pooled_ratios, resample_weights
 from moe_prefetch.progress import Progress
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet
@@ -72,9 +73,12 @@ class ReplayInputs:
     on (None: no gated strategy). Each scorer ranks the windows once, on first use."""
 
     def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int,
-                 val: ReplayInputs | None = None):
+                 val: ReplayInputs | None = None, documents: np.ndarray | None = None,
+                 document_weights: np.ndarray | None = None):
         self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
         self.num_target_layers, self.val = num_target_layers, val
+        # Speedup intervals (decode batch 1): (tokens,) document code of each replayed token, (B, D) bootstrap draws.
+        self.documents, self.document_weights = documents, document_weights
         self.tokens = len(windows) // num_target_layers
         self._predicted: dict[str, np.ndarray] = {}
 
@@ -171,6 +175,18 @@ def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, params: CachePar
     return best if times[best] <= (1.0 - params.gate_margin) * no_prefetch_ms["time_ms"] else 0
 
 
+def _speedup_intervals(inputs: ReplayInputs, results: dict[str, dict]) -> dict[str, list[float]]:
+    """strategy -> document-bootstrap 95% interval of its speedup over on_demand: per resample, on-demand's summed
+    time over the drawn documents / the strategy's (paired; one step = one token at decode batch 1). A document's
+    time is what its tokens add to the clock, cache state carried over from the document before it included."""
+    codes = inputs.documents
+    on_demand = np.bincount(codes, weights=results["on_demand"]["step_ms"], minlength=inputs.document_weights.shape[1])
+    return {name: percentile_interval(pooled_ratios(on_demand, np.bincount(codes, weights=result["step_ms"],
+                                                                           minlength=len(on_demand)),
+                                                    inputs.document_weights))
+            for name, result in results.items()}
+
+
 def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int) -> dict[str, dict]:
     """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time;
     then the ideal floor."""
@@ -187,6 +203,7 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
             results[name] = simulate(steps.routed, strategy.plan(inputs, steps, depth), cache, cost, inputs.horizon,
                                      params.predictor_ms if strategy.charged else 0.0)
     base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
+    intervals = _speedup_intervals(inputs, results) if batch_size == 1 and inputs.documents is not None else {}
     summary = {}
     for name, result in results.items():
         summary[name] = {
@@ -200,6 +217,7 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
             "stall_per_token_ms": result["stall_ms"] / inputs.tokens,
             "time_per_token_ms": result["time_ms"] / inputs.tokens,
             "speedup_vs_on_demand": speedup(base, result["time_ms"]),
+            **({"speedup_ci95": intervals[name]} if name in intervals else {}),
             "share_of_ideal": ideal_share(base, result["time_ms"], ideal),
             **({"prefetch_depth": depths[name]} if name in depths else {}),
         }
@@ -209,7 +227,8 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
 
 
 def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
-                 val: WindowSet | None = None) -> dict:
+                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0)
+                 ) -> dict:
     """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
     (`by_profile`), and the rows of the capacity, decode batch-size and regime sweeps (`by_capacity`, `by_batch`,
     `by_regime`: transfer time per expert = ratio x layer compute time, the profile's compute)."""
@@ -217,7 +236,11 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
     val_inputs = None if val is None else ReplayInputs(replay_windows(val, T, params.max_tokens), scorers, m, summary["horizon"], T)
-    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs)
+    token_documents = weights = None
+    if documents is not None and bootstrap[0]:  # (resamples, seed): the replayed documents, recoded 0..D-1
+        _, token_documents = np.unique(documents[: len(replay) : T], return_inverse=True)
+        weights = resample_weights(int(token_documents.max()) + 1, *bootstrap)
+    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights)
     replays = 1 + len(params.capacity_sweep) + len(params.decode_batch_sweep) + len(COST_PROFILES) + len(params.regime_sweep)
     progress = Progress(replays, "evaluate: cache replay", unit="replays")
 
@@ -245,7 +268,8 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
     progress.close()
     config = {"replayed_tokens": inputs.tokens, "replayed_layers": T, "capacity": params.capacity,
               "prefetch_m": m, "batch_size": params.decode_batch_size,
-              "transfer_ms_per_expert": params.cost_model().transfer_ms}
+              "transfer_ms_per_expert": params.cost_model().transfer_ms,
+              "interval_documents": 0 if weights is None else weights.shape[1]}
     return {"cache": {"config": config, **main}, "by_profile": by_profile, "by_capacity": by_capacity,
             "by_batch": by_batch, "by_regime": by_regime}
 
