@@ -23,7 +23,7 @@ __all__ = ["Predictor", "WindowSet", "known_windows", "load_predictor", "predict
 
 def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: np.ndarray | None = None,
                   previous_token_experts: np.ndarray | None = None,
-                  token_context_experts: np.ndarray | None = None) -> WindowSet:
+                  token_context_experts: np.ndarray | None = None, token_id: np.ndarray | None = None) -> WindowSet:
     """The windows a predictor of `geometry` scores when MoE layer `layer` has just routed N tokens.
 
     routed: (N, >= layer+1, k) expert ids of MoE layers 0..layer (best-first, -1 = none): its last context_length
@@ -31,6 +31,7 @@ def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: 
     hidden_state: (N, D) the hidden state entering `layer` (hidden_mlp). previous_token_experts: (N, k) the
         previous token's experts at the target layer (only baselines read it). token_context_experts:
         (N, T, c+1, k) the previous tokens' routing (hybrid with token_context; layout in windows/data.py).
+        token_id: (N,) the tokens' tokenizer ids (token_mlp).
     Unknown targets are -1, so the windows can be scored but not evaluated.
     """
     c, h, L, k = (int(geometry[name]) for name in ("context_length", "horizon", "num_layers", "top_k"))
@@ -55,12 +56,13 @@ def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: 
         sequence_ids=[str(i) for i in range(n)],
         hidden_state=None if hidden_state is None else np.asarray(hidden_state, dtype=np.float16),
         token_context_experts=None if token_context_experts is None else np.asarray(token_context_experts, dtype=np.int16),
+        token_id=None if token_id is None else np.asarray(token_id, dtype=np.int32),
     )
 
 
 def predict_experts(predictor: Predictor, routed: np.ndarray, layer: int, m: int | None = None, **known) -> tuple[np.ndarray, np.ndarray]:
     """(experts (N, m) best-first, scores (N, E)) for MoE layer layer + horizon; m defaults to the model's top_k.
-    `known` are known_windows' optional inputs (hidden_state, previous_token_experts, token_context_experts)."""
+    `known` are known_windows' optional inputs (hidden_state, previous_token_experts, token_context_experts, token_id)."""
     scores, _ = predictor.score(known_windows(predictor.geometry, routed, layer, **known))
     m = int(predictor.geometry["top_k"]) if m is None else m
     return np.argsort(-scores, axis=1, kind="stable")[:, :m], scores

@@ -59,6 +59,7 @@ INPUT_DOCS = {
     "target_layer": "the MoE layer predicted (last context layer + horizon)",
     "hidden_state": "hidden state entering the last context layer, float32",
     "token_context": "previous T tokens' routing (c context layers + target layer), oldest token first; -1 = none",
+    "token_id": "tokenizer id of the token; -1 or an id beyond geometry.vocab_size - 1 = unknown",
 }
 SCORES = {"name": "scores", "shape": ["B", "E"], "dtype": "float32",
           "meaning": "expert scores, higher = more likely (rank them; best-first = argsort descending, stable)"}
@@ -114,14 +115,18 @@ class ScoreProgram(nn.Module):
     """A neural predictor's module as a function of plain tensors: maps -1 ids to the padding index, runs the
     module and returns softmax scores, exactly what NeuralPredictor.score computes."""
 
-    def __init__(self, module: nn.Module, names: list[str], num_experts: int):
+    def __init__(self, module: nn.Module, names: list[str], num_experts: int, vocab_size: int = 0):
         super().__init__()
-        self.module, self.names, self.num_experts = module, names, num_experts
+        self.module, self.names, self.num_experts, self.vocab_size = module, names, num_experts, vocab_size
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         inputs = {}
         for name, tensor in zip(self.names, tensors):
-            inputs[name] = torch.where(tensor < 0, self.num_experts, tensor) if name in ID_INPUTS else tensor
+            if name in ID_INPUTS:
+                tensor = torch.where(tensor < 0, self.num_experts, tensor)
+            elif name == "token_id":  # -1 or an id train never saw: the unknown row, as TokenMLPPredictor.batch maps it
+                tensor = torch.where((tensor < 0) | (tensor >= self.vocab_size), self.vocab_size, tensor)
+            inputs[name] = tensor
         return torch.softmax(self.module(inputs)[0].float(), dim=-1)
 
 
@@ -137,6 +142,8 @@ def example_inputs(predictor: NeuralPredictor, rows: int = 3) -> dict[str, torch
     known = {}
     if "hidden_state" in predictor.requires:
         known["hidden_state"] = rng.normal(size=(rows, int(g["hidden_dim"]))).astype(np.float32)
+    if "token_id" in predictor.requires:
+        known["token_id"] = rng.integers(0, int(g["vocab_size"]), rows)
     if "token_context_experts" in predictor.requires:
         tokens = int(predictor.section["token_context"])
         known["token_context_experts"] = rng.integers(-1, predictor.num_experts, (rows, tokens, c + 1, k))
@@ -154,7 +161,8 @@ def export_neural(predictor: NeuralPredictor, out: Path) -> dict:
     batch = torch.export.Dim("batch", min=1)
     # strict (dynamo) tracing keeps len(tensor) symbolic (layer_specific, hybrid); non-strict specialises it
     with torch.no_grad():
-        program = torch.export.export(ScoreProgram(predictor.module, names, predictor.num_experts).eval(),
+        score_program = ScoreProgram(predictor.module, names, predictor.num_experts, int(predictor.geometry.get("vocab_size", 0)))
+        program = torch.export.export(score_program.eval(),
                                       tuple(inputs.values()), dynamic_shapes=(tuple({0: batch} for _ in names),), strict=True)
     torch.export.save(program, str(out / PROGRAM))
     specs = [input_spec(name, ["B", *tensor.shape[1:]], str(tensor.dtype).removeprefix("torch.")) for name, tensor in inputs.items()]

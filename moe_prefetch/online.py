@@ -39,7 +39,7 @@ from moe_prefetch.predictors import Predictor
 from moe_prefetch.routing import adapter_for
 from moe_prefetch.routing.recorder import RoutingRecorder
 
-ONLINE_COLUMNS = {"context_experts", "hidden_state", "next_token_experts", "next_token_weights"}  # what score() can get
+ONLINE_COLUMNS = {"context_experts", "hidden_state", "next_token_experts", "next_token_weights", "token_id"}  # what score() can get
 
 
 def projection_seed(shards_dir: Path) -> int | None:
@@ -125,6 +125,8 @@ class OnlinePrefetcher:
             if self.c - 1 <= index <= len(self.adapter.layers) - 1 - self.h:
                 routed = np.stack([state["routed"][i] for i in range(index + 1)], axis=1)  # (T, index+1, k)
                 known = {}
+                if "token_id" in self.predictor.requires:
+                    known["token_id"] = state["token_id"]
                 if self.needs_hidden:
                     hidden = self.recorder.hidden_state(index, batch, seq)  # exactly what collect stores
                     known["hidden_state"] = hidden.numpy().reshape(batch * seq, -1)

@@ -36,7 +36,7 @@ from moe_prefetch.windows.data import (
 class TrainLoopParams:
     """The keys of the train section every architecture shares (the per-arch sections are added below)."""
 
-    arch: str = doc("Predictor architecture: a name registered in moe_prefetch.predictors.ARCHITECTURES.", "mlp")
+    arch: str = doc("Predictor architecture: a name registered in moe_prefetch.predictors.ARCHITECTURES.", "token_mlp")
     epochs: int = doc("Maximum epochs (learned predictors).", 12)
     batch_size: int = doc("Windows per optimisation step (the global batch: split across processes under DDP).", 1024)
     lr: float = doc("Peak learning rate (AdamW, cosine decay).", 2e-3)

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 README = Path("README.md")
 BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
              "stale_gate", "random")
@@ -234,10 +236,11 @@ def fit_seconds(experiment: str) -> str:
 
 def archs_section(prefix: str, baseline: dict) -> str:
     """One row per experiment named `<prefix><arch>` plus the committed default, from `dvc exp show --json`."""
-    runs = {"mlp (default)": (baseline, None)}
+    default_arch = yaml.safe_load(Path("params.yaml").read_text())["train"]["arch"]
+    runs = {f"{default_arch} (default)": (baseline, None)}
     for name, data in sorted(experiments_by_name().items()):
         finished = "data" in data.get("metrics", {}).get("metrics/evaluate.json", {}) and "data" in data["metrics"].get("dvclive/metrics.json", {})
-        if name.startswith(prefix) and finished and name != f"{prefix}mlp":  # queued or failed: no metrics yet
+        if name.startswith(prefix) and finished and name != f"{prefix}{default_arch}":  # queued or failed: no metrics yet
             runs[name[len(prefix):]] = (data["metrics"]["metrics/evaluate.json"]["data"], data)
     rows = []
     for arch, (metrics, data) in runs.items():

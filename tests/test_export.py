@@ -31,7 +31,7 @@ OVERRIDES = {  # a lookup with back-off over context lengths 1..3 (test_predicto
     "ensemble": {"lookup": {"max_context": 3}},
 }
 COLUMNS = {"context_experts": "context_experts", "target_layer": "target_layer", "hidden_state": "hidden_state",
-           "token_context": "token_context_experts"}  # export input name -> WindowSet column
+           "token_context": "token_context_experts", "token_id": "token_id"}  # export input name -> WindowSet column
 
 
 def reference_loader():

@@ -23,7 +23,7 @@ from moe_prefetch.routing import adapter_for
 
 NEW_TOKENS = 6
 ULPS = {"generate": 1, "forward": 99}  # float16 ulps the online hidden state may differ by (see the test)
-ARCHS = {"mlp": {"mlp": {}}, "hidden_mlp": {"hidden_mlp": {"dropout": 0.0, "hidden": [32]}}, "lookup": {}}
+ARCHS = {"mlp": {"mlp": {}}, "token_mlp": {"token_mlp": {"hidden": [64]}}, "hidden_mlp": {"hidden_mlp": {"dropout": 0.0, "hidden": [32]}}, "lookup": {}}
 
 
 @pytest.fixture(scope="module")

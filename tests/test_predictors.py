@@ -26,6 +26,7 @@ SMALL = {  # per architecture with a section: train.<arch> overrides that learn 
     "ensemble": {},
     "hidden_mlp": {"dropout": 0.0},
     "mlp": {},
+    "token_mlp": {"embedding_dim": 16, "token_embedding_dim": 16, "hidden": [256]},
     "hybrid": {"temporal_tokens": NEXT_TOKENS},  # the temporal head too
     "layer_specific": {},
     "lstm": {},
@@ -36,6 +37,7 @@ SMALL = {  # per architecture with a section: train.<arch> overrides that learn 
 FIT = {  # (train windows, train overrides) where the default 3000 windows at lr 0.02 do not learn the pattern
     "lookup": (12000, {}),  # a table must have seen each of its 1200 keys
     "hidden_mlp": (6000, {"lr": 0.03}),  # 16 hidden codes x 5 target layers need more examples
+    "token_mlp": (12000, {}),  # 16 experts x 8 token ids x 5 target layers
 }
 
 
@@ -44,7 +46,8 @@ def synthetic(n: int, seed: int, requires: tuple[str, ...] = ("context_experts",
     """Windows carrying the optional input columns in `requires` and None for the others (so that reading an
     undeclared column fails). The target's top-1 is (s + t) mod E, with s read off the most specific required
     input: the expert one-hot-encoded in the hidden state (hidden_state), else the last context layer's best
-    expert (context_experts), else 0 (the target layer alone); the second routed expert is top-1 + 1. The next
+    expert (context_experts), else 0 (the target layer alone), plus the token id when token_id is required; the
+    second routed expert is top-1 + 1. The next
     tokens' top-1 at the target layer is (top-1 + 2j) mod E for j = 1..NEXT_TOKENS."""
     E, k, c, L = (GEOMETRY[key] for key in ("num_experts", "top_k", "context_length", "num_layers"))
     rng = np.random.default_rng(seed)
@@ -54,7 +57,8 @@ def synthetic(n: int, seed: int, requires: tuple[str, ...] = ("context_experts",
     latent = rng.integers(0, E, n)
     hidden = (rng.normal(0, 0.3, (n, hidden_dim)) + 2.0 * np.eye(E, hidden_dim)[latent]).astype(np.float16)
     signal = latent if "hidden_state" in requires else context[:, -1, 0] if "context_experts" in requires else 0
-    top1 = (signal + target_layer) % E  # (n,)
+    token_id = rng.integers(0, 8, n).astype(np.int32)  # with token_id required, the target depends on it too
+    top1 = (signal + target_layer + (token_id if "token_id" in requires else 0)) % E  # (n,)
     upcoming = (top1[:, None] + 2 * np.arange(1, NEXT_TOKENS + 1)[None, :]) % E  # (n, H)
 
     def routed(best: np.ndarray) -> np.ndarray:
@@ -62,7 +66,7 @@ def synthetic(n: int, seed: int, requires: tuple[str, ...] = ("context_experts",
 
     optional = {
         "context_experts": context, "hidden_state": hidden, "next_token_experts": routed(upcoming),
-        "next_token_weights": np.tile(np.float32([0.7, 0.3]), (n, NEXT_TOKENS, 1)),
+        "next_token_weights": np.tile(np.float32([0.7, 0.3]), (n, NEXT_TOKENS, 1)), "token_id": token_id,
     }
     assert set(requires) <= set(optional), f"synthetic() cannot make {sorted(set(requires) - set(optional))} yet"
     sequences = np.arange(n) // per_sequence

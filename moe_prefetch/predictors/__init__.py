@@ -5,6 +5,7 @@ schema orders their train.<arch> sections by name, whatever the import order):
   frequency, lookup         count tables (tables.py)
   speculation_transformer   transformer over per-layer context tokens
   mlp                       embeddings of all context slots + target layer -> MLP
+  token_mlp                 the same plus the token id's embedding (windows.token_ids)
   lstm                      LSTM over the context layers as a sequence
   layer_specific            shared MLP trunk, one output head per target layer
   multiscale                several context lengths encoded separately, fused by bounded gate weights
@@ -26,6 +27,7 @@ from moe_prefetch.predictors import (  # noqa: F401  (imported to register the a
     multiscale,
     speculation_transformer,
     tables,
+    token_mlp,
 )
 from moe_prefetch.predictors.base import (
     ARCHITECTURES,
