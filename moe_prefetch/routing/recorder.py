@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from moe_prefetch.collect.config import CaptureParams
+from moe_prefetch.errors import PipelineError
 from moe_prefetch.routing import RoutingAdapter
 
 
@@ -30,7 +31,8 @@ class RoutingRecorder:
                 self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index)))
             if capture.lookahead:
                 if layer.pre_norm is None:
-                    raise ValueError(f"{adapter.family}: look-ahead needs the pre-MoE norm of layer {layer.layer_index}")
+                    raise PipelineError(f"collect.capture.lookahead: {capture.lookahead} needs the norm in front of every MoE layer, and "
+                                        f"{adapter.family} {self.layer_name(index)} has none; use lookahead 0 for this model")
                 self.handles.append(layer.pre_norm.register_forward_pre_hook(self._keep(self.residuals, index)))
         if capture.hidden_states and capture.hidden_dim:
             hidden_size = int(adapter.config.hidden_size)
@@ -38,12 +40,21 @@ class RoutingRecorder:
             # A fixed Gaussian projection approximately preserves inner products (Johnson-Lindenstrauss).
             self.projection = torch.randn(hidden_size, capture.hidden_dim, generator=generator) / capture.hidden_dim**0.5
 
-    @staticmethod
-    def _keep(store: dict, index: int, output: bool = False):
+    def layer_name(self, index: int) -> str:
+        """How errors name the adapter's `index`-th MoE layer: its stack and true layer index."""
+        layer = self.adapter.layers[index]
+        return f"{layer.stack} layer {layer.layer_index}"
+
+    def mismatch(self, what: str) -> PipelineError:
+        """The error of a model whose forward does not route as its family adapter expects (e.g. custom modeling code)."""
+        return PipelineError(f"collect.model: {what}; the {self.adapter.family} adapter (moe_prefetch/routing/families.py) does not "
+                             f"match this model's modeling code (supported: the transformers {self.adapter.family} model)")
+
+    def _keep(self, store: dict, index: int, output: bool = False):
         def hook(_module, inputs, result=None):
             value = result if output else inputs[0]
             if index in store:  # a second call in one forward would mean we misread the model's routing
-                raise RuntimeError(f"router of MoE layer {index} ran twice in one forward pass")
+                raise self.mismatch(f"the router of MoE {self.layer_name(index)} ran twice in one forward pass")
             store[index] = value
 
         if output:
@@ -63,9 +74,9 @@ class RoutingRecorder:
     def take(self, batch: int, seq: int) -> dict[str, np.ndarray]:
         """Arrays for the last forward: experts (B, S, L, k) int16, weights (B, S, L, k) float32, and the captures."""
         layers = range(len(self.adapter.layers))
-        missing = [i for i in layers if i not in self.outputs]
+        missing = [self.layer_name(i) for i in layers if i not in self.outputs]
         if missing:
-            raise RuntimeError(f"no routing recorded for MoE layers {missing}; the adapter does not match this model")
+            raise self.mismatch(f"no routing recorded for MoE {', '.join(missing)} in a forward pass")
         experts, weights, probs = [], [], []
         for index in layers:
             ids, gate_weights, logits = self.adapter.decode(self.outputs[index])
