@@ -25,14 +25,15 @@ class RoutingRecorder:
         self.residuals: dict[int, torch.Tensor] = {}
         self.handles = []
         self.projection = None
+        unnormed = [self.layer_name(index) for index, layer in enumerate(adapter.layers) if layer.pre_norm is None]
+        if capture.lookahead and unnormed:  # checked before any hook is attached: a failed recorder leaves the model as it was
+            raise PipelineError(f"collect.capture.lookahead: {capture.lookahead} needs the norm in front of every MoE layer, and "
+                                f"{adapter.family} {', '.join(unnormed)} has none; use lookahead 0 for this model")
         for index, layer in enumerate(adapter.layers):
             self.handles.append(layer.router.register_forward_hook(self._keep(self.outputs, index, output=True)))
             if capture.hidden_states:
                 self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index)))
             if capture.lookahead:
-                if layer.pre_norm is None:
-                    raise PipelineError(f"collect.capture.lookahead: {capture.lookahead} needs the norm in front of every MoE layer, and "
-                                        f"{adapter.family} {self.layer_name(index)} has none; use lookahead 0 for this model")
                 self.handles.append(layer.pre_norm.register_forward_pre_hook(self._keep(self.residuals, index)))
         if capture.hidden_states and capture.hidden_dim:
             hidden_size = int(adapter.config.hidden_size)
@@ -78,18 +79,18 @@ class RoutingRecorder:
         if missing:
             raise self.mismatch(f"no routing recorded for MoE {', '.join(missing)} in a forward pass")
         experts, weights, probs = [], [], []
-        for index in layers:
+        for index in layers:  # each layer to the host first: a dispatched model's layers live on different devices
             ids, gate_weights, logits = self.adapter.decode(self.outputs[index])
-            experts.append(ids.reshape(batch, seq, -1))
-            weights.append(gate_weights.reshape(batch, seq, -1))
+            experts.append(ids.reshape(batch, seq, -1).cpu())
+            weights.append(gate_weights.reshape(batch, seq, -1).cpu())
             if self.capture.router_probs:
-                probs.append(self.adapter.router_probs(logits).reshape(batch, seq, -1))
+                probs.append(self.adapter.router_probs(logits).reshape(batch, seq, -1).cpu())
         out = {
-            "experts": torch.stack(experts, dim=2).to(torch.int16).cpu().numpy(),
-            "weights": torch.stack(weights, dim=2).float().cpu().numpy(),
+            "experts": torch.stack(experts, dim=2).to(torch.int16).numpy(),
+            "weights": torch.stack(weights, dim=2).float().numpy(),
         }
         if probs:
-            out["router_probs"] = torch.stack(probs, dim=2).to(torch.float16).cpu().numpy()
+            out["router_probs"] = torch.stack(probs, dim=2).to(torch.float16).numpy()
         if self.capture.hidden_states:
             out["hidden_states"] = torch.stack([self.hidden_state(i, batch, seq) for i in layers], dim=2).numpy()
         if self.capture.lookahead:
@@ -107,7 +108,8 @@ class RoutingRecorder:
 
     def _lookahead(self, batch: int, seq: int) -> np.ndarray:
         """(B, S, L, H, k) int16: MoE layer l+h's router applied to layer l's residual stream, after l+h's norm;
-        -1 where l+h is past the last MoE layer of l's stack."""
+        -1 where l+h is past the last MoE layer of l's stack. Layer l's residual goes to the device layer l+h's own
+        residual was on in the forward: its norm's weight may be on `meta` (offloaded; accelerate loads it per call)."""
         moe = self.adapter.layers
         horizon = self.capture.lookahead
         top_k = self.adapter.top_k
@@ -118,7 +120,7 @@ class RoutingRecorder:
                 if index + h >= len(moe) or moe[index + h].stack != moe[index].stack:
                     break  # no later MoE layer in this stack (an encoder's residual never reaches the decoder's routers)
                 later = moe[index + h]
-                normed = later.pre_norm.forward(residual.to(later.pre_norm.weight.device))
+                normed = later.pre_norm.forward(residual.to(self.residuals[index + h].device))
                 ids, _, _ = self.adapter.decode(later.router.forward(normed))
                 out[:, :, index, h - 1, :] = ids.reshape(batch, seq, -1).to(torch.int16).cpu().numpy()
         return out
