@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-import transformers
 import yaml
 from conftest import MODEL, TINY, accelerate_command, subprocess_env, tiny_params
 
@@ -110,6 +109,15 @@ def test_generate_records_prompt_then_decode_routing(tmp_path, forward):
     assert meta["collect"]["params"]["mode"] == "generate"
 
 
+def test_every_sequence_starts_with_the_bos_and_meta_names_it(forward_dir, forward):
+    meta = json.loads((forward_dir / "meta.json").read_text())["collect"]
+    assert meta["bos_token_id"] == 0 and meta["params"]["add_bos"] is True  # tiny-moe's BOS is <|endoftext|>, id 0
+    assert meta["software_versions"] == software_versions()
+    first = forward.filter(pc.equal(forward["position"], 0))
+    assert first.num_rows == meta["sequences"] and set(first["token_id"].to_pylist()) == {0}
+    assert 0 not in forward.filter(pc.greater(forward["position"], 0))["token_id"].to_pylist()
+
+
 def test_bfloat16_records_valid_routing(tmp_path, forward):
     _, table = run(tmp_path / "bf16", dtype="bfloat16")
     experts, weights = routing(table), routing(table, "weights")
@@ -163,7 +171,7 @@ def test_plan_digest_changes_with_row_code_and_library_versions(tmp_path, monkey
     (package / "progress.py").write_text((package / "progress.py").read_text() + "\n")
     assert code_fingerprint(package) == edited
     before = plan_digest(params, [], "model")
-    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "0.0.1")  # from_pretrained replaces it there
     assert software_versions()["transformers"] == "0.0.1"
     assert plan_digest(params, [], "model") != before
     assert plan_digest(params, [], "model", versions={"torch": torch.__version__, "transformers": "0.0.1"}) != before

@@ -53,20 +53,32 @@ class PlannedSequence(ChunkSequence):
     token_ids: list[int]
 
 
+def bos_token_id(params: CollectParams, tokenizer) -> int | None:
+    """The token every sequence starts with: the tokenizer's BOS if collect.add_bos and it has one, else None."""
+    bos = tokenizer.bos_token_id if params.add_bos else None
+    if bos is not None and params.seq_len < 2:
+        raise PipelineError(f"collect.seq_len: must be >= 2 with collect.add_bos (the BOS takes one of its tokens), got {params.seq_len}")
+    return bos
+
+
 def plan_sequences(params: CollectParams, tokenizer) -> list[PlannedSequence]:
-    """Chunk each source's documents into up to `chunks_per_document` sequences of <= seq_len tokens, until
-    `num_sequences` per source. Deterministic given the params and the tokenizer."""
+    """Chunk each source's documents into up to `chunks_per_document` sequences of <= seq_len tokens (the BOS of
+    bos_token_id() first, then the chunk's text), until `num_sequences` per source. Deterministic given the params
+    and the tokenizer."""
+    bos = bos_token_id(params, tokenizer)
+    prefix = [] if bos is None else [bos]
+    text_len = params.seq_len - len(prefix)
     planned = []
     for raw in params.sources:
         spec = SourceSpec.parse(raw)
         taken = 0
         for doc_index, (doc_name, text) in enumerate(iter_documents(spec, params.seed)):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            for chunk_index in range(min(params.chunks_per_document, -(-len(ids) // params.seq_len))):
-                chunk = ids[chunk_index * params.seq_len : (chunk_index + 1) * params.seq_len]
-                if len(chunk) < params.min_tokens or taken == params.num_sequences:
+            for chunk_index in range(min(params.chunks_per_document, -(-len(ids) // text_len))):
+                sequence = prefix + ids[chunk_index * text_len : (chunk_index + 1) * text_len]
+                if len(sequence) < params.min_tokens or taken == params.num_sequences:
                     break
-                planned.append(PlannedSequence(f"{spec.name}/{doc_index}/{chunk_index}", f"{spec.name}/{doc_name}", spec.name, chunk))
+                planned.append(PlannedSequence(f"{spec.name}/{doc_index}/{chunk_index}", f"{spec.name}/{doc_name}", spec.name, sequence))
                 taken += 1
             if taken == params.num_sequences:
                 break
@@ -269,5 +281,6 @@ def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
             **run_summary(params, planned, len(chunk_starts)),
             "builtin_text_python_version": source_fingerprint(),
             "software_versions": software_versions(),
+            "bos_token_id": bos_token_id(params, tokenizer),
             "plan_digest": digest,
         }).write(out)
