@@ -48,8 +48,9 @@ class RoutingRecorder:
 
     def mismatch(self, what: str) -> PipelineError:
         """The error of a model whose forward does not route as its family adapter expects (e.g. custom modeling code)."""
-        return PipelineError(f"collect.model: {what}; the {self.adapter.family} adapter (moe_prefetch/routing/families.py) does not "
-                             f"match this model's modeling code (supported: the transformers {self.adapter.family} model)")
+        family = self.adapter.family
+        return PipelineError(f"collect.model: {what}; the {family} adapter (moe_prefetch/routing/families.py) reads routing as "
+                             f"transformers' own {family} modeling code routes, and this model's code does not")
 
     def _keep(self, store: dict, index: int, output: bool = False):
         def hook(_module, inputs, result=None):
