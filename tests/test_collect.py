@@ -26,7 +26,7 @@ import yaml
 from conftest import MODEL, TINY, accelerate_command, subprocess_env, tiny_params
 
 from moe_prefetch import traces
-from moe_prefetch.collect.collector import collect, plan_digest
+from moe_prefetch.collect.collector import PACKAGE_DIR, code_fingerprint, collect, plan_digest, software_versions
 from moe_prefetch.collect.models import model_fingerprint
 from moe_prefetch.sharding import write_shards
 
@@ -109,6 +109,15 @@ def test_generate_records_prompt_then_decode_routing(tmp_path, forward):
     assert meta["collect"]["params"]["mode"] == "generate"
 
 
+def test_every_sequence_starts_with_the_bos_and_meta_names_it(forward_dir, forward):
+    meta = json.loads((forward_dir / "meta.json").read_text())["collect"]
+    assert meta["bos_token_id"] == 0 and meta["params"]["add_bos"] is True  # tiny-moe's BOS is <|endoftext|>, id 0
+    assert meta["software_versions"] == software_versions()
+    first = forward.filter(pc.equal(forward["position"], 0))
+    assert first.num_rows == meta["sequences"] and set(first["token_id"].to_pylist()) == {0}
+    assert 0 not in forward.filter(pc.greater(forward["position"], 0))["token_id"].to_pylist()
+
+
 def test_bfloat16_records_valid_routing(tmp_path, forward):
     _, table = run(tmp_path / "bf16", dtype="bfloat16")
     experts, weights = routing(table), routing(table, "weights")
@@ -143,6 +152,38 @@ def test_plan_digest_changes_with_params_and_model_weights(tmp_path):
     data[-1] ^= 1  # one bit of one weight: a different model must not resume another model's traces
     weights.write_bytes(bytes(data))
     assert model_fingerprint(str(retrained)) != fingerprint
+
+
+def test_plan_digest_changes_with_row_code_and_library_versions(tmp_path, monkeypatch):
+    params = tiny_params("collect")
+    package = tmp_path / "moe_prefetch"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(package) == code_fingerprint()  # relative paths and bytes: where the package lives does not count
+    families = package / "routing" / "families.py"
+    families.write_text(families.read_text().replace("return 2  # sparsemixer", "return 3  # sparsemixer"))
+    edited = code_fingerprint(package)
+    assert edited != code_fingerprint()
+    assert plan_digest(params, [], "model", code=edited) != plan_digest(params, [], "model")
+    for module in ("traces.py", "collect/generation.py"):  # the other row-shaping code counts too; the rest does not
+        (package / module).write_text((package / module).read_text() + "\n")
+        assert code_fingerprint(package) != edited
+        edited = code_fingerprint(package)
+    (package / "progress.py").write_text((package / "progress.py").read_text() + "\n")
+    assert code_fingerprint(package) == edited
+    before = plan_digest(params, [], "model")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "0.0.1")  # from_pretrained replaces it there
+    assert software_versions()["transformers"] == "0.0.1"
+    assert plan_digest(params, [], "model") != before
+    assert plan_digest(params, [], "model", versions={"torch": torch.__version__, "transformers": "0.0.1"}) != before
+
+
+def test_plan_digest_keeps_what_cannot_change_rows(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    digest = {device: plan_digest(tiny_params("collect", device=device), [], "model") for device in ("cpu", "auto", "cuda", "cuda:1")}
+    assert digest["auto"] == digest["cpu"]  # device_map=auto without a GPU computes on the CPU
+    assert digest["cuda:1"] == digest["cuda"] != digest["cpu"]  # another GPU of the same kind; CUDA kernels round differently
+    # batch_size changes the float rounding of the gate weights (plan_digest's docstring), so it restarts collection
+    assert plan_digest(tiny_params("collect", batch_size=2), [], "model") != plan_digest(tiny_params("collect"), [], "model")
 
 
 def write_yaml(directory: Path, **overrides) -> Path:

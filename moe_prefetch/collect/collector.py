@@ -2,7 +2,8 @@
 
 Writes `<out>/chunk-NNNNN.parquet` (one row per non-padding token, schema in moe_prefetch/traces.py) as collection
 proceeds, and `<out>/meta.json` last. Resumable: chunk files are complete or absent (written to a temp name,
-then renamed), and a re-run with the same plan (params, model, token ids) skips the chunks already written.
+then renamed), and a re-run with the same plan (params, model, token ids, row code, torch and transformers versions;
+plan_digest) skips the chunks already written.
 Data-parallel: under `accelerate launch --multi_gpu --num_processes N` (also on a CPU-only machine: gloo) or
 `torchrun --nproc_per_node N`, process r collects chunks r, r+N, ...; the shard stage merges them. (`accelerate
 launch --cpu --num_processes N` starts a single process unless an MPI hostfile is given.)
@@ -52,20 +53,32 @@ class PlannedSequence(ChunkSequence):
     token_ids: list[int]
 
 
+def bos_token_id(params: CollectParams, tokenizer) -> int | None:
+    """The token every sequence starts with: the tokenizer's BOS if collect.add_bos and it has one, else None."""
+    bos = tokenizer.bos_token_id if params.add_bos else None
+    if bos is not None and params.seq_len < 2:
+        raise PipelineError(f"collect.seq_len: must be >= 2 with collect.add_bos (the BOS takes one of its tokens), got {params.seq_len}")
+    return bos
+
+
 def plan_sequences(params: CollectParams, tokenizer) -> list[PlannedSequence]:
-    """Chunk each source's documents into up to `chunks_per_document` sequences of <= seq_len tokens, until
-    `num_sequences` per source. Deterministic given the params and the tokenizer."""
+    """Chunk each source's documents into up to `chunks_per_document` sequences of <= seq_len tokens (the BOS of
+    bos_token_id() first, then the chunk's text), until `num_sequences` per source. Deterministic given the params
+    and the tokenizer."""
+    bos = bos_token_id(params, tokenizer)
+    prefix = [] if bos is None else [bos]
+    text_len = params.seq_len - len(prefix)
     planned = []
     for raw in params.sources:
         spec = SourceSpec.parse(raw)
         taken = 0
         for doc_index, (doc_name, text) in enumerate(iter_documents(spec, params.seed)):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            for chunk_index in range(min(params.chunks_per_document, -(-len(ids) // params.seq_len))):
-                chunk = ids[chunk_index * params.seq_len : (chunk_index + 1) * params.seq_len]
-                if len(chunk) < params.min_tokens or taken == params.num_sequences:
+            for chunk_index in range(min(params.chunks_per_document, -(-len(ids) // text_len))):
+                sequence = prefix + ids[chunk_index * text_len : (chunk_index + 1) * text_len]
+                if len(sequence) < params.min_tokens or taken == params.num_sequences:
                     break
-                planned.append(PlannedSequence(f"{spec.name}/{doc_index}/{chunk_index}", f"{spec.name}/{doc_name}", spec.name, chunk))
+                planned.append(PlannedSequence(f"{spec.name}/{doc_index}/{chunk_index}", f"{spec.name}/{doc_name}", spec.name, sequence))
                 taken += 1
             if taken == params.num_sequences:
                 break
@@ -78,10 +91,53 @@ def plan_sequences(params: CollectParams, tokenizer) -> list[PlannedSequence]:
     return planned
 
 
-def plan_digest(params: CollectParams, planned: list[PlannedSequence], model_fingerprint: str) -> str:
-    """Identifies what a run will produce: the params, the model's weights and every planned token id."""
-    digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode())
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # moe_prefetch/
+ROW_CODE = ("collect", "routing", "traces.py")  # under PACKAGE_DIR: the code that plans, records and encodes a trace row
+
+
+def software_versions() -> dict[str, str]:
+    """The libraries whose version can change a recorded row: torch (kernels) and transformers (modeling code)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def code_fingerprint(package_dir: Path = PACKAGE_DIR) -> str:
+    """sha256 over the relative path and bytes of every .py file of ROW_CODE below `package_dir`."""
+    digest = hashlib.sha256()
+    for entry in ROW_CODE:
+        root = package_dir / entry
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(f"{path.relative_to(package_dir)}\t{path.stat().st_size}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def device_kind(device: str) -> str:
+    """cpu or cuda: the arithmetic collect.device selects (which GPU, or a device_map over several, is the same arithmetic)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def plan_digest(params: CollectParams, planned: list[PlannedSequence], model_fingerprint: str, code: str | None = None,
+                versions: dict[str, str] | None = None) -> str:
+    """Identifies what a run will produce: the params, the model's weights, every planned token id, the code that
+    shapes a row (`code`, default code_fingerprint()) and the torch/transformers versions (default software_versions()).
+
+    collect.device counts only as its kind (cpu or cuda): moving to another GPU or to device_map=auto keeps the
+    finished chunks. collect.batch_size counts: it changes the padded width of a forward, and with it the float
+    rounding of the gate weights (tiny-moe, batch 1 vs 4 or 16: the same experts, but 2487 of 3969 tokens have a
+    gate weight differing by up to 1.2e-7), so chunks of another batch size would not equal a fresh run's bytes.
+    """
+    fields = {**as_dict(params), "device": device_kind(params.device)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     digest.update(model_fingerprint.encode())
+    digest.update((code if code is not None else code_fingerprint()).encode())
+    digest.update(json.dumps(versions if versions is not None else software_versions(), sort_keys=True).encode())
     for seq in planned:
         digest.update(f"{seq.sequence_id}\t{seq.document_id}\t{','.join(map(str, seq.token_ids))}\n".encode())
     return digest.hexdigest()
@@ -224,5 +280,7 @@ def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
         trace_meta(params, adapter, capture, {
             **run_summary(params, planned, len(chunk_starts)),
             "builtin_text_python_version": source_fingerprint(),
+            "software_versions": software_versions(),
+            "bos_token_id": bos_token_id(params, tokenizer),
             "plan_digest": digest,
         }).write(out)

@@ -23,9 +23,12 @@ class CollectParams:
     sources: list = doc("Text sources, one domain each: python-docs, python-stdlib, {name, path} (a file or directory under inputs/, "
         "which the collect stage lists as a DVC dependency) or {name, hf_dataset}.", factory=lambda: ["python-docs", "python-stdlib"])
     num_sequences: int = doc("Sequences collected per source (domain).", 500)
-    seq_len: int = doc("Tokens per sequence (a chunk of one document; shorter last chunks are padded, not recorded).", 128)
-    chunks_per_document: int = doc("At most this many consecutive seq_len chunks are taken from one document.", 8)
-    min_tokens: int = doc("Chunks with fewer tokens than this are skipped.", 16)
+    seq_len: int = doc("Tokens per sequence, the BOS included (a chunk of one document; shorter last chunks are padded, not recorded).", 128)
+    add_bos: bool = doc("Start every sequence with the tokenizer's BOS token, if it has one, as a document starts in pretraining: "
+        "the BOS, not the chunk's first text token, is then the attention sink whose routing is atypical; it is recorded "
+        "(position 0) and meta.json's collect.bos_token_id names it (null: none added).", True)
+    chunks_per_document: int = doc("At most this many consecutive chunks are taken from one document.", 8)
+    min_tokens: int = doc("Sequences with fewer tokens than this, the BOS included, are skipped.", 16)
     batch_size: int = doc("Sequences per forward pass.", 16)
     sequences_per_chunk: int = doc("Sequences per trace chunk file (the unit of resume after a crash).", 256)
     dtype: Literal["float32", "bfloat16", "float16"] = doc("Model dtype.", "float32")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from moe_prefetch.collect.config import CaptureParams
+from moe_prefetch.errors import PipelineError
 from moe_prefetch.routing import RoutingAdapter
 
 
@@ -24,13 +25,15 @@ class RoutingRecorder:
         self.residuals: dict[int, torch.Tensor] = {}
         self.handles = []
         self.projection = None
+        unnormed = [self.layer_name(index) for index, layer in enumerate(adapter.layers) if layer.pre_norm is None]
+        if capture.lookahead and unnormed:  # checked before any hook is attached: a failed recorder leaves the model as it was
+            raise PipelineError(f"collect.capture.lookahead: {capture.lookahead} needs the norm in front of every MoE layer, and "
+                                f"{adapter.family} {', '.join(unnormed)} has none; use lookahead 0 for this model")
         for index, layer in enumerate(adapter.layers):
             self.handles.append(layer.router.register_forward_hook(self._keep(self.outputs, index, output=True)))
             if capture.hidden_states:
                 self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index)))
             if capture.lookahead:
-                if layer.pre_norm is None:
-                    raise ValueError(f"{adapter.family}: look-ahead needs the pre-MoE norm of layer {layer.layer_index}")
                 self.handles.append(layer.pre_norm.register_forward_pre_hook(self._keep(self.residuals, index)))
         if capture.hidden_states and capture.hidden_dim:
             hidden_size = int(adapter.config.hidden_size)
@@ -38,12 +41,22 @@ class RoutingRecorder:
             # A fixed Gaussian projection approximately preserves inner products (Johnson-Lindenstrauss).
             self.projection = torch.randn(hidden_size, capture.hidden_dim, generator=generator) / capture.hidden_dim**0.5
 
-    @staticmethod
-    def _keep(store: dict, index: int, output: bool = False):
+    def layer_name(self, index: int) -> str:
+        """How errors name the adapter's `index`-th MoE layer: its stack and true layer index."""
+        layer = self.adapter.layers[index]
+        return f"{layer.stack} layer {layer.layer_index}"
+
+    def mismatch(self, what: str) -> PipelineError:
+        """The error of a model whose forward does not route as its family adapter expects (e.g. custom modeling code)."""
+        family = self.adapter.family
+        return PipelineError(f"collect.model: {what}; the {family} adapter (moe_prefetch/routing/families.py) reads routing as "
+                             f"transformers' own {family} modeling code routes, and this model's code does not")
+
+    def _keep(self, store: dict, index: int, output: bool = False):
         def hook(_module, inputs, result=None):
             value = result if output else inputs[0]
             if index in store:  # a second call in one forward would mean we misread the model's routing
-                raise RuntimeError(f"router of MoE layer {index} ran twice in one forward pass")
+                raise self.mismatch(f"the router of MoE {self.layer_name(index)} ran twice in one forward pass")
             store[index] = value
 
         if output:
@@ -63,22 +76,22 @@ class RoutingRecorder:
     def take(self, batch: int, seq: int) -> dict[str, np.ndarray]:
         """Arrays for the last forward: experts (B, S, L, k) int16, weights (B, S, L, k) float32, and the captures."""
         layers = range(len(self.adapter.layers))
-        missing = [i for i in layers if i not in self.outputs]
+        missing = [self.layer_name(i) for i in layers if i not in self.outputs]
         if missing:
-            raise RuntimeError(f"no routing recorded for MoE layers {missing}; the adapter does not match this model")
+            raise self.mismatch(f"no routing recorded for MoE {', '.join(missing)} in a forward pass")
         experts, weights, probs = [], [], []
-        for index in layers:
+        for index in layers:  # each layer to the host first: a dispatched model's layers live on different devices
             ids, gate_weights, logits = self.adapter.decode(self.outputs[index])
-            experts.append(ids.reshape(batch, seq, -1))
-            weights.append(gate_weights.reshape(batch, seq, -1))
+            experts.append(ids.reshape(batch, seq, -1).cpu())
+            weights.append(gate_weights.reshape(batch, seq, -1).cpu())
             if self.capture.router_probs:
-                probs.append(self.adapter.router_probs(logits).reshape(batch, seq, -1))
+                probs.append(self.adapter.router_probs(logits).reshape(batch, seq, -1).cpu())
         out = {
-            "experts": torch.stack(experts, dim=2).to(torch.int16).cpu().numpy(),
-            "weights": torch.stack(weights, dim=2).float().cpu().numpy(),
+            "experts": torch.stack(experts, dim=2).to(torch.int16).numpy(),
+            "weights": torch.stack(weights, dim=2).float().numpy(),
         }
         if probs:
-            out["router_probs"] = torch.stack(probs, dim=2).to(torch.float16).cpu().numpy()
+            out["router_probs"] = torch.stack(probs, dim=2).to(torch.float16).numpy()
         if self.capture.hidden_states:
             out["hidden_states"] = torch.stack([self.hidden_state(i, batch, seq) for i in layers], dim=2).numpy()
         if self.capture.lookahead:
@@ -96,7 +109,8 @@ class RoutingRecorder:
 
     def _lookahead(self, batch: int, seq: int) -> np.ndarray:
         """(B, S, L, H, k) int16: MoE layer l+h's router applied to layer l's residual stream, after l+h's norm;
-        -1 where l+h is past the last MoE layer of l's stack."""
+        -1 where l+h is past the last MoE layer of l's stack. Layer l's residual goes to the device layer l+h's own
+        residual was on in the forward: its norm's weight may be on `meta` (offloaded; accelerate loads it per call)."""
         moe = self.adapter.layers
         horizon = self.capture.lookahead
         top_k = self.adapter.top_k
@@ -107,7 +121,7 @@ class RoutingRecorder:
                 if index + h >= len(moe) or moe[index + h].stack != moe[index].stack:
                     break  # no later MoE layer in this stack (an encoder's residual never reaches the decoder's routers)
                 later = moe[index + h]
-                normed = later.pre_norm.forward(residual.to(later.pre_norm.weight.device))
+                normed = later.pre_norm.forward(residual.to(self.residuals[index + h].device))
                 ids, _, _ = self.adapter.decode(later.router.forward(normed))
                 out[:, :, index, h - 1, :] = ids.reshape(batch, seq, -1).to(torch.int16).cpu().numpy()
         return out
