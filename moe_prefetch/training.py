@@ -41,6 +41,9 @@ class TrainLoopParams:
     batch_size: int = doc("Windows per optimisation step (the global batch: split across processes under DDP).", 1024)
     lr: float = doc("Peak learning rate (AdamW, cosine decay).", 2e-3)
     weight_decay: float = doc("AdamW weight decay.", 0.01)
+    top1_target_weight: float = doc(
+        "Neural archs: share of the training target on the highest-weight expert, the rest on the gate-weight "
+        "distribution over the routed set (0 = gate weights only; 1 = top-1 only). Trades recall@k for top-1.", 0.0)
     patience: int = doc("Stop after this many epochs without a better validation loss.", 3)
     max_train_windows: int = doc("Subsample train windows to at most this many (0 = all).", 0)
     device: str = doc("cpu, cuda or auto.", "cpu")
@@ -57,6 +60,8 @@ class TrainLoopParams:
     def validate(self) -> None:
         architecture = ARCHITECTURES.get(self.arch, "train.arch")
         positive("train", self, "epochs", "batch_size", "lr", "patience")
+        if not 0.0 <= self.top1_target_weight <= 1.0:
+            raise PipelineError(f"train.top1_target_weight: must be in [0, 1], got {self.top1_target_weight}")
         if self.max_train_windows < 0:
             raise PipelineError(f"train.max_train_windows: must be >= 0, got {self.max_train_windows}")
         if self.stream_buffer < 0:

@@ -40,9 +40,14 @@ def on_cpu(device_name: str) -> bool:
     return resolve_device(device_name).type == "cpu"
 
 
-def target_distribution(windows: WindowSet, num_experts: int) -> np.ndarray:
-    """(N, E) float32: each window's gate weights over its routed experts, summing to 1."""
-    return gate_distribution(windows.target_experts, windows.target_weights, num_experts)
+def target_distribution(windows: WindowSet, num_experts: int, top1_weight: float = 0.0) -> np.ndarray:
+    """(N, E) float32: each window's gate weights over its routed experts, summing to 1; with `top1_weight` w, that
+    distribution times (1 - w) plus w on the highest-weight expert (train.top1_target_weight)."""
+    distribution = gate_distribution(windows.target_experts, windows.target_weights, num_experts)
+    if top1_weight:
+        top1 = gate_distribution(windows.target_experts[:, :1], np.ones((len(windows), 1), np.float32), num_experts)
+        distribution = ((1.0 - top1_weight) * distribution + top1_weight * top1).astype(np.float32)
+    return distribution
 
 
 def gate_distribution(routed: np.ndarray, gate_weights: np.ndarray, num_experts: int) -> np.ndarray:
@@ -103,6 +108,11 @@ class NeuralPredictor(Predictor):
             "target_layer": torch.from_numpy(windows.target_layer[rows].astype(np.int64)).to(device),  # (B,)
         }
 
+    @property
+    def top1_weight(self) -> float:
+        """train.top1_target_weight (0 in checkpoints written before it existed)."""
+        return float(self.params.get("top1_target_weight", 0.0))
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters()) if self.module is not None else 0
 
@@ -160,7 +170,7 @@ class NeuralPredictor(Predictor):
                     continue
                 local = batch.subset(np.array_split(np.arange(len(batch)), world)[rank])  # this process's share
                 inputs = self.batch(local, np.arange(len(local)), device)
-                target = torch.from_numpy(target_distribution(local, self.num_experts)).to(device)
+                target = torch.from_numpy(target_distribution(local, self.num_experts, self.top1_weight)).to(device)
                 top1 = torch.from_numpy(local.target_experts[:, 0].astype(np.int64)).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     loss, _, _ = self._loss(model, inputs, target, top1)
@@ -199,7 +209,7 @@ class NeuralPredictor(Predictor):
         """Mean loss and top-1 accuracy of the highest-weight target expert on `windows`."""
         self.module.eval()
         total_loss, total_correct = 0.0, 0.0
-        target_all = target_distribution(windows, self.num_experts)
+        target_all = target_distribution(windows, self.num_experts, self.top1_weight)
         for start in range(0, len(windows), batch_size):
             rows = np.arange(start, min(start + batch_size, len(windows)))
             top1 = torch.from_numpy(windows.target_experts[rows, 0].astype(np.int64)).to(device)
