@@ -43,7 +43,7 @@ class TrainLoopParams:
     weight_decay: float = doc("AdamW weight decay.", 0.01)
     top1_target_weight: float = doc(
         "Neural archs: share of the training target on the highest-weight expert, the rest on the gate-weight "
-        "distribution over the routed set (0 = gate weights only; 1 = top-1 only). Trades recall@k for top-1.", 0.0)
+        "distribution over the routed set (0 = gate weights only; 1 = top-1 only). Trades recall@k for top-1.", 0.25)
     patience: int = doc("Stop after this many epochs without a better validation loss.", 3)
     max_train_windows: int = doc("Subsample train windows to at most this many (0 = all).", 0)
     device: str = doc("cpu, cuda or auto.", "cpu")

@@ -52,6 +52,31 @@ def difference_lines(metrics: dict) -> list[str]:
             f"documents resampled with replacement, {metrics['bootstrap']['resamples']:,} resamples, paired across scorers)."]
 
 
+def bounds_line(b: dict) -> str:
+    """The bounds on the Bayes top-1 for the lookup's context: the valid lower bounds, the Fano upper bound with what
+    holds of it, and the plug-in H by train size. Metrics written before the lower bounds existed carry their old
+    2^-H_plugin instead, which this renders as it was until they are re-run."""
+    counts = (f"empirical Bayes (lookup fit on test itself, optimistic): {pct(b['empirical_bayes_top1'])}; "
+              f"{b['contexts']:,.0f} contexts, {b['samples_per_context_mean']:.1f} samples each on average, "
+              f"{pct(b['singleton_context_share'])} of samples in a context seen once. Predictor top-1: {pct(b['predictor_top1'])}.")
+    if "bayes_top1_lower_bound_best_scorer" not in b:
+        return ("Bounds for the lookup's context (target layer + the context layers' experts) on the test split: "
+                f"plug-in H(top-1 | context) = {b['h_plugin_bits']:.3f} bits (Miller-Madow {b['h_miller_madow_bits']:.3f}); "
+                f"Fano upper bound on any top-1: {pct(b['fano_top1_upper_bound'])}; 2^-H lower bound on the Bayes top-1: "
+                f"{pct(b['bayes_top1_lower_bound'])}; " + counts)
+    best, entropy = b["bayes_top1_lower_bound_best_scorer"], b["bayes_top1_lower_bound_cross_entropy"]
+    cross_entropy = "infinite" if entropy["cross_entropy_bits"] is None else f"{entropy['cross_entropy_bits']:.2f} bits"
+    by_size = ", ".join(f"{int(n):,}: {h:.3f}" for n, h in b["plugin_entropy_by_train_size"].items())
+    return ("Bounds on the Bayes-optimal top-1 for the lookup's context (target layer + the context layers' experts), "
+            f"test split. Lower bounds, valid up to sampling error: the best test top-1 of a scorer reading only this "
+            f"context, {best['scorer']} {pct_interval({'top1': best['value'], 'top1_ci95': best['top1_ci95']}, 'top1')}; "
+            f"2^-CE of the lowest held-out cross-entropy of the top-1 expert, {entropy['model']} {cross_entropy}: "
+            f"{pct(entropy['value'])}. Fano upper bound on any top-1 from the Miller-Madow H(top-1 | context) = "
+            f"{b['h_miller_madow_bits']:.3f} bits: {pct(b['fano_top1_upper_bound'])} (plug-in H {b['h_plugin_bits']:.3f} "
+            f"bits: {pct(b['fano_top1_upper_bound_plugin'])}), not guaranteed and erring high: the plug-in H is biased "
+            f"low while contexts have few samples (on nested train subsets, windows: bits, {by_size}); " + counts)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -94,7 +119,6 @@ def results_section(metrics: dict) -> str:
     cols = ["top1", "top3", "top5", "top10", "recall_at_k", "recall_at_2k", "exact_set", "any_overlap"]
     names = [("predictor", metrics["predictor"])] + [(b, metrics["baselines"][b]) for b in BASELINES if b in metrics["baselines"]]
     rows = [[name] + [pct_interval(m, c) for c in cols] for name, m in names]  # intervals: top1, recall_at_k
-    b = metrics["bounds"]
     data = metrics["data"]
     cache = metrics["cache"]
     strategies = [s for s in (*PREFETCH_STRATEGIES, "ideal") if s in cache]
@@ -112,12 +136,7 @@ def results_section(metrics: dict) -> str:
         f"{data['context_length']} layers, horizon {data['horizon']}; {data['num_experts']} experts, top-{data['top_k']}.",
         table(["scorer"] + cols, rows),
         *difference_lines(metrics),
-        "Bounds for the lookup's context (target layer + the context layers' experts) on the test split: "
-        f"plug-in H(top-1 | context) = {b['h_plugin_bits']:.3f} bits (Miller-Madow {b['h_miller_madow_bits']:.3f}); "
-        f"Fano upper bound on any top-1: {pct(b['fano_top1_upper_bound'])}; 2^-H lower bound on the Bayes top-1: "
-        f"{pct(b['bayes_top1_lower_bound'])}; empirical Bayes (lookup fit on test itself, optimistic): "
-        f"{pct(b['empirical_bayes_top1'])}; {b['contexts']:,.0f} contexts, {b['samples_per_context_mean']:.1f} samples each on "
-        f"average, {pct(b['singleton_context_share'])} of samples in a context seen once. Predictor top-1: {pct(b['predictor_top1'])}.",
+        bounds_line(metrics["bounds"]),
         f"Confidence head: ECE {metrics['calibration']['ece']:.3f}, Brier {metrics['calibration']['brier']:.3f}.",
         *horizon_lines(metrics.get("per_horizon")),
         f"Expert cache (capacity {c['capacity']} per layer, prefetch top-{c['prefetch_m']}, batch {c['batch_size']}, "

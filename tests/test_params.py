@@ -59,6 +59,7 @@ def parse(section: str, **overrides):
         ("evaluate", {"top_m": 5}, ["evaluate.top_m", "expected list"]),
         ("evaluate", {"top_m": [3, 5]}, ["evaluate.top_m", "must include 1"]),
         ("evaluate", {"max_horizon": -1}, ["evaluate.max_horizon", ">= 0"]),
+        ("evaluate", {"entropy_train_sizes": [25000, 0]}, ["evaluate.entropy_train_sizes", ">= 1", "[25000, 0]"]),
         ("collect", {"device": "gpu"}, ["collect.device", "'gpu'", "cuda:N"]),
         ("collect", {"batch_size": 4, "sequences_per_chunk": 10}, ["collect.sequences_per_chunk", "multiple", "collect.batch_size"]),
         ("collect", {"min_tokens": 64, "seq_len": 32}, ["collect.min_tokens", "collect.seq_len"]),

@@ -282,17 +282,28 @@ def test_max_horizon_beyond_the_layers_is_capped_with_a_note(tiny, tmp_path, cap
 def test_bounds_only_where_guaranteed(tiny):
     """What holds by construction, on TEST, for the context X = (target layer, full routing context):
       * Fano with the PLUG-IN H(Y|X) is >= the empirical Bayes top-1 (Fano holds for the empirical joint);
-      * 2^-H_plugin <= empirical Bayes top-1;
       * any scorer that is a deterministic function of X has test top-1 <= empirical Bayes top-1 (it picks one
-        class per context; the empirical Bayes rule picks the most frequent one): lookup and frequency qualify.
+        class per context; the empirical Bayes rule picks the most frequent one): lookup and frequency qualify,
+        and so the best-scorer lower bound, taken over scorers reading only X, is one of theirs or below it;
+      * 2^-CE <= 2^-H_plugin <= empirical Bayes top-1 for the CE of any distribution on test (Gibbs in sample).
     NOT asserted: Fano vs a model's top-1 with the Miller-Madow H (an estimate that can err either way), and
-    anything about previous_token or random, whose scores depend on more than X."""
+    anything about previous_token, whose scores depend on more than X."""
     bounds, baselines = tiny.metrics["bounds"], tiny.metrics["baselines"]
     bayes = bounds["empirical_bayes_top1"]
     assert bounds["fano_top1_upper_bound_plugin"] >= bayes - 1e-6
-    assert bounds["bayes_top1_lower_bound"] <= bayes + 1e-6
     for name in ("lookup", "frequency"):
         assert baselines[name]["top1"] <= bayes + 1e-6, name
+    best = bounds["bayes_top1_lower_bound_best_scorer"]
+    assert best["scorer"] != "previous_token" and "previous_token" not in bounds["cross_entropy_bits"]
+    top1 = {"predictor": tiny.metrics["predictor"]["top1"], **{name: result["top1"] for name, result in baselines.items()}}
+    assert best["value"] == max(top1[name] for name in bounds["cross_entropy_bits"])
+    entropy = bounds["bayes_top1_lower_bound_cross_entropy"]
+    assert entropy["cross_entropy_bits"] == min(bits for bits in bounds["cross_entropy_bits"].values() if bits is not None)
+    assert entropy["cross_entropy_bits"] >= bounds["h_plugin_bits"] - 1e-6
+    assert entropy["value"] <= 2 ** -bounds["h_plugin_bits"] <= bayes + 1e-6
+    assert "bayes_top1_lower_bound" not in bounds
+    sizes = [int(n) for n in bounds["plugin_entropy_by_train_size"]]
+    assert sizes[-1] == tiny.metrics["data"]["train_windows"] and sizes == sorted(sizes)
     assert bounds["samples"] == tiny.metrics["test_windows"]
 
 

@@ -57,16 +57,19 @@ class Baseline:
     build: Callable[[BaselineInputs], Scorer]
     available: Callable[[BaselineInputs], bool]
     doc: str  # one line: what it predicts (the builder's docstring)
+    requires: tuple[str, ...]  # WindowSet columns the scorer reads besides the target layer (as Predictor.requires)
 
 
 BASELINES: Registry[Baseline] = Registry("baseline")
 
 
-def register_baseline(name: str, available: Callable[[BaselineInputs], bool] = lambda inputs: True):
-    """Decorator: register a scorer builder (documented by its docstring) as baseline `name`."""
+def register_baseline(name: str, requires: tuple[str, ...],
+                      available: Callable[[BaselineInputs], bool] = lambda inputs: True):
+    """Decorator: register a scorer builder (documented by its docstring) as baseline `name`, whose scorer reads the
+    window columns `requires` besides the target layer."""
 
     def add(build: Callable[[BaselineInputs], Scorer]) -> Callable[[BaselineInputs], Scorer]:
-        BASELINES.add(name, Baseline(build, available, build.__doc__))
+        BASELINES.add(name, Baseline(build, available, build.__doc__, requires))
         return build
 
     return add
@@ -79,20 +82,20 @@ def baseline_scorers(train: WindowSet, summary: dict, rng: np.random.Generator |
     return {name: baseline.build(inputs) for name, baseline in BASELINES.items() if baseline.available(inputs)}
 
 
-@register_baseline("random", available=lambda inputs: inputs.rng is not None)
+@register_baseline("random", (), available=lambda inputs: inputs.rng is not None)
 def _random(inputs: BaselineInputs) -> Scorer:
     """Seeded random ranking (expected top-m = m/E); draws from the rng batch by batch."""
     rng, num_experts = inputs.rng, inputs.summary["num_experts"]
     return lambda w: (rng.random((len(w), num_experts)).astype(np.float32), None)
 
 
-@register_baseline("frequency")
+@register_baseline("frequency", ())
 def _frequency(inputs: BaselineInputs) -> Scorer:
     """Per target layer, experts by gate mass in train."""
     return inputs.frequency.score
 
 
-@register_baseline("lookup")
+@register_baseline("lookup", ("context_experts",))
 def _lookup(inputs: BaselineInputs) -> Scorer:
     """Per (target layer, context) table fit on train, with back-off."""
     params = {"lookup": {"max_context": inputs.summary["context_length"]}}  # the baseline keys on the full context
@@ -101,37 +104,38 @@ def _lookup(inputs: BaselineInputs) -> Scorer:
     return lookup.score
 
 
-@register_baseline("previous_token")
+@register_baseline("previous_token", ("prev_token_experts",))
 def _previous_token(inputs: BaselineInputs) -> Scorer:
     """The same layer's experts of the previous token (then frequency)."""
     return _copied(inputs, "prev_token_experts")
 
 
-@register_baseline("stale_gate", available=lambda inputs: inputs.train.stale_gate_experts is not None)
+@register_baseline("stale_gate", ("stale_gate_experts",),
+                   available=lambda inputs: inputs.train.stale_gate_experts is not None)
 def _stale_gate(inputs: BaselineInputs) -> Scorer:
     """Layer t's own router applied h layers early (then frequency), when the collector captured look-ahead."""
     return _copied(inputs, "stale_gate_experts")
 
 
-@register_baseline("top1_table")
+@register_baseline("top1_table", ("context_experts",))
 def _top1_table(inputs: BaselineInputs) -> Scorer:
     """Per (target layer, context) count of the target's top-1 expert in train, with lookup's back-off."""
     return Top1Table(inputs.train, inputs.summary).score
 
 
-@register_baseline("cooccurrence")
+@register_baseline("cooccurrence", ("context_experts",))
 def _cooccurrence(inputs: BaselineInputs) -> Scorer:
     """Sum over routed context experts of P(target expert | that expert at that context layer), per target layer."""
     return Cooccurrence(inputs.train, inputs.summary, inputs.frequency).score
 
 
-@register_baseline("lookup_interpolated", available=lambda inputs: inputs.val is not None)
+@register_baseline("lookup_interpolated", ("context_experts",), available=lambda inputs: inputs.val is not None)
 def _lookup_interpolated(inputs: BaselineInputs) -> Scorer:
     """Frequency and every context length's lookup table mixed, the mixture weights fit by EM on val."""
     return InterpolatedLookup(inputs.train, inputs.val, inputs.summary, inputs.frequency).score
 
 
-@register_baseline("token", available=lambda inputs: inputs.train.token_id is not None)
+@register_baseline("token", ("token_id",), available=lambda inputs: inputs.train.token_id is not None)
 def _token(inputs: BaselineInputs) -> Scorer:
     """Per (target layer, token id) gate mass in train, then frequency (windows written with windows.token_ids)."""
     return TokenTable(inputs.train, inputs.summary, inputs.frequency).score

@@ -138,10 +138,15 @@ class EvaluateParams:
         "windows rebuilt from the shards with the windows split, and the predictor at its own horizon (metrics "
         "per_horizon, plot per_horizon); 0 = off. An upper bound: a model with L MoE layers has horizons "
         "1..L - windows.context_length only, so evaluate prints a note and per_horizon holds just those.", 4)
+    entropy_train_sizes: list = doc(
+        "Train-window counts of the nested random subsets (seeded by evaluate.seed) on which the plug-in H(top-1 | "
+        "lookup context) is recomputed to show whether it converged (metrics bounds.plugin_entropy_by_train_size, "
+        "plot plugin_entropy_by_train_size); the whole train split is always added, counts >= it are skipped.",
+        factory=lambda: [25000, 50000, 100000, 200000])
     cache: CacheParams = doc("Expert-cache prefetch simulation.", factory=CacheParams)
 
     def validate(self) -> None:
-        positive_int_list("evaluate", self, "top_m")
+        positive_int_list("evaluate", self, "top_m", "entropy_train_sizes")
         if 1 not in self.top_m:
             raise PipelineError(f"evaluate.top_m: must include 1 (top-1 is the headline metric), got {self.top_m}")
         positive("evaluate", self, "score_batch_size", "bootstrap_resamples")

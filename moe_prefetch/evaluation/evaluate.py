@@ -8,7 +8,9 @@ predictor. With evaluate.max_horizon > 0 the baselines but random are also score
 the predictor at the horizon it was trained for (`per_horizon`).
 Every scorer's top1 and recall_at_k carry a document-level bootstrap 95% interval (`top1_ci95`, `recall_at_k_ci95`),
 and `predictor_minus_best_baseline_top1` holds the paired interval of the headline difference
-(moe_prefetch/evaluation/intervals.py says what is resampled).
+(moe_prefetch/evaluation/intervals.py says what is resampled). `bounds` bounds the Bayes top-1 for the lookup's context
+from below (the best test top-1 and the largest 2^-cross-entropy of the scorers reading only that context) and above
+(Fano), with the plug-in H(top-1 | context) on nested train subsets (moe_prefetch/evaluation/bounds.py says what holds).
 
     python -m stages.evaluate --windows data/windows --shards data/shards --predictor data/predictor \
         --metrics metrics/evaluate.json --plots plots
@@ -23,8 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from moe_prefetch.config import parse
-from moe_prefetch.evaluation.baselines import baseline_scorers
-from moe_prefetch.evaluation.bounds import conditional_entropy_bounds
+from moe_prefetch.evaluation.baselines import BASELINES, baseline_scorers
+from moe_prefetch.evaluation.bounds import (
+    CrossEntropyAccumulator,
+    best_scorer_bound,
+    conditional_entropy_bounds,
+    cross_entropy_bound,
+    plugin_entropy_by_size,
+)
 from moe_prefetch.evaluation.config import EvaluateParams
 from moe_prefetch.evaluation.intervals import bootstrap_report
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
@@ -44,11 +52,12 @@ from moe_prefetch.windows.data import (
 
 
 def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary: dict,
-             calibration: CalibrationAccumulator | None = None,
-             documents: np.ndarray | None = None) -> dict[str, RankingAccumulator]:
+             calibration: CalibrationAccumulator | None = None, documents: np.ndarray | None = None,
+             cross_entropy: dict[str, CrossEntropyAccumulator] | None = None) -> dict[str, RankingAccumulator]:
     """Score `windows` batch by batch with every scorer; accumulators overall and per layer, domain, (when
     recorded) prompt (0) vs generated (1) token and (when `documents`, the (N,) document code of every window,
-    is given) document. `calibration` collects the predictor's confidence."""
+    is given) document. `calibration` collects the predictor's confidence, `cross_entropy` the top-1 target's
+    cross-entropy under the scores of each scorer it names."""
     accumulators = {name: RankingAccumulator(params.top_m, summary["num_experts"], summary["top_k"]) for name in scorers}
     progress = Progress(len(windows), f"evaluate: scoring h={summary['horizon']}", unit="windows")
     for start in range(0, len(windows), params.score_batch_size):
@@ -62,6 +71,8 @@ def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary:
         for name, scorer in scorers.items():
             scores, confidence = scorer(batch)
             accumulators[name].update(scores, batch.target_experts, groups)
+            if cross_entropy is not None and name in cross_entropy:
+                cross_entropy[name].update(scores, batch.target_experts[:, 0])
             if name == "predictor" and calibration is not None and confidence is not None:
                 has_target = batch.target_experts[:, 0] >= 0
                 correct = scores.argmax(axis=1) == batch.target_experts[:, 0]
@@ -98,13 +109,14 @@ def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: W
 
 
 def clean(value):
-    """JSON-safe numbers: NaN (no qualifying rows) becomes None, which DVC shows as missing, never as a number."""
+    """JSON-safe numbers: NaN (no qualifying rows) and infinity (an infinite cross-entropy) become None, which DVC
+    shows as missing, never as a number."""
     if isinstance(value, dict):
         return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, list):
         return [clean(v) for v in value]
     if isinstance(value, float):
-        return None if math.isnan(value) else round(value, 6)
+        return None if not math.isfinite(value) else round(value, 6)
     return value
 
 
@@ -124,12 +136,38 @@ def with_intervals(result: dict, intervals: dict) -> dict:
     return merged
 
 
-def lookup_bounds(test: WindowSet, num_experts: int) -> dict:
-    """Information bounds on top-1 for the lookup's context (target layer + all context layers), on test."""
-    has_target = test.target_experts[:, 0] >= 0
-    subset = test.subset(has_target)
+LOOKUP_CONTEXT_COLUMNS = frozenset({"context_experts"})  # with the target layer: the context the bounds are for
+
+
+def lookup_context_codes(windows: WindowSet) -> tuple[np.ndarray, np.ndarray]:
+    """(M,) a code per distinct lookup context (target layer + all context layers' experts) and (M,) the top-1
+    target expert, of the M windows that have a top-1 target."""
+    subset = windows.subset(windows.target_experts[:, 0] >= 0)
     _, codes = np.unique(context_keys(subset, subset.context_experts.shape[1]), return_inverse=True)
-    return conditional_entropy_bounds(codes, subset.target_experts[:, 0].astype(np.int64), num_experts)
+    return codes, subset.target_experts[:, 0].astype(np.int64)
+
+
+def lookup_bounds(test: WindowSet, train: WindowSet, num_experts: int, train_sizes: list[int], seed: int) -> dict:
+    """Entropy estimates and Fano bounds on top-1 for the lookup's context on test, and the plug-in and
+    Miller-Madow H on nested random subsets of train (`train_sizes`, then all of train; keys are window counts)."""
+    by_size = plugin_entropy_by_size(*lookup_context_codes(train), num_experts, train_sizes, seed)
+    return {
+        **conditional_entropy_bounds(*lookup_context_codes(test), num_experts),
+        "plugin_entropy_by_train_size": {str(n): h["h_plugin_bits"] for n, h in by_size.items()},
+        "miller_madow_entropy_by_train_size": {str(n): h["h_miller_madow_bits"] for n, h in by_size.items()},
+    }
+
+
+def bayes_lower_bounds(results: dict[str, dict], cross_entropy: dict[str, CrossEntropyAccumulator]) -> dict:
+    """Lower bounds on the Bayes top-1 for the lookup's context, from the scorers that read only that context (the
+    keys of `cross_entropy`): the best one's test top-1 (with its interval), the largest 2^-CE, every CE in bits."""
+    best = best_scorer_bound({name: results[name]["top1"] for name in cross_entropy})
+    by_model = {name: accumulator.result() for name, accumulator in cross_entropy.items()}
+    return {
+        "bayes_top1_lower_bound_best_scorer": {**best, "top1_ci95": results[best["scorer"]]["top1_ci95"]},
+        "bayes_top1_lower_bound_cross_entropy": cross_entropy_bound(by_model),
+        "cross_entropy_bits": {name: result["cross_entropy_bits"] for name, result in by_model.items() if result is not None},
+    }
 
 
 def headline(metrics: dict) -> dict:
@@ -168,10 +206,12 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     predictor = load_predictor(predictor_dir)
     train, val, test = (read_windows(windows_dir, split) for split in ("train", "val", "test"))
     scorers = {"predictor": predictor.score, **baseline_scorers(train, summary, np.random.default_rng(params.seed), val)}
+    columns_read = {"predictor": predictor.requires, **{name: BASELINES[name].requires for name in scorers if name != "predictor"}}
+    cross_entropy = {name: CrossEntropyAccumulator() for name in scorers if set(columns_read[name]) <= LOOKUP_CONTEXT_COLUMNS}
     E, k = summary["num_experts"], summary["top_k"]
     calibration = CalibrationAccumulator(bins=10)
     documents = window_documents(shard_dir, test)
-    accumulators = rank_all(scorers, test, params, summary, calibration, documents)
+    accumulators = rank_all(scorers, test, params, summary, calibration, documents, cross_entropy)
     intervals = bootstrap_report(accumulators, params.bootstrap_resamples, params.seed)
     results = {name: with_intervals(acc.result(), intervals["per_scorer"][name]) for name, acc in accumulators.items()}
     metrics = {
@@ -185,7 +225,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         "baselines": {name: r for name, r in results.items() if name != "predictor"},
         "predictor_minus_best_baseline_top1": intervals["predictor_minus_best_baseline_top1"],
         "bootstrap": {"documents": intervals["documents"], "resamples": intervals["resamples"]},
-        "bounds": {**lookup_bounds(test, E), "predictor_top1": results["predictor"]["top1"]},
+        "bounds": {**lookup_bounds(test, train, E, params.entropy_train_sizes, params.seed),
+                   "predictor_top1": results["predictor"]["top1"], **bayes_lower_bounds(results, cross_entropy)},
         "calibration": calibration.result(),
         "per_domain": {test.domains[code]: by_strategy for code, by_strategy in breakdown(accumulators, "domain").items()},
         "per_layer": {

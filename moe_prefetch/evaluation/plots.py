@@ -44,7 +44,8 @@ def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, 
     if integer_x:
         values = sorted({x for xs, _ in series.values() for x in xs})
         if len(values) <= MAX_VALUE_TICKS:
-            ax.set_xticks(values)
+            ax.set_xticks(values, labels=[f"{x:,}" for x in values] if log_x else None)  # not 2.5x10^4
+            ax.set_xticks([], minor=True)  # a log axis labels its minor ticks too: they would crowd the values
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     spare = itertools.cycle(SPARE_COLORS)
@@ -75,6 +76,7 @@ def write_plots(directory: Path, metrics: dict, calibration: CalibrationAccumula
 
     if "per_horizon" in metrics:
         write_horizon_plot(directory, metrics["per_horizon"])
+    write_entropy_plot(directory, metrics["bounds"])
 
     reliability = calibration.reliability()
     coverage = calibration.coverage_curve()
@@ -98,6 +100,20 @@ def write_horizon_plot(directory: Path, per_horizon: dict) -> None:
     _figure(directory / "per_horizon.png", "Top-1 vs horizon (target = MoE layer l + h)", "horizon h (layers ahead)",
             "top-1 accuracy", {n: ([r["horizon"] for r in rows if n in r], [r[n] for r in rows if n in r]) for n in names},
             integer_x=True)
+
+
+def write_entropy_plot(directory: Path, bounds: dict) -> None:
+    """Plug-in and Miller-Madow H(top-1 | lookup context) vs the number of train windows they were estimated on
+    (nested random subsets, log x): a curve still rising at the right end has not converged."""
+    sizes = sorted(int(n) for n in bounds["plugin_entropy_by_train_size"])
+    rows = [{"train_windows": n, "h_plugin_bits": bounds["plugin_entropy_by_train_size"][str(n)],
+             "h_miller_madow_bits": bounds["miller_madow_entropy_by_train_size"][str(n)]} for n in sizes]
+    _dump(directory / "plugin_entropy_by_train_size.json", rows)
+    _figure(directory / "plugin_entropy_by_train_size.png", "H(top-1 | lookup context) vs train sample size",
+            "train windows (nested random subsets, log)", "conditional entropy (bits)",
+            {label: (sizes, [row[key] for row in rows]) for key, label in (("h_plugin_bits", "plug-in"),
+                                                                          ("h_miller_madow_bits", "Miller-Madow"))},
+            integer_x=True, log_x=True)
 
 
 def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict], by_regime: list[dict]) -> None:
