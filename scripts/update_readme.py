@@ -282,6 +282,46 @@ def archs_section(prefix: str, baseline: dict) -> str:
     ])
 
 
+def committed_metrics(prefix: str, h: int) -> dict:
+    """metrics/evaluate.json of experiment `<prefix><h>` as its commit holds it (`dvc exp show` drops lists such as
+    the intervals)."""
+    import subprocess
+
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
+    rev = next(exp["revs"][0]["rev"] for commit in shown for exp in (commit.get("experiments") or [])
+               if exp.get("name") == f"{prefix}{h}")
+    return json.loads(subprocess.run(["git", "show", f"{rev}:metrics/evaluate.json"], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def horizons_section(prefix: str, baseline: dict) -> str:
+    """The default predictor trained at each horizon vs the strongest baseline on each metric, with intervals: h = 1
+    from the committed metrics, h > 1 from the experiments named `<prefix><h>`."""
+    runs = {1: baseline, **{h: committed_metrics(prefix, h) for h in finished_by_horizon(prefix)}}
+
+    def cell(result: dict, metric: str) -> str:
+        interval = result.get(f"{metric}_ci95")
+        return pct(result[metric]) + (" [{:.1f}, {:.1f}]".format(*(100 * v for v in interval)) if interval else "")
+
+    rows = []
+    for h, metrics in sorted(runs.items()):
+        row = [str(h)]
+        for metric in ("top1", "recall_at_k"):
+            best = max(metrics["baselines"], key=lambda name: metrics["baselines"][name][metric])
+            row += [cell(metrics["predictor"], metric), f"{best} {cell(metrics['baselines'][best], metric)}"]
+        difference = metrics["predictor_minus_best_baseline_top1"]
+        row += ["{:+.1f} [{:+.1f}, {:+.1f}]".format(100 * difference["difference"], *(100 * v for v in difference["ci95"])),
+                f"{metrics['test_windows']:,}"]
+        rows.append(row)
+    return "\n\n".join([
+        f"The default predictor retrained at each horizon (`dvc exp run -n {prefix}<h> -S windows.horizon=<h>`; table by "
+        f"`python scripts/update_readme.py --horizons {prefix}`), against the strongest baseline on each metric at that "
+        "horizon; intervals are the document bootstrap's.",
+        table(["h", "predictor top-1", "best baseline top-1", "predictor recall@k", "best baseline recall@k",
+               "top-1 difference (points)", "test windows"], rows),
+    ])
+
+
 def domain_split_section(experiment: str, baseline: dict) -> str:
     """In-domain (the committed default: documents split at random) vs held-out-domain test metrics, from the
     metrics of a `dvc exp run -S windows.split.by=domain ...` experiment as `dvc exp show --json` reports them."""
@@ -329,6 +369,7 @@ def main() -> None:
     parser.add_argument("--hidden", metavar="PREFIX", help="also rewrite the hidden_mlp vs stale gate table from experiments PREFIX<h>")
     parser.add_argument("--hidden-routing", metavar="PREFIX", help="with --hidden: add hidden+routing from experiments PREFIX<h>")
     parser.add_argument("--domain-split", metavar="EXPERIMENT", help="also rewrite the domain-split section from this experiment")
+    parser.add_argument("--horizons", metavar="PREFIX", help="also rewrite the per-horizon predictor table from experiments PREFIX<h>")
     args = parser.parse_args()
     text = README.read_text()
     new = render(text, "tiny-model", tiny_model_section(json.loads(Path("models/tiny-moe/report.json").read_text())))
@@ -339,6 +380,8 @@ def main() -> None:
         new = render(new, "archs", archs_section(args.archs, metrics))
     if args.domain_split:
         new = render(new, "domain-split", domain_split_section(args.domain_split, metrics))
+    if args.horizons:
+        new = render(new, "horizons", horizons_section(args.horizons, metrics))
     if args.hidden:
         new = render(new, "hidden", hidden_section(args.hidden, args.hidden_routing))
     if args.check:
