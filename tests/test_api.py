@@ -39,3 +39,16 @@ def test_unpredictable_layers_and_bad_shapes_are_one_line_errors(tiny):
     assert_error(lambda: known_windows(g, routed, layer=g["context_length"] - 2), "layer:", "accepted: ")
     assert_error(lambda: known_windows(g, routed, layer=g["num_layers"] - g["horizon"]), "layer:", "accepted: ")
     assert_error(lambda: known_windows(g, routed[:, :, :1], layer=g["context_length"]), "routed:", "expected")
+
+
+def test_token_mlp_without_token_ids_is_a_one_line_error(tmp_path) -> None:
+    from moe_prefetch.config import as_dict
+    from moe_prefetch.params import parse_section
+    from moe_prefetch.predictors import ARCHITECTURES
+
+    geometry = {"num_experts": 4, "top_k": 1, "num_layers": 3, "context_length": 1, "horizon": 1, "vocab_size": 10}
+    predictor = ARCHITECTURES["token_mlp"](geometry, as_dict(parse_section("train", {"arch": "token_mlp"})))
+    routed = np.zeros((2, 1, 1), dtype=np.int64)
+    assert_error(lambda: predict_experts(predictor, routed, layer=0), "token_id", "predict_experts needs token_id=")
+    scores = predict_experts(predictor, routed, layer=0, token_id=np.array([3, 99]))[1]  # 99: unknown id, no error
+    assert scores.shape == (2, 4)

@@ -71,6 +71,9 @@ class TokenMLPPredictor(NeuralPredictor):
         return TokenMLP(self.geometry, **self.section)
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        if windows.token_id is None:
+            raise PipelineError("token_id: token_mlp reads the tokens' ids; windows need windows.token_ids: true, "
+                                "predict_experts needs token_id=")
         ids = windows.token_id[rows].astype(np.int64)
         vocab = int(self.geometry["vocab_size"])
         ids[(ids < 0) | (ids >= vocab)] = vocab  # unknown / none
