@@ -36,8 +36,7 @@ from common import (
     synthetic_windows,
 )
 
-COLUMNS = {"context_experts": "context_experts", "target_layer": "target_layer", "hidden_state": "hidden_state",
-           "token_context": "token_context_experts"}  # export input name -> WindowSet column
+from moe_prefetch.export import INPUT_COLUMNS
 
 
 def reference_loader():
@@ -64,7 +63,7 @@ def step_calls(scorer, windows, targets: list[int], batch: int, device: str):
     for t in targets:
         rows = np.flatnonzero(windows.target_layer == t)
         rows = np.resize(rows, batch)  # repeats rows when the split has fewer windows of t than the batch
-        inputs = {name: getattr(windows, COLUMNS[name])[rows] for name in scorer.inputs}
+        inputs = {name: getattr(windows, INPUT_COLUMNS[name])[rows] for name in scorer.inputs}
         if hasattr(scorer, "run"):
             tensors = scorer.tensors(inputs)
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

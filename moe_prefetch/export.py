@@ -61,6 +61,8 @@ INPUT_DOCS = {
     "token_context": "previous T tokens' routing (c context layers + target layer), oldest token first; -1 = none",
     "token_id": "tokenizer id of the token; -1 or an id beyond geometry.vocab_size - 1 = unknown",
 }
+INPUT_COLUMNS = {"context_experts": "context_experts", "target_layer": "target_layer", "hidden_state": "hidden_state",
+                 "token_context": "token_context_experts", "token_id": "token_id"}  # input name -> WindowSet column
 SCORES = {"name": "scores", "shape": ["B", "E"], "dtype": "float32",
           "meaning": "expert scores, higher = more likely (rank them; best-first = argsort descending, stable)"}
 

@@ -19,7 +19,7 @@ from conftest import single_thread
 from test_predictors import make, synthetic
 
 from moe_prefetch.errors import PipelineError
-from moe_prefetch.export import export_predictor
+from moe_prefetch.export import INPUT_COLUMNS, export_predictor
 from moe_prefetch.predictors import ARCHITECTURES, Predictor
 from moe_prefetch.windows.data import WindowSet
 
@@ -30,8 +30,6 @@ OVERRIDES = {  # a lookup with back-off over context lengths 1..3 (test_predicto
     "lookup": {"lookup": {"max_context": 3}},
     "ensemble": {"lookup": {"max_context": 3}},
 }
-COLUMNS = {"context_experts": "context_experts", "target_layer": "target_layer", "hidden_state": "hidden_state",
-           "token_context": "token_context_experts", "token_id": "token_id"}  # export input name -> WindowSet column
 
 
 def reference_loader():
@@ -58,7 +56,7 @@ def with_gaps(windows: WindowSet) -> WindowSet:
 
 
 def export_inputs(manifest: dict, windows: WindowSet) -> dict[str, np.ndarray]:
-    return {spec["name"]: getattr(windows, COLUMNS[spec["name"]]) for spec in manifest["inputs"]}
+    return {spec["name"]: getattr(windows, INPUT_COLUMNS[spec["name"]]) for spec in manifest["inputs"]}
 
 
 def fitted(arch: str) -> Predictor:
