@@ -539,6 +539,20 @@ def test_prefetch_strategy_plan_by_hand(name: str) -> None:
     assert (None if plan is None else plan.tolist()) == STRATEGY_PLANS[name]
 
 
+def test_every_moe_layer_is_replayed_with_the_tokens_full_routing() -> None:
+    # REPLAY has c = 1, h = 1, target layers 1 and 2: with the full routing, layer 0 is replayed too, and the
+    # prediction for target layer 1 + i is issued when layer i runs (the last layer issues nothing).
+    routing = np.array([[[0], [0], [1]], [[0], [2], [3]]])  # (tokens, L, k)
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, token_routing=routing)
+    steps = DecodeSteps(inputs, batch_size=1)
+    assert steps.routed.tolist() == routing.tolist()
+    assert PREFETCH_STRATEGIES["predictor"].plan(inputs, steps, 1).tolist() == [[[0], [1], [-1]], [[2], [3], [-1]]]
+    assert PREFETCH_STRATEGIES["lookup"].plan(inputs, steps, 1).tolist() == [[[1], [2], [-1]], [[3], [0], [-1]]]
+    assert PREFETCH_STRATEGIES["oracle"].plan(inputs, steps, 1).tolist() == oracle_prefetch(routing, 1, 1).tolist()
+    params = parse_section("evaluate", None).cache
+    assert simulate_strategies(inputs, params, capacity=1, batch_size=1)["oracle"]["hit_rate"] > 0
+
+
 def test_strategies_in_registration_order_without_the_missing_inputs() -> None:
     params = parse_section("evaluate", None).cache
     inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)

@@ -205,6 +205,7 @@ def test_cache_ceilings_hold_on_the_tiny_run(tiny):
     for row in json.loads((tiny.plots / "cache_by_capacity.json").read_text()):
         assert row["belady_hit_rate"] >= row["on_demand_hit_rate"] - 1e-12
     cache = tiny.metrics["cache"]
+    assert cache["config"]["replayed_layers"] == tiny.metrics["data"]["num_layers"]  # every MoE layer, not only targets
     strategies = [name for name in cache if name not in ("config", "ideal")]
     assert all(cache["ideal"]["time_per_token_ms"] <= cache[name]["time_per_token_ms"] + 1e-9 for name in strategies)
     rows = [*tiny.metrics["cache_by_profile"].values(), *tiny.metrics["cache_by_regime"].values()]

@@ -41,6 +41,7 @@ from moe_prefetch.evaluation.replay import cache_report
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
 from moe_prefetch.progress import Progress
+from moe_prefetch.traces import read_routing
 from moe_prefetch.windows.build import window_documents, windows_in_memory
 from moe_prefetch.windows.config import WindowsParams
 from moe_prefetch.windows.data import (
@@ -239,7 +240,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
-    report = cache_report(test, scorers, params.cache, summary, val, documents, (params.bootstrap_resamples, params.seed))
+    report = cache_report(test, scorers, params.cache, summary, val, documents, (params.bootstrap_resamples, params.seed),
+                          read_routing(shard_dir))
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)

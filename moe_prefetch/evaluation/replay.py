@@ -1,8 +1,10 @@
 """What the predictions buy an expert cache: replay test sequences through the simulator in
 moe_prefetch/evaluation/cache.py with each prefetch strategy, the same cache for all.
 
-Replayed layers are the target layers of the windows (MoE layers c-1+h .. L-1: earlier layers have no
-prediction, so leaving them out favours no strategy). A step is one decode step of `decode_batch_size` sequences:
+Every MoE layer is replayed, with each token's routing read from the shards (`token_routing`); a predictor
+scores the target layers c-1+h .. L-1 only, so layers 0 .. c-2+h get no learned prefetch (the fallback is none:
+they run on the cache alone for every learned strategy; the oracle prefetches them from layer l-h). Without the
+shards' routing (unit tests) only the target layers are replayed. A step is one decode step of `decode_batch_size` sequences:
 the experts it needs at a layer are the union over its tokens. The strategies (PREFETCH_STRATEGIES, in the order
 of the metrics) each plan what to prefetch, when layer l runs, for layer l+h from what they need: the replayed
 windows, the scorers, the routed steps. A strategy is left out when the run lacks its input. Each uses the
@@ -74,9 +76,10 @@ class ReplayInputs:
 
     def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int,
                  val: ReplayInputs | None = None, documents: np.ndarray | None = None,
-                 document_weights: np.ndarray | None = None):
+                 document_weights: np.ndarray | None = None, token_routing: np.ndarray | None = None):
         self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
         self.num_target_layers, self.val = num_target_layers, val
+        self.token_routing = token_routing  # (tokens, L, k) every MoE layer's experts; None: replay target layers only
         # Speedup intervals (decode batch 1): (tokens,) document code of each replayed token, (B, D) bootstrap draws.
         self.documents, self.document_weights = documents, document_weights
         self.tokens = len(windows) // num_target_layers
@@ -90,22 +93,44 @@ class ReplayInputs:
 
 
 class DecodeSteps:
-    """The replay decoded `batch_size` sequences at a time: `routed` (steps, T, batch_size * k) experts."""
+    """The replay decoded `batch_size` sequences at a time: `routed` (steps, layers, batch_size * k) experts. The
+    layers are every MoE layer when the inputs carry the tokens' full routing (`ReplayInputs.token_routing`),
+    else the target layers only."""
 
     def __init__(self, inputs: ReplayInputs, batch_size: int):
         self.inputs, self.batch_size = inputs, batch_size
         self.sequence = inputs.windows.sequence_index[::inputs.num_target_layers]
-        per_token = inputs.windows.target_experts.reshape(inputs.tokens, inputs.num_target_layers, -1)
+        if inputs.token_routing is not None:
+            per_token = inputs.token_routing  # (tokens, L, k)
+        else:
+            per_token = inputs.windows.target_experts.reshape(inputs.tokens, inputs.num_target_layers, -1)
         self.routed = batched_steps(per_token, self.sequence, batch_size)
 
     def issue(self, experts: np.ndarray) -> np.ndarray:
-        """Per-window experts (N, m) for each window's target layer -> the prefetch plan (steps, T, batch_size * m)."""
+        """Per-window experts (N, m) for each window's target layer -> the prefetch plan (steps, layers,
+        batch_size * m): prefetch[t, l] lists the experts for layer l + h."""
         T, h = self.inputs.num_target_layers, self.inputs.horizon
-        per_token = experts.reshape(self.inputs.tokens, T, -1)
-        # prefetch[t, l] lists the experts for layer l + h: shift the per-target-layer predictions back by h.
-        issued = np.full_like(per_token, -1)
-        issued[:, : T - h] = per_token[:, h:]
+        per_token = experts.reshape(self.inputs.tokens, T, -1)  # (tokens, T, m)
+        if self.inputs.token_routing is not None:
+            # Target layer c-1+h+i is predicted when its last context layer c-1+i runs; layers before c-1 (no full
+            # context yet) and after L-1-h prefetch nothing.
+            c = self.inputs.windows.context_experts.shape[1]
+            issued = np.full((self.inputs.tokens, self.routed.shape[1], per_token.shape[2]), -1, dtype=np.int64)
+            issued[:, c - 1 : c - 1 + T] = per_token
+        else:  # target layers only: shift the per-target-layer predictions back by h
+            issued = np.full_like(per_token, -1)
+            issued[:, : T - h] = per_token[:, h:]
         return batched_steps(issued, self.sequence, self.batch_size)
+
+
+def token_routing(routing, windows: WindowSet, num_target_layers: int) -> np.ndarray:
+    """(tokens, L, k) every MoE layer's experts of each token of `windows` (token-major, num_target_layers windows
+    per token), looked up by (sequence, position) in `routing` (moe_prefetch.traces.RoutingTable of the shards)."""
+    row_of = {(sequence, int(position)): row for row, (sequence, position) in
+              enumerate(zip((routing.sequence_ids[s] for s in routing.sequence_index), routing.position))}
+    first = np.arange(0, len(windows), num_target_layers)
+    rows = [row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index[first], windows.position[first])]
+    return routing.experts[np.asarray(rows, dtype=np.int64)].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -227,20 +252,24 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
 
 
 def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
-                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0)
-                 ) -> dict:
+                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0),
+                 routing=None) -> dict:
     """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
     (`by_profile`), and the rows of the capacity, decode batch-size and regime sweeps (`by_capacity`, `by_batch`,
     `by_regime`: transfer time per expert = ratio x layer compute time, the profile's compute)."""
     T = len(summary["target_layers"])
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
-    val_inputs = None if val is None else ReplayInputs(replay_windows(val, T, params.max_tokens), scorers, m, summary["horizon"], T)
+    full = (lambda windows: token_routing(routing, windows, T)) if routing is not None else (lambda windows: None)
+    val_inputs = None
+    if val is not None:
+        val_replay = replay_windows(val, T, params.max_tokens)
+        val_inputs = ReplayInputs(val_replay, scorers, m, summary["horizon"], T, token_routing=full(val_replay))
     token_documents = weights = None
     if documents is not None and bootstrap[0]:  # (resamples, seed): the replayed documents, recoded 0..D-1
         _, token_documents = np.unique(documents[: len(replay) : T], return_inverse=True)
         weights = resample_weights(int(token_documents.max()) + 1, *bootstrap)
-    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights)
+    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights, full(replay))
     replays = 1 + len(params.capacity_sweep) + len(params.decode_batch_sweep) + len(COST_PROFILES) + len(params.regime_sweep)
     progress = Progress(replays, "evaluate: cache replay", unit="replays")
 
@@ -266,7 +295,8 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
         by_regime.append({"transfer_over_compute": ratio, **_flat(replayed(params.capacity, params.decode_batch_size, regime_params),
                                                                    ("speedup_vs_on_demand",))})
     progress.close()
-    config = {"replayed_tokens": inputs.tokens, "replayed_layers": T, "capacity": params.capacity,
+    config = {"replayed_tokens": inputs.tokens, "replayed_layers": T if routing is None else summary["num_layers"],
+              "capacity": params.capacity,
               "prefetch_m": m, "batch_size": params.decode_batch_size,
               "transfer_ms_per_expert": params.cost_model().transfer_ms,
               "interval_documents": 0 if weights is None else weights.shape[1]}
