@@ -12,6 +12,7 @@ Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -235,12 +236,19 @@ def hidden_section(prefix: str, routing_prefix: str | None) -> str:
     ])
 
 
-def experiments_by_name() -> dict[str, dict]:
-    """name -> data of every experiment `dvc exp show --json` lists (params, metrics)."""
+@functools.cache
+def experiment_revs() -> dict[str, dict]:
+    """name -> the first rev entry (`rev`, `data`: params, metrics) of every experiment `dvc exp show --json`
+    lists; `dvc exp show` runs once per script run."""
     import subprocess
 
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True).stdout)
-    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name")}
+    return {exp["name"]: exp["revs"][0] for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name")}
+
+
+def experiments_by_name() -> dict[str, dict]:
+    """name -> data of every experiment `dvc exp show --json` lists (params, metrics)."""
+    return {name: rev["data"] for name, rev in experiment_revs().items()}
 
 
 def fit_seconds(experiment: str) -> str:
@@ -287,9 +295,7 @@ def committed_metrics(prefix: str, h: int) -> dict:
     the intervals)."""
     import subprocess
 
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
-    rev = next(exp["revs"][0]["rev"] for commit in shown for exp in (commit.get("experiments") or [])
-               if exp.get("name") == f"{prefix}{h}")
+    rev = experiment_revs()[f"{prefix}{h}"]["rev"]
     return json.loads(subprocess.run(["git", "show", f"{rev}:metrics/evaluate.json"], capture_output=True, text=True,
                                      check=True).stdout)
 

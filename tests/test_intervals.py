@@ -18,6 +18,7 @@ from moe_prefetch.evaluation.intervals import (
     resample_weights,
 )
 from moe_prefetch.evaluation.metrics import RankingAccumulator
+from moe_prefetch.traces import read_routing
 from moe_prefetch.windows.build import window_documents
 from moe_prefetch.windows.data import read_windows
 
@@ -131,14 +132,15 @@ def test_scorers_fed_different_documents_are_refused():
 
 def test_window_documents_follow_the_shards(tiny):
     test = read_windows(tiny.windows, "test")
-    codes = window_documents(tiny.shards, test)
+    routing = read_routing(tiny.shards)
+    codes = window_documents(routing, test)
     shards = read_shard_tables(tiny.shards)
     document_of = dict(zip(shards["sequence_id"].to_pylist(), shards["document_id"].to_pylist()))
     documents = sorted({document_of[sequence] for sequence in test.sequence_ids})
     assert len(documents) == tiny.summary["splits"]["test"]["documents"] > 1
     assert [documents[code] for code in codes] == [document_of[test.sequence_ids[s]] for s in test.sequence_index]
     renamed = dataclasses.replace(test, sequence_ids=["no/such/sequence", *test.sequence_ids[1:]])
-    assert_error(lambda: window_documents(tiny.shards, renamed), "sequence 'no/such/sequence' is not in the shards")
+    assert_error(lambda: window_documents(routing, renamed), "sequence 'no/such/sequence' is not in the shards")
 
 
 def test_evaluate_writes_an_interval_around_every_scorer_top1(tiny):

@@ -211,7 +211,8 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     cross_entropy = {name: CrossEntropyAccumulator() for name in scorers if set(columns_read[name]) <= LOOKUP_CONTEXT_COLUMNS}
     E, k = summary["num_experts"], summary["top_k"]
     calibration = CalibrationAccumulator(bins=10)
-    documents = window_documents(shard_dir, test)
+    routing = read_routing(shard_dir)  # the shards once: documents of the windows here, full routing for the replay
+    documents = window_documents(routing, test)
     accumulators = rank_all(scorers, test, params, summary, calibration, documents, cross_entropy)
     intervals = bootstrap_report(accumulators, params.bootstrap_resamples, params.seed)
     results = {name: with_intervals(acc.result(), intervals["per_scorer"][name]) for name, acc in accumulators.items()}
@@ -241,7 +242,7 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
     report = cache_report(test, scorers, params.cache, summary, val, documents, (params.bootstrap_resamples, params.seed),
-                          read_routing(shard_dir))
+                          routing)
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)

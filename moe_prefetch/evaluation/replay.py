@@ -123,14 +123,20 @@ class DecodeSteps:
         return batched_steps(issued, self.sequence, self.batch_size)
 
 
-def token_routing(routing, windows: WindowSet, num_target_layers: int) -> np.ndarray:
-    """(tokens, L, k) every MoE layer's experts of each token of `windows` (token-major, num_target_layers windows
-    per token), looked up by (sequence, position) in `routing` (moe_prefetch.traces.RoutingTable of the shards)."""
-    row_of = {(sequence, int(position)): row for row, (sequence, position) in
-              enumerate(zip((routing.sequence_ids[s] for s in routing.sequence_index), routing.position))}
-    first = np.arange(0, len(windows), num_target_layers)
-    rows = [row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index[first], windows.position[first])]
-    return routing.experts[np.asarray(rows, dtype=np.int64)].astype(np.int64)
+class TokenRouting:
+    """Every MoE layer's experts of any windows' tokens, looked up by (sequence, position) in `routing`
+    (moe_prefetch.traces.RoutingTable of the shards); the index is built once for all lookups."""
+
+    def __init__(self, routing, num_target_layers: int):
+        self.routing, self.num_target_layers = routing, num_target_layers
+        sequences = (routing.sequence_ids[s] for s in routing.sequence_index)
+        self.row_of = {(sequence, int(position)): row for row, (sequence, position) in enumerate(zip(sequences, routing.position))}
+
+    def of(self, windows: WindowSet) -> np.ndarray:
+        """(tokens, L, k) for `windows` (token-major, num_target_layers windows per token)."""
+        first = np.arange(0, len(windows), self.num_target_layers)
+        rows = [self.row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index[first], windows.position[first])]
+        return self.routing.experts[np.asarray(rows, dtype=np.int64)].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -185,13 +191,13 @@ PREFETCH_STRATEGIES.add("oracle_belady", PrefetchStrategy(
     policy="belady"))
 
 
-def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, params: CacheParams, cache: CacheConfig,
-                 batch_size: int, no_prefetch_ms: dict) -> int:
+def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, steps: DecodeSteps, params: CacheParams,
+                 cache: CacheConfig, no_prefetch_ms: dict) -> int:
     """The prefetch depth d in 1..m with the shortest val replay (ties to the smaller d) if it beats no prefetch by
     at least evaluate.cache.gate_margin of its time, else 0: the gate, fit where the test split is not seen, with a
     margin because a small val gain need not carry over. `no_prefetch_ms` caches d = 0, the same for every gated
-    strategy."""
-    steps, cost = DecodeSteps(val, batch_size), params.cost_model()
+    strategy. `steps` are the val windows' decode steps."""
+    cost = params.cost_model()
     if "time_ms" not in no_prefetch_ms:
         no_prefetch_ms["time_ms"] = simulate(steps.routed, None, cache, cost, val.horizon)["time_ms"]
     times = {depth: simulate(steps.routed, strategy.plan(val, steps, depth), cache, cost, val.horizon,
@@ -217,14 +223,15 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
     then the ideal floor."""
     steps = DecodeSteps(inputs, batch_size)
     cost = params.cost_model()
-    results, depths, no_prefetch_ms = {}, {}, {}
+    results, depths, no_prefetch_ms, val_steps = {}, {}, {}, None
     for name, strategy in PREFETCH_STRATEGIES.items():
         if strategy.available(inputs):
             cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
                                 seed=params.seed)
             depth = inputs.m
             if strategy.gated:
-                depth = depths[name] = _tuned_depth(strategy, inputs.val, params, cache, batch_size, no_prefetch_ms)
+                val_steps = val_steps or DecodeSteps(inputs.val, batch_size)
+                depth = depths[name] = _tuned_depth(strategy, inputs.val, val_steps, params, cache, no_prefetch_ms)
             results[name] = simulate(steps.routed, strategy.plan(inputs, steps, depth), cache, cost, inputs.horizon,
                                      params.predictor_ms if strategy.charged else 0.0)
     base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
@@ -260,7 +267,8 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
     T = len(summary["target_layers"])
     replay = replay_windows(test, T, params.max_tokens)
     m = min(params.prefetch_m, summary["num_experts"])
-    full = (lambda windows: token_routing(routing, windows, T)) if routing is not None else (lambda windows: None)
+    lookup = TokenRouting(routing, T) if routing is not None else None
+    full = (lambda windows: None) if lookup is None else lookup.of
     val_inputs = None
     if val is not None:
         val_replay = replay_windows(val, T, params.max_tokens)

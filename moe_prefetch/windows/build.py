@@ -225,19 +225,16 @@ def document_splits(shard_dir: Path, manifest: traces.Manifest, params: WindowsP
     return assign_splits(list(domains_of), domains_of, params, manifest.domains), domains_of, has_generated
 
 
-def window_documents(shard_dir: Path, windows: WindowSet) -> np.ndarray:
+def window_documents(routing: traces.RoutingTable, windows: WindowSet) -> np.ndarray:
     """(N,) int64 code of each window's document (its rank among the sorted ids of the windows' documents), from the
-    shards the windows were built from: windows carry only their sequence, the shards map a sequence to its
-    document (a `<domain>/<document>/<chunk>` sequence id is not guaranteed, collect.import takes any)."""
-    manifest = traces.Manifest.read(shard_dir)
-    document_of: dict[str, str] = {}
-    for entry in manifest.shards:  # distinct (sequence, document) pairs, one shard at a time: memory ~ sequences
-        table = traces.read_shard(shard_dir, entry, manifest, columns=["sequence_id", "document_id"])
-        pairs = table.group_by(["sequence_id", "document_id"]).aggregate([])
-        document_of.update(zip(pairs["sequence_id"].to_pylist(), pairs["document_id"].to_pylist()))
+    routing of the shards the windows were built from (traces.read_routing): windows carry only their sequence, the
+    shards map a sequence to its document (a `<domain>/<document>/<chunk>` sequence id is not guaranteed,
+    collect.import takes any)."""
+    pairs = np.unique(np.stack([routing.sequence_index, routing.document_index], axis=1), axis=0)  # distinct pairs
+    document_of = {routing.sequence_ids[s]: routing.document_ids[d] for s, d in pairs}
     missing = [sequence for sequence in windows.sequence_ids if sequence not in document_of]
     if missing:
-        raise PipelineError(f"windows: sequence {missing[0]!r} is not in the shards {shard_dir}; re-run the windows stage")
+        raise PipelineError(f"windows: sequence {missing[0]!r} is not in the shards; re-run the windows stage")
     document_ids = sorted({document_of[sequence] for sequence in windows.sequence_ids})
     code_of = {document: code for code, document in enumerate(document_ids)}
     sequence_codes = np.array([code_of[document_of[sequence]] for sequence in windows.sequence_ids], dtype=np.int64)
