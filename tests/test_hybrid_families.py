@@ -22,6 +22,7 @@ from torch import nn
 from conftest import spread_routers
 from moe_prefetch.collect.config import CaptureParams
 from moe_prefetch.collect.generation import forward_rows, generate_rows
+from moe_prefetch.collect.models import load_model
 from moe_prefetch.routing import FAMILIES, adapter_for
 from moe_prefetch.routing.hybrid_families import HYBRID_ADAPTERS
 from moe_prefetch.routing.recorder import RoutingRecorder
@@ -39,6 +40,17 @@ VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hi
 def _qwen3_5_text() -> dict:
     return dict(**ATTN, **LINEAR_ATTN, head_dim=8, num_hidden_layers=2, moe_intermediate_size=16, shared_expert_intermediate_size=32,
                 num_experts=8, num_experts_per_tok=3, layer_types=["linear_attention", "full_attention"], rope_parameters=MROPE)
+
+
+def _qwen3_omni_speech() -> dict:
+    """Tiny talker and code2wav configs: the speech-output half of Qwen3-Omni-MoE, which a text collection skips."""
+    small = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                 vocab_size=32)
+    talker_text = dict(small, moe_intermediate_size=8, num_experts=2, num_experts_per_tok=1, shared_expert_intermediate_size=8,
+                       rope_parameters={**MROPE, "interleaved": True})
+    return dict(talker_config=dict(text_config=talker_text, code_predictor_config=dict(small, num_code_groups=2), num_code_groups=2,
+                                   thinker_hidden_size=ATTN["hidden_size"], spatial_merge_size=2),
+                code2wav_config=dict(small, codebook_size=16, num_quantizers=2, decoder_dim=16, upsample_rates=(2,), upsampling_ratios=(2,)))
 
 
 def _qwen3_omni_thinker() -> dict:
@@ -90,7 +102,7 @@ CASES = {
 RECURRENT = {"qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "jamba", "granitemoehybrid", "kimi_linear"}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 PROMPT_LENGTHS = [9, 4, 6]  # right-padded to 9, as collect pads a batch
-NEW_TOKENS = 4
+NEW_TOKENS = 3
 
 
 def text_decoder(model: nn.Module, family: str) -> nn.Module:
@@ -272,3 +284,26 @@ def test_lookahead_is_the_later_router_on_the_earlier_residual(family):
             # best-first by the router's weights, ties to the lower expert id
             want = [[e for _, e in sorted(zip(weights[t].tolist(), chosen[t].tolist()), key=lambda p: (-p[0], p[1]))] for t in real]
             assert got.tolist() == want, f"{family} layer {index} h={h}"
+
+
+def test_collect_loads_a_multimodal_checkpoint_with_its_text_decoder(tmp_path):
+    """load_model picks the Auto class of a multimodal checkpoint (Qwen3-VL-MoE is no causal LM) and routes as the
+    saved model; Qwen3-Omni-MoE loads without its speech talker, which a text collection never runs."""
+    model = build("qwen3_vl_moe")
+    model.save_pretrained(tmp_path / "vl")
+    loaded = load_model(str(tmp_path / "vl"), "float32", "cpu")
+    assert type(loaded) is type(model)
+    token_lists = prompts()
+    _, want, _ = recorded(model, CaptureParams(), "forward", token_lists)
+    _, got, _ = recorded(loaded, CaptureParams(), "forward", token_lists)
+    for row in range(len(token_lists)):
+        assert np.array_equal(got[row]["experts"], want[row]["experts"]) and np.array_equal(got[row]["weights"], want[row]["weights"])
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3OmniMoeConfig(thinker_config=_qwen3_omni_thinker(), **_qwen3_omni_speech(), enable_audio_output=True)
+    speaking = transformers.Qwen3OmniMoeForConditionalGeneration(config)
+    assert hasattr(speaking, "talker")
+    speaking.save_pretrained(tmp_path / "omni")
+    loaded = load_model(str(tmp_path / "omni"), "float32", "cpu")
+    assert not hasattr(loaded, "talker") and not hasattr(loaded, "code2wav")
+    assert [layer.layer_index for layer in adapter_for(loaded).layers] == CASES["qwen3_omni_moe"][2]

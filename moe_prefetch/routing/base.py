@@ -36,6 +36,7 @@ class RoutingAdapter:
     router_attr = "gate"  # name of the router inside the MoE block
     norm_attr = "post_attention_layernorm"  # the norm whose output is the MoE block's input
     recurrent = False  # token mixers with a recurrent state (Mamba, linear attention): generate mode decodes per sequence
+    load_overrides: dict = {}  # config overrides for from_pretrained that drop modules a text collection never runs
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -77,6 +77,7 @@ class Qwen3VLMoeAdapter(MultimodalTextDecoder):
 
 class Qwen3OmniMoeAdapter(MultimodalTextDecoder):
     family = "qwen3_omni_moe"
+    load_overrides = {"enable_audio_output": False}  # no talker / code2wav: text in, text out (their weights are skipped)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
