@@ -1,6 +1,6 @@
 """The adapter base class: finding a model's MoE layers and decoding a router's forward output.
 
-Re-exported by `moe_prefetch.routing`; family adapters live in `moe_prefetch.routing.families`.
+Re-exported by `moe_prefetch.routing`; family adapters live in `moe_prefetch.routing.families` and `.hybrid_families`.
 """
 
 from __future__ import annotations

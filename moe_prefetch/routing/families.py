@@ -163,5 +163,3 @@ FAMILIES: Registry[type[RoutingAdapter]] = Registry("model family")  # keyed by 
 for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV2Adapter, DeepseekV3Adapter,
                  GptOssAdapter, GraniteMoeAdapter, PhimoeAdapter, SwitchTransformersAdapter):
     FAMILIES.add(_adapter.family, _adapter)
-
-import moe_prefetch.routing.hybrid_families  # noqa: E402,F401  (registers the hybrid-recurrent and multimodal families)
