@@ -12,16 +12,23 @@ own structure.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
 from torch import nn
 
-from conftest import spread_routers
+from conftest import MODEL, spread_routers, tiny_params
+from moe_prefetch import traces
+from moe_prefetch.collect.collector import collect
 from moe_prefetch.collect.config import CaptureParams
-from moe_prefetch.collect.generation import forward_rows, generate_rows
+from moe_prefetch.collect.generation import eos_token_ids, forward_rows, generate_rows
 from moe_prefetch.collect.models import load_model
 from moe_prefetch.routing import FAMILIES, adapter_for
 from moe_prefetch.routing.hybrid_families import HYBRID_ADAPTERS
@@ -311,3 +318,45 @@ def test_collect_loads_a_multimodal_checkpoint_with_its_text_decoder(tmp_path):
     loaded = load_model(str(tmp_path / "omni"), "float32", "cpu")
     assert not hasattr(loaded, "talker") and not hasattr(loaded, "code2wav")
     assert [layer.layer_index for layer in adapter_for(loaded).layers] == CASES["qwen3_omni_moe"][2]
+
+
+def test_collect_generate_of_a_recurrent_model_routes_each_sequence_as_alone(tmp_path):
+    """The collect stage end to end on a saved tiny Jamba (tiny-moe's tokenizer, batches of 2): every sequence's
+    prompt and decoded rows are what generating that sequence alone records."""
+    torch.manual_seed(0)
+    config = CASES["jamba"][0]()
+    config.vocab_size = 2048  # tiny-moe's tokenizer
+    model = spread_routers(transformers.JambaForCausalLM(config).eval())
+    checkpoint = tmp_path / "jamba"
+    model.save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL / name, checkpoint / name)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    words = "the routing of every token at every layer is recorded as the experts module receives it".split()
+    (inputs / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(words[:n])}) + "\n" for n in (2, 4, 7, 10)))
+    # batches of 2 documents of different lengths: right padding behind the shorter one of each
+    params = tiny_params("collect", model=str(checkpoint), sources=[{"name": "docs", "path": str(inputs / "docs.jsonl")}],
+                         num_sequences=4, seq_len=32, min_tokens=3, chunks_per_document=1, batch_size=2, sequences_per_chunk=4,
+                         mode="generate", max_new_tokens=NEW_TOKENS)
+    collect(params, tmp_path / "traces", inputs=inputs)
+    meta = traces.TraceMeta.read(tmp_path / "traces")
+    assert meta.family == "jamba" and meta.moe_layers == CASES["jamba"][2]
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "traces").glob("chunk-*.parquet")))
+    prompt_lengths = pc.value_counts(table.filter(pc.invert(table["generated"]))["sequence_id"]).field("counts").to_pylist()
+    assert len(set(prompt_lengths)) == 4 and pc.sum(table["generated"]).as_py() > 0
+    model = load_model(str(checkpoint), "float32", "cpu")  # as collect loaded it
+    adapter = adapter_for(model)
+    recorder = RoutingRecorder(adapter, CaptureParams(), projection_seed=0)
+    try:
+        for sequence_id in pc.unique(table["sequence_id"]).to_pylist():
+            rows = table.filter(pc.equal(table["sequence_id"], sequence_id))
+            prompt = rows.filter(pc.invert(rows["generated"]))["token_id"].to_pylist()
+            (alone,) = generate_rows(model, adapter, recorder, [prompt], 1, "cpu", NEW_TOKENS, eos_token_ids(model))
+            assert rows["token_id"].to_pylist() == alone["token_id"].tolist()
+            experts = traces.column_to_numpy(rows["experts"], (len(meta.moe_layers), meta.top_k))
+            weights = traces.column_to_numpy(rows["weights"], (len(meta.moe_layers), meta.top_k))
+            assert np.array_equal(experts, alone["experts"]), f"{sequence_id}: batched collection changed the routing"
+            assert np.array_equal(weights, alone["weights"]), f"{sequence_id}: batched collection changed the gate weights"
+    finally:
+        recorder.remove()
