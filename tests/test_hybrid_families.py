@@ -196,7 +196,8 @@ def test_forward_routing_is_what_the_experts_received(family, dtype):
     model = build(family, dtype)
     _, _, expected_layers, top_k, shared = CASES[family]
     token_lists = prompts()
-    adapter, rows, calls = recorded(model, CaptureParams(router_probs=True), "forward", token_lists)
+    capture = CaptureParams(router_probs=True, hidden_states=True, hidden_dim=4)  # projected from the text decoder's width
+    adapter, rows, calls = recorded(model, capture, "forward", token_lists)
     keys = [("decoder", index) for index in expected_layers]
     assert adapter.family == family and [(layer.stack, layer.layer_index) for layer in adapter.layers] == keys
     assert sorted(calls.calls) == keys, "an experts module ran that the adapter does not know, or vice versa"
@@ -207,6 +208,7 @@ def test_forward_routing_is_what_the_experts_received(family, dtype):
         (received,) = calls.calls[key]  # one call over the padded batch (B * W tokens)
         for row, ids in enumerate(token_lists):
             assert rows[row]["experts"].shape == (len(ids), len(keys), top_k)
+            assert rows[row]["hidden_states"].shape == (len(ids), len(keys), 4)
             assert_same_routing(rows[row]["experts"][:, position], rows[row]["weights"][:, position],
                                 received[row * width : row * width + len(ids)], f"{family}/{dtype}/{key}/row {row}")
     chosen = {tuple(sorted(e)) for r in rows for e in r["experts"].reshape(-1, top_k).tolist()}

@@ -55,7 +55,8 @@ class MultimodalTextDecoder(RoutingAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.config = getattr(model.config, "text_config", None) or model.config  # hidden_size, expert widths
+        config = self.causal_lm().config
+        self.config = getattr(config, "text_config", None) or config  # hidden_size and expert widths live there
 
     def decoder_layers(self) -> nn.ModuleList:
         causal_lm = self.causal_lm()
@@ -78,10 +79,6 @@ class Qwen3VLMoeAdapter(MultimodalTextDecoder):
 class Qwen3OmniMoeAdapter(MultimodalTextDecoder):
     family = "qwen3_omni_moe"
     load_overrides = {"enable_audio_output": False}  # no talker / code2wav: text in, text out (their weights are skipped)
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.config = self.causal_lm().config.text_config  # the thinker's text decoder
 
     def causal_lm(self) -> nn.Module:
         return getattr(self.model, "thinker", self.model)  # the wrapper itself has no forward; its thinker reads text
@@ -107,7 +104,7 @@ class GraniteMoeHybridAdapter(GraniteMoeAdapter):
 
     @property
     def shared_experts(self) -> int:
-        """The dense shared_mlp in routed-expert widths (granite-4.0-h-tiny: 1024 / 512 = 2)."""
+        """The dense shared_mlp in routed-expert widths: shared_intermediate_size / intermediate_size."""
         shared = int(getattr(self.config, "shared_intermediate_size", 0) or 0)
         routed = int(self.config.intermediate_size)
         return max(1, round(shared / routed)) if shared > 0 else 0
