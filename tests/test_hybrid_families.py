@@ -236,6 +236,10 @@ def test_generate_routing_is_what_the_experts_received(family, dtype):
             assert_same_routing(rows["experts"][:, position], rows["weights"][:, position], prefill + [s[0] for s in steps],
                                 f"{family}/{dtype}/layer {layer.layer_index}")
         alone.append(rows)
+    if dtype == torch.float32:  # decoding with the cache (conv and recurrent states, KV) routes as one forward over it all
+        _, full, _ = recorded(model, CaptureParams(), "forward", [rows["token_id"].tolist() for rows in alone])
+        for row, (single, plain) in enumerate(zip(alone, full)):
+            assert np.array_equal(np.sort(single["experts"], -1), np.sort(plain["experts"], -1)), f"{family} row {row}"
     _, batched, _ = recorded(model, CaptureParams(), "generate", token_lists)
     for row, (single, together) in enumerate(zip(alone, batched)):
         assert np.array_equal(single["token_id"], together["token_id"]), f"{family} row {row}: a different continuation"
