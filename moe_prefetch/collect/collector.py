@@ -240,7 +240,7 @@ def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
     prepare_output(out, digest, state.is_main_process)  # only now: a failure above leaves `out` as it was
     state.wait_for_everyone()
 
-    stored_hidden = (params.capture.hidden_dim or int(model.config.hidden_size)) if params.capture.hidden_states else 0
+    stored_hidden = (params.capture.hidden_dim or int(adapter.config.hidden_size)) if params.capture.hidden_states else 0
     capture = captured(params, stored_hidden)
     table_schema = traces.schema(traces.TraceGeometry(len(adapter.layers), adapter.top_k, adapter.num_experts, capture))
     recorder = RoutingRecorder(adapter, params.capture, projection_seed=params.seed)
