@@ -70,10 +70,11 @@ def load_tokenizer(name: str):
         raise PipelineError(f"collect.model: cannot load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def load_model(name: str, dtype: str, device: str):
+def load_model(name: str, dtype: str, device: str, gpus: tuple[int, ...] | None = None):
     """AutoModel from a local directory or a hub id, in eval mode on `device`.
 
-    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them.
+    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them, or
+    over `gpus` only (a data-parallel rank's share, moe_prefetch/collect/devices.py), then CPU RAM, then disk.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -85,6 +86,11 @@ def load_model(name: str, dtype: str, device: str):
     kwargs = {"dtype": DTYPES[dtype]}
     if device == "auto":
         kwargs["device_map"] = "auto"
+        if gpus is not None:
+            from accelerate.utils import get_max_memory
+
+            # accelerate places only on the devices max_memory lists: this rank's GPUs, then CPU RAM (and disk)
+            kwargs["max_memory"] = {key: free for key, free in get_max_memory().items() if not isinstance(key, int) or key in gpus}
     try:
         model = auto.from_pretrained(name, **kwargs)
     except SafetensorError as err:
