@@ -2,9 +2,9 @@
 routing logs of 10^6 and 10^7 records (one record per (sequence, token, MoE layer), as a serving engine logs them).
 
 Data: synthetic records of 128-token sequences over 8 MoE layers, 16 experts, top-2 (the default model's geometry),
-distinct experts and weights summing to 1, with token ids; each sequence's records in token order, layers in a
-random order (an engine logs a token's layers as they finish). Each import runs in its own fresh process that
-reports its peak RSS (ru_maxrss) and wall time; a process that only imports the modules gives the baseline RSS.
+distinct experts and weights summing to 1 (4 decimals), with token ids; each sequence's records in token order,
+layers in a random order (an engine logs a token's layers as they finish). Each import runs in its own fresh process that
+reports its peak RSS (VmHWM) and wall time; a process that only imports the modules gives the baseline RSS.
 Target: memory flat in the number of records, peak RSS at the largest size / the smallest <= 1.5.
 
     python benchmarks/bench_import.py [--sizes 1000000 10000000] [--keep DIR]
@@ -24,40 +24,44 @@ from common import REPO, Row, command_line, finish, parser, verdict
 
 TARGET_RSS_RATIO = 1.5
 TOKENS, LAYERS, EXPERTS, TOP_K = 128, 8, 16, 2
-WRITE_TOKENS = 4096  # tokens formatted per write call
+WRITE_TOKENS = 1 << 16  # tokens formatted per write call
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from moe_prefetch.collect.importer import import_traces
 from moe_prefetch.params import parse_section
 started = time.perf_counter()
 if sys.argv[1] != "-":
     import_traces(parse_section("collect", {"import": sys.argv[1]}), Path(sys.argv[2]))
-print(json.dumps({"seconds": time.perf_counter() - started, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+seconds = time.perf_counter() - started
+# VmHWM, not ru_maxrss: the latter survives exec and so counts the parent's memory at fork time
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "rss_mb": peak_kb / 1024}))
 """
 
 
 def write_records(path: Path, records: int, seed: int = 0) -> None:
-    """`records` JSON Lines records (rounded down to whole tokens) of synthetic routing, LAYERS per token."""
+    """`records` JSON Lines records (rounded down to whole tokens) of synthetic routing, LAYERS per token, written by
+    pandas' C JSON writer WRITE_TOKENS tokens at a time."""
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     tokens = records // LAYERS
     with open(path, "w") as handle:
         for first in range(0, tokens, WRITE_TOKENS):
-            count = min(WRITE_TOKENS, tokens - first)
-            token = np.arange(first, first + count)
-            experts = np.argsort(rng.random((count, LAYERS, EXPERTS)), axis=2)[:, :, :TOP_K]  # (n, L, k) distinct
-            top = rng.uniform(0.5, 1.0, (count, LAYERS)).round(4)
-            layer_order = np.argsort(rng.random((count, LAYERS)), axis=1)
-            token_ids = rng.integers(0, 32000, count)
-            lines = []
-            for row in range(count):
-                sequence, position = divmod(int(token[row]), TOKENS)
-                for layer in layer_order[row]:
-                    a, b = experts[row, layer]
-                    lines.append(f'{{"sequence_id": "s{sequence}", "position": {position}, "layer": {layer}, "experts": [{a}, {b}], '
-                                 f'"weights": [{top[row, layer]}, {1 - top[row, layer]:.4f}], "token_id": {token_ids[row]}}}\n')
-            handle.write("".join(lines))
+            token = np.repeat(np.arange(first, min(first + WRITE_TOKENS, tokens)), LAYERS)  # (n,) each token LAYERS times
+            count = len(token)
+            layer = np.argsort(rng.random((count // LAYERS, LAYERS)), axis=1).ravel()  # a token's layers in a random order
+            experts = np.argsort(rng.random((count, EXPERTS)), axis=1)[:, :TOP_K]  # (n, k) distinct
+            top = rng.uniform(0.5, 1.0, count).round(4)
+            frame = pd.DataFrame({
+                "sequence_id": np.char.add("s", (token // TOKENS).astype(str)), "position": token % TOKENS, "layer": layer,
+                "experts": experts.tolist(), "weights": np.stack([top, 1 - top], axis=1).round(4).tolist(),
+                "token_id": np.repeat(rng.integers(0, 32000, count // LAYERS), LAYERS),
+            })
+            text = frame.to_json(orient="records", lines=True, double_precision=4)
+            handle.write(text if text.endswith("\n") else text + "\n")
 
 
 def child(args: list[str]) -> dict:

@@ -60,6 +60,7 @@ def test_integer_sequence_ids_in_json_lines_fall_back_and_read_as_their_digits(t
 
 def test_no_step_holds_more_than_a_batch_or_a_spill_group(tmp_path, monkeypatch):
     monkeypatch.setattr(import_records, "BATCH_RECORDS", 50)
+    monkeypatch.setattr(import_records, "JSON_PIECE_BYTES", 1000)  # about 8 lines: most pieces cut a line in two
     monkeypatch.setattr(importer, "SPILL_SEQUENCES", 3)
     batches, groups = [], []
     add, group_rows = importer.Spill.add, importer.group_rows

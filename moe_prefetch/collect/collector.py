@@ -9,7 +9,9 @@ Data-parallel: under `accelerate launch --multi_gpu --num_processes N` (also on 
 launch --cpu --num_processes N` starts a single process unless an MPI hostfile is given.)
 
 collect.mode generate records decode-time routing (moe_prefetch/collect/generation.py); collect.import reads routing recorded
-elsewhere instead of running a model (moe_prefetch/collect/importer.py). Memory: the plan (token ids) plus one chunk of rows (at most collect.max_chunk_bytes; moe_prefetch/collect/footprint.py).
+elsewhere instead of running a model (moe_prefetch/collect/importer.py). Memory: the plan (token ids) plus one chunk of
+rows (at most collect.max_chunk_bytes; moe_prefetch/collect/footprint.py). Each data-parallel rank gets its own GPUs
+(moe_prefetch/collect/devices.py).
 
     python -m stages.collect --out data/traces
 """

@@ -74,7 +74,7 @@ def load_model(name: str, dtype: str, device: str, gpus: tuple[int, ...] | None 
     """AutoModel from a local directory or a hub id, in eval mode on `device`.
 
     device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them, or
-    over `gpus` only (a data-parallel rank's share, moe_prefetch/collect/devices.py), then CPU RAM, then disk.
+    over `gpus` only (a data-parallel rank's share, moe_prefetch/collect/devices.py), then CPU RAM.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -89,7 +89,7 @@ def load_model(name: str, dtype: str, device: str, gpus: tuple[int, ...] | None 
         if gpus is not None:
             from accelerate.utils import get_max_memory
 
-            # accelerate places only on the devices max_memory lists: this rank's GPUs, then CPU RAM (and disk)
+            # accelerate places only on the devices max_memory lists: this rank's GPUs, then CPU RAM
             kwargs["max_memory"] = {key: free for key, free in get_max_memory().items() if not isinstance(key, int) or key in gpus}
     try:
         model = auto.from_pretrained(name, **kwargs)
