@@ -69,15 +69,23 @@ class ImportState:
         self.files: list[str] = []
         self.records = 0
         self.codes: dict[str, dict[str, int]] = {"sequence": {}, "domain": {}, "document": {}}
+        self.listed: dict[str, list[str]] = {name: [] for name in self.codes}  # the same values, indexed by code
 
     def values(self, name: str) -> list[str]:
-        """The distinct values of code dictionary `name`, indexed by code."""
-        return list(self.codes[name])
+        """The distinct values of code dictionary `name`, indexed by code (kept as they come: not rebuilt per call)."""
+        return self.listed[name]
 
     def code(self, name: str, values: list[str]) -> np.ndarray:
         """The codes of `values` in dictionary `name`; unseen values get the next codes, in order."""
-        codes = self.codes[name]
-        return np.fromiter((codes.setdefault(v, len(codes)) for v in values), dtype=np.int64, count=len(values))
+        codes, listed = self.codes[name], self.listed[name]
+        out = np.empty(len(values), dtype=np.int64)
+        for position, value in enumerate(values):
+            code = codes.get(value)
+            if code is None:
+                code = codes[value] = len(listed)
+                listed.append(value)
+            out[position] = code
+        return out
 
     def code_array(self, name: str, column: pa.Array) -> np.ndarray:
         """code() of a string column, looking up each distinct value once (Arrow's encoding keeps first-appearance order)."""
