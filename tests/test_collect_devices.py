@@ -4,15 +4,13 @@ parallel (faked launcher environment, mocked GPU count), and inputs of a model w
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from accelerate import dispatch_model
 from conftest import assert_error, tiny_params
-from test_collect import SMALL, chunks, forward, forward_dir, one_thread, run  # noqa: F401 (fixtures)
+from test_collect import SMALL, forward, forward_dir, one_thread, run  # noqa: F401 (fixtures)
 from test_routing_families import batch, build
 
 from moe_prefetch.collect import models
@@ -73,7 +71,7 @@ def test_a_chunk_holds_no_more_rows_than_max_chunk_bytes(tmp_path, forward):
     _, table = run(tmp_path / "bounded", max_chunk_bytes=int(3.5 * 3360))
     files = sorted((tmp_path / "bounded").glob("chunk-*.parquet"))
     assert len(files) == 3  # 6 sequences, 2 per chunk (sequences_per_chunk 4 alone would give 2 chunks)
-    assert all(len(set(pa.parquet.read_table(f)["sequence_id"].to_pylist())) == 2 for f in files)
+    assert all(len(set(pq.read_table(f)["sequence_id"].to_pylist())) == 2 for f in files)
     assert table.equals(forward)  # the same rows, only cut into smaller chunks
 
 
