@@ -83,10 +83,11 @@ def auto_model_class(config):
     return next((auto for auto in candidates if type(config) in auto._model_mapping), transformers.AutoModelForCausalLM)
 
 
-def load_model(name: str, dtype: str, device: str):
+def load_model(name: str, dtype: str, device: str, gpus: tuple[int, ...] | None = None):
     """AutoModel from a local directory or a hub id, in eval mode on `device`.
 
-    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them.
+    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them, or
+    over `gpus` only (a data-parallel rank's share, moe_prefetch/collect/devices.py), then CPU RAM.
     A family's adapter may add config overrides that leave out what a text collection never runs
     (`RoutingAdapter.load_overrides`: Qwen3-Omni-MoE's speech talker).
     """
@@ -102,6 +103,11 @@ def load_model(name: str, dtype: str, device: str):
     kwargs = {"dtype": DTYPES[dtype], **(FAMILIES[model_type].load_overrides if model_type in FAMILIES else {})}
     if device == "auto":
         kwargs["device_map"] = "auto"
+        if gpus is not None:
+            from accelerate.utils import get_max_memory
+
+            # accelerate places only on the devices max_memory lists: this rank's GPUs, then CPU RAM
+            kwargs["max_memory"] = {key: free for key, free in get_max_memory().items() if not isinstance(key, int) or key in gpus}
     try:
         model = auto.from_pretrained(name, **kwargs)
     except SafetensorError as err:
