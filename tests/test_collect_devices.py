@@ -151,9 +151,8 @@ def test_a_rank_loads_auto_onto_its_own_gpus_only(monkeypatch):
             return torch.nn.Linear(1, 1)
 
     import accelerate.utils
-    import transformers
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Auto)
+    monkeypatch.setattr(models, "auto_model_class", lambda config: Auto)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {0: 10, 1: 11, 2: 12, 3: 13, "cpu": 100})
     models.load_model(str(models.Path(__file__).parents[1] / "models" / "tiny-moe"), "bfloat16", "auto", (2, 3))
