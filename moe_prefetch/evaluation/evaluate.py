@@ -37,7 +37,7 @@ from moe_prefetch.evaluation.config import EvaluateParams
 from moe_prefetch.evaluation.intervals import bootstrap_report
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
 from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
-from moe_prefetch.evaluation.replay import cache_report
+from moe_prefetch.evaluation.sweeps import REPLAY_PROCESSES, cache_report
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
 from moe_prefetch.progress import Progress
@@ -242,9 +242,9 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
     report = cache_report(test, scorers, params.cache, summary, val, documents, (params.bootstrap_resamples, params.seed),
-                          routing)
+                          routing, train, REPLAY_PROCESSES)
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)
-    write_cache_plots(plots_dir, report["by_capacity"], report["by_batch"], report["by_regime"])
+    write_cache_plots(plots_dir, report)
     return clean(metrics)

@@ -1,0 +1,216 @@
+"""The expert-cache replay's report (`cache_report`): the configured cache, every cost profile at it, capacity and
+decode batch-size sweeps for every profile, and the transfer/compute regime sweep, each a `simulate_strategies`
+run of moe_prefetch/evaluation/replay.py on the same replayed windows.
+
+Run time: a configuration is replayed once however many sweeps name it (the key is every replay-relevant
+CacheParams field with the profile's numbers resolved, so the configured cache, its point in the capacity and
+batch sweeps and its profile's row are one replay), and the distinct configurations after the first run in a pool
+of `processes` forked workers. The first runs in this process so that every scorer ranks its windows here, once,
+before the fork; the workers only replay. Each configuration's result depends on its inputs alone, so the report
+is the same for any number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+from collections.abc import Callable
+
+import numpy as np
+
+from moe_prefetch.evaluation.breakeven import BreakEven
+from moe_prefetch.evaluation.config import COST_OVERRIDES, COST_PROFILES, CacheParams
+from moe_prefetch.evaluation.fallback import FallbackInputs, fallback_plan
+from moe_prefetch.evaluation.intervals import resample_weights
+from moe_prefetch.evaluation.replay import ReplayInputs, TokenRouting, replay_windows, simulate_strategies
+from moe_prefetch.progress import Progress
+from moe_prefetch.windows.data import WindowSet
+
+REPLAY_PROCESSES = 2  # the evaluate stage's budget is 2 cores
+SWEEP_FIELDS = ("capacity_sweep", "capacity_sweep_unit", "decode_batch_sweep", "regime_sweep")  # no part of a replay
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """One replay: the cache size in experts, the decode batch size, the params it runs under and which replay
+    inputs (a key of replay_all's `inputs`)."""
+
+    capacity: int
+    batch_size: int
+    params: CacheParams
+    inputs: str = "test"
+
+    def key(self) -> tuple:
+        """Equal for configurations whose replays are identical: the profile resolved into its numbers, the sweep
+        lists and the size fields (replaced by `capacity`) left out."""
+        costs = dataclasses.replace(self.params.costs(), derivation="")
+        blank = {name: None for name in COST_OVERRIDES} | {name: None for name in SWEEP_FIELDS}
+        params = dataclasses.replace(self.params, profile="", capacity=0, capacity_fraction=None, decode_batch_size=0, **blank)
+        return self.inputs, self.capacity, self.batch_size, repr(costs), repr(params)
+
+    def replay(self, inputs: dict[str, ReplayInputs]) -> dict[str, dict]:
+        return simulate_strategies(inputs[self.inputs], self.params, self.capacity, self.batch_size)
+
+
+_WORKER_INPUTS: dict[str, ReplayInputs] = {}  # the replay inputs a forked worker inherits
+
+
+def _replay_in_worker(configuration: Configuration) -> dict[str, dict]:
+    return configuration.replay(_WORKER_INPUTS)
+
+
+def replay_all(inputs: dict[str, ReplayInputs], configurations: list, processes: int) -> list[dict]:
+    """Each job's replay (a Configuration's simulate_strategies, a BreakEven's grid), in order; each distinct one
+    replayed once (see module doc)."""
+    global _WORKER_INPUTS
+    distinct = list(dict.fromkeys(configuration.key() for configuration in configurations))
+    first = {}
+    for configuration in configurations:
+        first.setdefault(configuration.key(), configuration)
+    jobs = [first[key] for key in distinct]
+    progress = Progress(len(jobs), "evaluate: cache replay", unit="replays")
+    done = {}
+    for name in inputs:  # every inputs' scorers rank their windows here, before the fork
+        job = next((job for job in jobs if job.inputs == name), None)
+        if job is not None:
+            done[job.key()] = job.replay(inputs)
+            progress.update(1)
+    rest = [job for job in jobs if job.key() not in done]
+    if processes > 1 and len(rest) > 1:
+        _WORKER_INPUTS = inputs
+        try:
+            with multiprocessing.get_context("fork").Pool(min(processes, len(rest))) as pool:
+                for job, result in zip(rest, pool.imap(_replay_in_worker, rest)):
+                    done[job.key()] = result
+                    progress.update(1)
+        finally:
+            _WORKER_INPUTS = {}
+    else:
+        for job in rest:
+            done[job.key()] = job.replay(inputs)
+            progress.update(1)
+    progress.close()
+    return [done[configuration.key()] for configuration in configurations]
+
+
+def profile_params(params: CacheParams, name: str) -> CacheParams:
+    """`params` under cost profile `name`; the configured profile keeps its overrides, another profile its own numbers."""
+    if name == params.profile:
+        return params
+    return dataclasses.replace(params, profile=name, **{field: None for field in COST_OVERRIDES})
+
+
+def _fallbacks(params: CacheParams, summary: dict, routing, lookup: TokenRouting | None, train: WindowSet | None,
+               windows: list[WindowSet], m: int) -> list[np.ndarray | None]:
+    """Each of `windows`' fallback prefetch (tokens, c-1, m) under evaluate.cache.fallback; None without the full
+    routing (only target layers replay: there are no fallback layers)."""
+    if lookup is None or params.fallback == "none":
+        return [None] * len(windows)
+    if train is None:
+        raise ValueError("the fallback needs the train windows")
+    train_experts = lookup.of(train)  # (train tokens, L, k)
+    plans = []
+    for split in windows:
+        rows = lookup.rows(split)
+        lookahead = None if routing.lookahead_experts is None else routing.lookahead_experts[rows]
+        plans.append(fallback_plan(params.fallback, FallbackInputs(len(rows), train_experts, lookahead,
+                                                                  summary["context_length"], summary["horizon"], m)))
+    return plans
+
+
+def _replay_inputs(test: WindowSet, val: WindowSet | None, scorers: dict[str, Callable], params: CacheParams,
+                   summary: dict, max_tokens: int, documents: np.ndarray | None, bootstrap: tuple[int, int], routing,
+                   train: WindowSet | None) -> ReplayInputs:
+    """The replay of the first whole test sequences of at most `max_tokens` tokens (val likewise, for the gates)."""
+    T = len(summary["target_layers"])
+    replay = replay_windows(test, T, max_tokens)
+    m = min(params.prefetch_m, summary["num_experts"])
+    lookup = TokenRouting(routing, T) if routing is not None else None
+    full = (lambda windows: None) if lookup is None else lookup.of
+    val_replay = None if val is None else replay_windows(val, T, max_tokens)
+    test_fallback, val_fallback = _fallbacks(params, summary, routing, lookup, train, [replay, replay if val_replay is None else val_replay], m)
+    val_inputs = None
+    if val_replay is not None:
+        val_inputs = ReplayInputs(val_replay, scorers, m, summary["horizon"], T, token_routing=full(val_replay),
+                                  fallback=val_fallback)
+    token_documents = weights = None
+    if documents is not None and bootstrap[0]:  # (resamples, seed): the replayed documents, recoded 0..D-1
+        _, token_documents = np.unique(documents[: len(replay) : T], return_inverse=True)
+        weights = resample_weights(int(token_documents.max()) + 1, *bootstrap)
+    return ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights, full(replay),
+                        test_fallback)
+
+
+def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
+                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0),
+                 routing=None, train: WindowSet | None = None, processes: int = 1) -> dict:
+    """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
+    (`by_profile`), the rows of the capacity and decode batch-size sweeps of the configured profile (`by_capacity`,
+    `by_batch`) and of every profile on the first evaluate.cache.profile_sweep_tokens tokens (`by_profile_capacity`,
+    `by_profile_batch`: profile -> rows), and of the regime sweep (`by_regime`: transfer time per expert = ratio x
+    layer compute time, the profile's compute, with the break-even prefetch precision of
+    moe_prefetch/evaluation/breakeven.py on the sweeps' tokens). `routing` (the shards' RoutingTable): replay every
+    MoE layer, the
+    fallback fit on `train`."""
+    inputs = {"test": _replay_inputs(test, val, scorers, params, summary, params.max_tokens, documents, bootstrap,
+                                     routing, train)}
+    if params.profile_sweep_tokens:
+        inputs["sweep"] = _replay_inputs(test, val, scorers, params, summary, params.profile_sweep_tokens, None, (0, 0),
+                                         routing, train)
+    layers = inputs["test"].routed_layers
+    pool_experts = summary["num_experts"] * (1 if params.per_layer else layers)
+    capacity, capacities = params.cache_experts(pool_experts), params.capacity_sweep_experts(pool_experts)
+    batch = params.decode_batch_size
+
+    configurations = {"main": [Configuration(capacity, batch, params)],
+                      "capacity": [Configuration(size, batch, params) for size in capacities],
+                      "batch": [Configuration(capacity, size, params) for size in params.decode_batch_sweep]}
+    for name in COST_PROFILES:
+        at_profile = profile_params(params, name)
+        configurations[f"profile/{name}"] = [Configuration(capacity, batch, at_profile)]
+        if "sweep" in inputs:
+            configurations[f"capacity/{name}"] = [Configuration(size, batch, at_profile, "sweep") for size in capacities]
+            configurations[f"batch/{name}"] = [Configuration(capacity, size, at_profile, "sweep")
+                                               for size in params.decode_batch_sweep]
+    costs = params.costs()
+    for ratio in params.regime_sweep:  # the profile's bandwidth and compute, expert bytes scaled to the ratio
+        regime = dataclasses.replace(params, expert_bytes=ratio * costs.layer_compute_ms * costs.bandwidth_gbps * 1e6)
+        configurations[f"regime/{ratio}"] = [Configuration(capacity, batch, regime)]
+        configurations[f"breakeven/{ratio}"] = [BreakEven(capacity, regime, summary["num_experts"],
+                                                          "sweep" if "sweep" in inputs else "test")]
+    results = iter(replay_all(inputs, [configuration for group in configurations.values() for configuration in group],
+                              processes))
+    replayed = {group: [next(results) for _ in members] for group, members in configurations.items()}
+
+    def capacity_rows(group: str) -> list[dict]:
+        return [{"capacity": size, "capacity_fraction": size / pool_experts, **flat_row(result)}
+                for size, result in zip(capacities, replayed[group])]
+
+    def batch_rows(group: str) -> list[dict]:
+        return [{"batch_size": size, **flat_row(result)} for size, result in zip(params.decode_batch_sweep, replayed[group])]
+
+    by_profile = {}
+    for name in COST_PROFILES:
+        cost = profile_params(params, name).cost_model()
+        by_profile[name] = {"transfer_over_compute": cost.transfer_ms / cost.layer_compute_ms,
+                            **flat_row(replayed[f"profile/{name}"][0], ("speedup_vs_on_demand",))}
+    by_regime = [{"transfer_over_compute": ratio, **flat_row(replayed[f"regime/{ratio}"][0], ("speedup_vs_on_demand",)),
+                  **replayed[f"breakeven/{ratio}"][0]} for ratio in params.regime_sweep]
+    weights = inputs["test"].document_weights
+    config = {"replayed_tokens": inputs["test"].tokens, "replayed_layers": layers,
+              "capacity": capacity, "capacity_fraction": capacity / pool_experts,
+              "prefetch_m": inputs["test"].m, "batch_size": batch,
+              "transfer_ms_per_expert": params.cost_model().transfer_ms,
+              "fallback": params.fallback, "fallback_layers": summary["context_length"] - 1 if routing is not None else 0,
+              "profile_sweep_tokens": inputs["sweep"].tokens if "sweep" in inputs else 0,
+              "interval_documents": 0 if weights is None else weights.shape[1]}
+    sweeps = [name for name in COST_PROFILES if "sweep" in inputs]
+    return {"cache": {"config": config, **replayed["main"][0]}, "by_profile": by_profile,
+            "by_capacity": capacity_rows("capacity"), "by_batch": batch_rows("batch"), "by_regime": by_regime,
+            "by_profile_capacity": {name: capacity_rows(f"capacity/{name}") for name in sweeps},
+            "by_profile_batch": {name: batch_rows(f"batch/{name}") for name in sweeps}}
+
+
+def flat_row(result: dict[str, dict], keys: tuple[str, ...] = ("hit_rate", "speedup_vs_on_demand")) -> dict[str, float]:
+    """One sweep row: each strategy's `keys` (the ideal has only a speedup)."""
+    return {f"{name}_{key}": value[key] for name, value in result.items() for key in keys if key in value}
