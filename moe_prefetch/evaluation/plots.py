@@ -163,32 +163,34 @@ def write_cache_plots(directory: Path, report: dict) -> None:
     """From moe_prefetch.evaluation.sweeps.cache_report: hit rate and speedup of each prefetch strategy vs cache
     capacity and vs decode batch size (configured profile), the same speedups with one panel per cost profile, and
     speedup vs the transfer/compute ratio (log x)."""
-    by_regime = report["by_regime"]
+    by_regime, config = report["by_regime"], report["cache"]["config"]
+    where = f"{config['profile']}, {config['replayed_tokens']:,} test tokens"
     _dump(directory / "cache_by_capacity.json", report["by_capacity"])
     _dump(directory / "cache_by_batch.json", report["by_batch"])
     _dump(directory / "cache_by_regime.json", by_regime)
     ratios = [row["transfer_over_compute"] for row in by_regime]
-    _figure(directory / "cache_speedup_by_regime.png", "Speedup over on-demand LRU by regime",
+    _figure(directory / "cache_speedup_by_regime.png", f"Speedup over on-demand LRU by regime\n({where}; expert bytes scaled)",
             "transfer time per expert / layer compute time (log)", SPEEDUP_LABEL,
             {key[: -len(SPEEDUP)]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0] if key.endswith(SPEEDUP)},
             log_x=True)
     precisions = {key[: -len("_precision")]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0]
                   if key.endswith("_precision") and key != "breakeven_precision"}
     _figure(directory / "cache_breakeven_precision_by_regime.png",
-            "Break-even prefetch precision by regime (prefetch pays above the line)",
+            f"Break-even prefetch precision by regime (prefetch pays above it)\n({config['profile']} compute and link, "
+            f"{config['profile_sweep_tokens'] or config['replayed_tokens']:,} test tokens)",
             "transfer time per expert / layer compute time (log)", "prefetch precision (share of listed experts used)",
             {"break-even": (ratios, [row["breakeven_precision"] for row in by_regime]),
              **{f"{name} (measured)": series for name, series in precisions.items()}}, log_x=True)
     for rows, axis in ((report["by_capacity"], "capacity"), (report["by_batch"], "batch_size")):
         for measure, (title, ylabel) in MEASURES.items():
-            _figure(directory / f"cache_{measure}_by_{axis}.png", f"{title} vs {AXES[axis].split(' (')[0]}", AXES[axis],
+            _figure(directory / f"cache_{measure}_by_{axis}.png", f"{title} vs {AXES[axis].split(' (')[0]}\n({where})", AXES[axis],
                     ylabel, _series(rows, axis, measure), integer_x=True)
     for key, axis in (("by_profile_capacity", "capacity"), ("by_profile_batch", "batch_size")):
         sweeps = report[key]
         if not sweeps:
             continue
         _dump(directory / f"cache_{key[len('by_'):]}.json", [{"profile": name, **row} for name, rows in sweeps.items() for row in rows])
-        tokens = report["cache"]["config"]["profile_sweep_tokens"]
+        tokens = config["profile_sweep_tokens"]
         _panels(directory / f"cache_speedup_by_{axis}_profiles.png",
                 f"Speedup over on-demand LRU vs {AXES[axis].split(' (')[0]}, per cost profile ({tokens:,} test tokens)",
                 AXES[axis], "speedup (x)", {name: _series(rows, axis, "speedup_vs_on_demand") for name, rows in sweeps.items()})

@@ -1,14 +1,13 @@
 """The expert-cache replay's report (`cache_report`): the configured cache, every cost profile at it, capacity and
-decode batch-size sweeps for every profile, and the transfer/compute regime sweep, each a `simulate_strategies`
-run of moe_prefetch/evaluation/replay.py on the same replayed windows.
+decode batch-size sweeps for every profile, the transfer/compute regime sweep and its break-even precision, each a
+replay of moe_prefetch/evaluation/replay.py (`simulate_strategies`) or breakeven.py on the same replayed windows.
 
 Run time: a configuration is replayed once however many sweeps name it (the key is every replay-relevant
 CacheParams field with the profile's numbers resolved, so the configured cache, its point in the capacity and
-batch sweeps and its profile's row are one replay), and the distinct configurations after the first run in a pool
-of `processes` forked workers. The first runs in this process so that every scorer ranks its windows here, once,
-before the fork; the workers only replay. Each configuration's result depends on its inputs alone, so the report
-is the same for any number of processes.
-"""
+batch sweeps and its profile's row are one replay). With processes > 1 the distinct replays run in a pool of
+forked workers started by `start_cache_report`, so the evaluate stage scores its windows while they run; every
+scorer first ranks the replay windows in this process, so the workers only replay. Each replay's result depends
+on its inputs alone, so the report is the same for any number of processes."""
 
 from __future__ import annotations
 
@@ -22,7 +21,14 @@ from moe_prefetch.evaluation.breakeven import BreakEven
 from moe_prefetch.evaluation.config import COST_OVERRIDES, COST_PROFILES, CacheParams
 from moe_prefetch.evaluation.fallback import FallbackInputs, fallback_plan
 from moe_prefetch.evaluation.intervals import resample_weights
-from moe_prefetch.evaluation.replay import ReplayInputs, TokenRouting, replay_windows, simulate_strategies
+from moe_prefetch.evaluation.replay import (
+    PREFETCH_STRATEGIES,
+    DecodeSteps,
+    ReplayInputs,
+    TokenRouting,
+    replay_windows,
+    simulate_strategies,
+)
 from moe_prefetch.progress import Progress
 from moe_prefetch.windows.data import WindowSet
 
@@ -33,7 +39,7 @@ SWEEP_FIELDS = ("capacity_sweep", "capacity_sweep_unit", "decode_batch_sweep", "
 @dataclasses.dataclass(frozen=True)
 class Configuration:
     """One replay: the cache size in experts, the decode batch size, the params it runs under and which replay
-    inputs (a key of replay_all's `inputs`)."""
+    inputs (a key of the `inputs` Replays holds)."""
 
     capacity: int
     batch_size: int
@@ -59,38 +65,56 @@ def _replay_in_worker(configuration: Configuration) -> dict[str, dict]:
     return configuration.replay(_WORKER_INPUTS)
 
 
-def replay_all(inputs: dict[str, ReplayInputs], configurations: list, processes: int) -> list[dict]:
-    """Each job's replay (a Configuration's simulate_strategies, a BreakEven's grid), in order; each distinct one
-    replayed once (see module doc)."""
-    global _WORKER_INPUTS
-    distinct = list(dict.fromkeys(configuration.key() for configuration in configurations))
-    first = {}
-    for configuration in configurations:
-        first.setdefault(configuration.key(), configuration)
-    jobs = [first[key] for key in distinct]
-    progress = Progress(len(jobs), "evaluate: cache replay", unit="replays")
-    done = {}
-    for name in inputs:  # every inputs' scorers rank their windows here, before the fork
-        job = next((job for job in jobs if job.inputs == name), None)
-        if job is not None:
-            done[job.key()] = job.replay(inputs)
-            progress.update(1)
-    rest = [job for job in jobs if job.key() not in done]
-    if processes > 1 and len(rest) > 1:
-        _WORKER_INPUTS = inputs
-        try:
-            with multiprocessing.get_context("fork").Pool(min(processes, len(rest))) as pool:
-                for job, result in zip(rest, pool.imap(_replay_in_worker, rest)):
+def _rank_before_fork(inputs: dict[str, ReplayInputs]) -> None:
+    """Every scorer a strategy reads ranks its replay windows (test and val) here, once (ReplayInputs keeps them), so
+    that no forked worker runs a scorer (the predictor's thread pools do not survive a fork)."""
+    for replay_inputs in inputs.values():
+        for windows in (replay_inputs, replay_inputs.val):
+            if windows is not None:
+                steps = DecodeSteps(windows, 1)
+                for _, strategy in PREFETCH_STRATEGIES.items():
+                    if strategy.available(replay_inputs):
+                        strategy.plan(windows, steps, windows.m)
+
+
+class Replays:
+    """Each job's replay (a Configuration's simulate_strategies, a BreakEven's grid), each distinct one once. With
+    processes > 1 they start here in a pool of forked workers and `results()` collects them, so the caller can
+    work meanwhile; else `results()` replays them in this process."""
+
+    def __init__(self, inputs: dict[str, ReplayInputs], jobs: list, processes: int):
+        global _WORKER_INPUTS
+        self.inputs, self.jobs = inputs, jobs
+        distinct: dict[tuple, object] = {}
+        for job in jobs:
+            distinct.setdefault(job.key(), job)
+        self.distinct = list(distinct.values())
+        self._pool = self._pending = None
+        if processes > 1 and len(self.distinct) > 1:
+            _rank_before_fork(inputs)
+            _WORKER_INPUTS = inputs  # each worker forks now, with these inputs
+            self._pool = multiprocessing.get_context("fork").Pool(min(processes, len(self.distinct)))
+            _WORKER_INPUTS = {}
+            self._pending = self._pool.imap(_replay_in_worker, self.distinct)
+
+    def results(self) -> list[dict]:
+        """Each job's result, in the jobs' order."""
+        progress = Progress(len(self.distinct), "evaluate: cache replay", unit="replays")
+        done = {}
+        if self._pending is None:
+            for job in self.distinct:
+                done[job.key()] = job.replay(self.inputs)
+                progress.update(1)
+        else:
+            try:
+                for job, result in zip(self.distinct, self._pending):
                     done[job.key()] = result
                     progress.update(1)
-        finally:
-            _WORKER_INPUTS = {}
-    else:
-        for job in rest:
-            done[job.key()] = job.replay(inputs)
-            progress.update(1)
-    progress.close()
-    return [done[configuration.key()] for configuration in configurations]
+            finally:
+                self._pool.close()
+                self._pool.join()
+        progress.close()
+        return [done[job.key()] for job in self.jobs]
 
 
 def profile_params(params: CacheParams, name: str) -> CacheParams:
@@ -141,17 +165,12 @@ def _replay_inputs(test: WindowSet, val: WindowSet | None, scorers: dict[str, Ca
                         test_fallback)
 
 
-def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
-                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0),
-                 routing=None, train: WindowSet | None = None, processes: int = 1) -> dict:
-    """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
-    (`by_profile`), the rows of the capacity and decode batch-size sweeps of the configured profile (`by_capacity`,
-    `by_batch`) and of every profile on the first evaluate.cache.profile_sweep_tokens tokens (`by_profile_capacity`,
-    `by_profile_batch`: profile -> rows), and of the regime sweep (`by_regime`: transfer time per expert = ratio x
-    layer compute time, the profile's compute, with the break-even prefetch precision of
-    moe_prefetch/evaluation/breakeven.py on the sweeps' tokens). `routing` (the shards' RoutingTable): replay every
-    MoE layer, the
-    fallback fit on `train`."""
+def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
+                       val: WindowSet | None = None, documents: np.ndarray | None = None,
+                       bootstrap: tuple[int, int] = (0, 0), routing=None, train: WindowSet | None = None,
+                       processes: int = 1) -> Callable[[], dict]:
+    """Start cache_report's replays (in a pool when processes > 1) and return the function that waits for them and
+    returns the report."""
     inputs = {"test": _replay_inputs(test, val, scorers, params, summary, params.max_tokens, documents, bootstrap,
                                      routing, train)}
     if params.profile_sweep_tokens:
@@ -178,9 +197,30 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
         configurations[f"regime/{ratio}"] = [Configuration(capacity, batch, regime)]
         configurations[f"breakeven/{ratio}"] = [BreakEven(capacity, regime, summary["num_experts"],
                                                           "sweep" if "sweep" in inputs else "test")]
-    results = iter(replay_all(inputs, [configuration for group in configurations.values() for configuration in group],
-                              processes))
+    replays = Replays(inputs, [configuration for group in configurations.values() for configuration in group], processes)
+    return lambda: _report(params, summary, routing, inputs, configurations, replays.results(), pool_experts, capacities)
+
+
+def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
+                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0),
+                 routing=None, train: WindowSet | None = None, processes: int = 1) -> dict:
+    """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
+    (`by_profile`), the rows of the capacity and decode batch-size sweeps of the configured profile (`by_capacity`,
+    `by_batch`) and of every profile on the first evaluate.cache.profile_sweep_tokens tokens (`by_profile_capacity`,
+    `by_profile_batch`: profile -> rows), and of the regime sweep (`by_regime`: transfer time per expert = ratio x
+    layer compute time, the profile's compute, with the break-even prefetch precision of
+    moe_prefetch/evaluation/breakeven.py on the sweeps' tokens). `routing` (the shards' RoutingTable): replay every
+    MoE layer, the fallback fit on `train`."""
+    return start_cache_report(test, scorers, params, summary, val, documents, bootstrap, routing, train, processes)()
+
+
+def _report(params: CacheParams, summary: dict, routing, inputs: dict[str, ReplayInputs], configurations: dict[str, list],
+            results: list[dict], pool_experts: int, capacities: list[int]) -> dict:
+    """cache_report's dict from the replays of `configurations` (group -> jobs), `results` in their order."""
+    results = iter(results)
     replayed = {group: [next(results) for _ in members] for group, members in configurations.items()}
+    capacity, batch = configurations["main"][0].capacity, params.decode_batch_size
+    layers = inputs["test"].routed_layers
 
     def capacity_rows(group: str) -> list[dict]:
         return [{"capacity": size, "capacity_fraction": size / pool_experts, **flat_row(result)}
@@ -199,7 +239,7 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
     weights = inputs["test"].document_weights
     config = {"replayed_tokens": inputs["test"].tokens, "replayed_layers": layers,
               "capacity": capacity, "capacity_fraction": capacity / pool_experts,
-              "prefetch_m": inputs["test"].m, "batch_size": batch,
+              "prefetch_m": inputs["test"].m, "batch_size": batch, "profile": params.profile,
               "transfer_ms_per_expert": params.cost_model().transfer_ms,
               "fallback": params.fallback, "fallback_layers": summary["context_length"] - 1 if routing is not None else 0,
               "profile_sweep_tokens": inputs["sweep"].tokens if "sweep" in inputs else 0,
