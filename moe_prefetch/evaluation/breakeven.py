@@ -7,7 +7,9 @@ costs as on-demand loading (no prefetch, configured policy); the break-even prec
 speedup over on-demand crosses 1.0, linearly interpolated between the grid's neighbouring points (0 when even q = 0
 does not slow decoding, None when even q = 1 does not speed it up). The same uniform draws serve every q, so a
 higher q only turns wrong listings right. Next to it, each learned strategy's measured precision: the share of the
-experts its plan lists that the target layer routes.
+experts its plan lists that the target layer routes. Replayed at decode batch 1 on the per-profile sweeps' tokens
+(evaluate.cache.profile_sweep_tokens); a regime row gets breakeven_precision, synthetic_q<100 q>_speedup and
+<strategy>_precision.
 """
 
 from __future__ import annotations
@@ -91,4 +93,4 @@ class BreakEven:
                      for name, strategy in PREFETCH_STRATEGIES.items()
                      if strategy.learned and not strategy.gated and strategy.available(replay_inputs)}
         return {"breakeven_precision": crossing(BREAKEVEN_GRID, speedups),
-                **{f"synthetic_q{q:g}_speedup": s for q, s in zip(BREAKEVEN_GRID, speedups)}, **precision}
+                **{f"synthetic_q{round(100 * q)}_speedup": s for q, s in zip(BREAKEVEN_GRID, speedups)}, **precision}

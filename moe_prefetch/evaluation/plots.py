@@ -164,7 +164,7 @@ def write_cache_plots(directory: Path, report: dict) -> None:
     capacity and vs decode batch size (configured profile), the same speedups with one panel per cost profile, and
     speedup vs the transfer/compute ratio (log x)."""
     by_regime, config = report["by_regime"], report["cache"]["config"]
-    where = f"{config['profile']}, {config['replayed_tokens']:,} test tokens"
+    where = f"{config['profile']}, {config['replayed_tokens']:,} tokens"
     _dump(directory / "cache_by_capacity.json", report["by_capacity"])
     _dump(directory / "cache_by_batch.json", report["by_batch"])
     _dump(directory / "cache_by_regime.json", by_regime)
