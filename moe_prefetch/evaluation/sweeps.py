@@ -176,6 +176,9 @@ def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: Ca
     if params.profile_sweep_tokens:
         inputs["sweep"] = _replay_inputs(test, val, scorers, params, summary, params.profile_sweep_tokens, None, (0, 0),
                                          routing, train)
+        if inputs["sweep"].tokens == inputs["test"].tokens:  # the same replay: its configurations are the test's
+            del inputs["sweep"]
+    sweep = ("sweep" if "sweep" in inputs else "test") if params.profile_sweep_tokens else None  # inputs of the sweeps
     layers = inputs["test"].routed_layers
     pool_experts = summary["num_experts"] * (1 if params.per_layer else layers)
     capacity, capacities = params.cache_experts(pool_experts), params.capacity_sweep_experts(pool_experts)
@@ -187,18 +190,19 @@ def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: Ca
     for name in COST_PROFILES:
         at_profile = profile_params(params, name)
         configurations[f"profile/{name}"] = [Configuration(capacity, batch, at_profile)]
-        if "sweep" in inputs:
-            configurations[f"capacity/{name}"] = [Configuration(size, batch, at_profile, "sweep") for size in capacities]
-            configurations[f"batch/{name}"] = [Configuration(capacity, size, at_profile, "sweep")
+        if sweep:
+            configurations[f"capacity/{name}"] = [Configuration(size, batch, at_profile, sweep) for size in capacities]
+            configurations[f"batch/{name}"] = [Configuration(capacity, size, at_profile, sweep)
                                                for size in params.decode_batch_sweep]
     costs = params.costs()
     for ratio in params.regime_sweep:  # the profile's bandwidth and compute, expert bytes scaled to the ratio
         regime = dataclasses.replace(params, expert_bytes=ratio * costs.layer_compute_ms * costs.bandwidth_gbps * 1e6)
         configurations[f"regime/{ratio}"] = [Configuration(capacity, batch, regime)]
         configurations[f"breakeven/{ratio}"] = [BreakEven(capacity, regime, summary["num_experts"],
-                                                          "sweep" if "sweep" in inputs else "test")]
+                                                          sweep or "test")]
     replays = Replays(inputs, [configuration for group in configurations.values() for configuration in group], processes)
-    return lambda: _report(params, summary, routing, inputs, configurations, replays.results(), pool_experts, capacities)
+    return lambda: _report(params, summary, routing, inputs, configurations, replays.results(), pool_experts, capacities,
+                           sweep)
 
 
 def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
@@ -215,8 +219,9 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
 
 
 def _report(params: CacheParams, summary: dict, routing, inputs: dict[str, ReplayInputs], configurations: dict[str, list],
-            results: list[dict], pool_experts: int, capacities: list[int]) -> dict:
-    """cache_report's dict from the replays of `configurations` (group -> jobs), `results` in their order."""
+            results: list[dict], pool_experts: int, capacities: list[int], sweep: str | None) -> dict:
+    """cache_report's dict from the replays of `configurations` (group -> jobs), `results` in their order; `sweep`
+    names the inputs of the per-profile sweeps (None: none)."""
     results = iter(results)
     replayed = {group: [next(results) for _ in members] for group, members in configurations.items()}
     capacity, batch = configurations["main"][0].capacity, params.decode_batch_size
@@ -242,9 +247,9 @@ def _report(params: CacheParams, summary: dict, routing, inputs: dict[str, Repla
               "prefetch_m": inputs["test"].m, "batch_size": batch, "profile": params.profile,
               "transfer_ms_per_expert": params.cost_model().transfer_ms,
               "fallback": params.fallback, "fallback_layers": summary["context_length"] - 1 if routing is not None else 0,
-              "profile_sweep_tokens": inputs["sweep"].tokens if "sweep" in inputs else 0,
+              "profile_sweep_tokens": inputs[sweep].tokens if sweep else 0,
               "interval_documents": 0 if weights is None else weights.shape[1]}
-    sweeps = [name for name in COST_PROFILES if "sweep" in inputs]
+    sweeps = [name for name in COST_PROFILES if sweep]
     return {"cache": {"config": config, **replayed["main"][0]}, "by_profile": by_profile,
             "by_capacity": capacity_rows("capacity"), "by_batch": batch_rows("batch"), "by_regime": by_regime,
             "by_profile_capacity": {name: capacity_rows(f"capacity/{name}") for name in sweeps},
