@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from readme_conclusions import conclusion_lines  # scripts/ is on sys.path when this script runs
 
 README = Path("README.md")
 BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
@@ -171,6 +172,7 @@ def profile_lines(metrics: dict) -> list[str]:
         "expert's transfer time over one layer's compute):",
         table(["profile", "transfer / compute"] + names, rows),
         f"Regimes (`cache_by_regime`, `plots/cache_speedup_by_regime.png`): {verdict}",
+        *conclusion_lines(metrics),
     ]
 
 
