@@ -115,7 +115,8 @@ def spread_routers(model):
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__.endswith("Router"):
-                weight = module.classifier.weight if hasattr(module, "classifier") else module.weight
+                inner = next((getattr(module, name) for name in ("classifier", "layer") if hasattr(module, name)), module)
+                weight = inner.weight  # (DBRX's router holds its Linear as `layer`)
                 weight.normal_(0.0, 1.0)
                 if hasattr(module, "e_score_correction_bias"):
                     module.e_score_correction_bias.uniform_(-0.3, 0.3)
