@@ -57,7 +57,7 @@ def _sigmoid_group(config_class, **extra):
 
 def _deepseek_v32():
     return _sigmoid_group(transformers.DeepseekV32Config, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
-                          qk_rope_head_dim=8, v_head_dim=8, head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2)()
+                          qk_rope_head_dim=8, v_head_dim=8, head_dim=8, index_topk=16, index_head_dim=8, index_n_heads=2)()
 
 
 def _dbrx():
