@@ -28,6 +28,9 @@ from conftest import spread_routers
 VOCAB = 64
 ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside VOCAB (some families default to ids beyond it)
+# Above prompt + generation in tests/test_collect_generate.py (15 tokens): a shorter window makes generate mode decode
+# one sequence at a time, whose weights equal the batched forward's only up to rounding (gpt_oss covers that path).
+WIDE_WINDOW = 16
 
 
 def _deepseek_v2():
@@ -123,6 +126,16 @@ CASES = {
                                                           mlp_layer_types=["sparse", "sparse"], sliding_window=4, **TOKENS),
                     "Cohere2MoeForCausalLM", [0, 1], 2),
     "dbrx": (_dbrx, "DbrxForCausalLM", [0, 1], 2),
+    "glm4_moe_lite": (lambda: transformers.Glm4MoeLiteConfig(
+        **ATTN, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.8, kv_lora_rank=16,
+        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"], **TOKENS,
+    ), "Glm4MoeLiteForCausalLM", [1, 2], 2),
+    "exaone_moe": (lambda: transformers.ExaoneMoeConfig(
+        **ATTN, head_dim=8, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+        num_experts_per_tok=2, num_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        sliding_window=WIDE_WINDOW, mlp_layer_types=["dense", "sparse", "sparse"], **TOKENS,
+    ), "ExaoneMoeForCausalLM", [1, 2], 2),
     "llama4_text": (_llama4_text, "Llama4ForCausalLM", [0, 2], 1),
     # encoder blocks 1, 3 and decoder block 1 are sparse; expert_capacity 2 of 4 experts on 8-token rows forces drops
     "switch_transformers": (lambda: transformers.SwitchTransformersConfig(
@@ -134,7 +147,7 @@ CASES = {
 LENGTHS = [8, 5, 3]  # right padding, as collect pads
 
 
-SIGMOID_ROUTERS = {"deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "llama4_text"}
+SIGMOID_ROUTERS = {"deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "minimax_m2", "llama4_text"}
 
 
 def test_every_family_has_a_case():

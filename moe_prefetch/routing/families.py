@@ -42,8 +42,10 @@ from moe_prefetch.routing.recent_families import (
     DeepseekV32Adapter,
     Dots1Adapter,
     Ernie45MoeAdapter,
+    ExaoneMoeAdapter,
     FlexOlmoAdapter,
     Glm4MoeAdapter,
+    Glm4MoeLiteAdapter,
     GraniteMoeSharedAdapter,
     HunyuanV1MoeAdapter,
     Llama4TextAdapter,
@@ -206,5 +208,5 @@ for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter,
                  GptOssAdapter, GraniteMoeAdapter, PhimoeAdapter, SwitchTransformersAdapter,
                  Glm4MoeAdapter, DeepseekV32Adapter, Dots1Adapter, Ernie45MoeAdapter, MinimaxAdapter, MinimaxM2Adapter,
                  HunyuanV1MoeAdapter, GraniteMoeSharedAdapter, FlexOlmoAdapter, Cohere2MoeAdapter, DbrxAdapter,
-                 Llama4TextAdapter):
+                 Llama4TextAdapter, Glm4MoeLiteAdapter, ExaoneMoeAdapter):
     FAMILIES.add(_adapter.family, _adapter)

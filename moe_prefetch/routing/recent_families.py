@@ -3,7 +3,8 @@
 Each states only what differs from `RoutingAdapter` (verified against the installed modeling_*.py; the tests
 compare every family's recorded routing with what its experts module receives):
 
-- glm4_moe, deepseek_v32, dots1  DeepSeek-V3's router (sigmoid, bias-corrected group-limited choice, scaled weights).
+- glm4_moe, glm4_moe_lite, deepseek_v32, dots1, exaone_moe  DeepSeek-V3's router (sigmoid, bias-corrected
+                 group-limited choice, scaled weights). Dense layers: `first_k_dense_replace` or `mlp_layer_types`.
 - ernie4_5_moe   (logits, w, idx): float32 softmax, choice by probability + `moe_statics` bias, renormalised
                  weights cast to the hidden dtype. Dense layers by `moe_layer_start_index` / `moe_layer_interval`.
 - minimax        (logits, w, idx): softmax -> top-k -> renormalise. Its residual is the normed hidden state scaled
@@ -32,16 +33,12 @@ from moe_prefetch.routing.base import MoELayer, RoutingAdapter
 
 
 class SigmoidGroupRouterAdapter(RoutingAdapter):
-    """DeepSeek-V3's router as copied by later families: sigmoid scores, `n_routed_experts` experts, shared experts
-    counted by `n_shared_experts`; the router's output already carries the dispatched weights (unsorted)."""
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.config.n_routed_experts)
+    """DeepSeek-V3's router as copied by later families: sigmoid scores, shared experts counted by `n_shared_experts`
+    (exaone_moe: `num_shared_experts`); the router's output already carries the dispatched weights (unsorted)."""
 
     @property
     def shared_experts(self) -> int:
-        return int(getattr(self.config, "n_shared_experts", 0) or 0)
+        return int(getattr(self.config, "n_shared_experts", None) or getattr(self.config, "num_shared_experts", 0) or 0)
 
     def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(router_logits.float())
@@ -57,6 +54,14 @@ class DeepseekV32Adapter(SigmoidGroupRouterAdapter):
 
 class Dots1Adapter(SigmoidGroupRouterAdapter):
     family = "dots1"
+
+
+class Glm4MoeLiteAdapter(SigmoidGroupRouterAdapter):
+    family = "glm4_moe_lite"
+
+
+class ExaoneMoeAdapter(SigmoidGroupRouterAdapter):
+    family = "exaone_moe"
 
 
 class Ernie45MoeAdapter(RoutingAdapter):
