@@ -10,18 +10,9 @@ registered adapter and its tiny-config test.
 
 from __future__ import annotations
 
-PENDING_MERGE = "pending merge (hybrid/multimodal adapters, moe_prefetch/routing/hybrid_families.py)"
 NOT_ADAPTED = "not adapted yet"
 
 UNSUPPORTED: dict[str, str] = {
-    # adapters written concurrently on another branch
-    "granitemoehybrid": PENDING_MERGE,
-    "jamba": PENDING_MERGE,
-    "kimi_linear": PENDING_MERGE,
-    "qwen3_5_moe": PENDING_MERGE,
-    "qwen3_next": PENDING_MERGE,
-    "qwen3_omni_moe": PENDING_MERGE,
-    "qwen3_vl_moe": PENDING_MERGE,
     # routing that the (ids, weights) contract of the recorder cannot state as it is
     "deepseek_v4": "hash-routed layers (`mlp_layer_types: hash_moe`): the router takes the token ids, which the look-ahead "
                    "does not pass; " + NOT_ADAPTED,
