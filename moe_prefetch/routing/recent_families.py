@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_prefetch.errors import PipelineError
 from moe_prefetch.routing.base import MoELayer, RoutingAdapter
 
 
@@ -100,8 +101,11 @@ class HunyuanV1MoeAdapter(RoutingAdapter):
 
     @property
     def num_experts(self) -> int:
-        counts = {int(layer.router.num_experts) for layer in self.layers}
-        return max(counts)
+        counts = sorted({int(layer.router.num_experts) for layer in self.layers})
+        if len(counts) > 1:  # one E per trace: its router_probs columns and every expert id share it
+            raise PipelineError(f"collect.model: {self.family} with per-layer expert counts {counts} is not supported; "
+                                "accepted: one num_experts for every MoE layer (moe_topk may vary)")
+        return counts[0]
 
     @property
     def top_k(self) -> int:
