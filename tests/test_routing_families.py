@@ -126,6 +126,14 @@ CASES = {
                                                           mlp_layer_types=["sparse", "sparse"], sliding_window=4, **TOKENS),
                     "Cohere2MoeForCausalLM", [0, 1], 2),
     "dbrx": (_dbrx, "DbrxForCausalLM", [0, 1], 2),
+    "solar_open": (lambda: transformers.SolarOpenConfig(
+        **ATTN, head_dim=8, num_hidden_layers=2, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5, **TOKENS,
+    ), "SolarOpenForCausalLM", [0, 1], 2),
+    "afmoe": (lambda: transformers.AfmoeConfig(
+        **ATTN, head_dim=8, num_hidden_layers=3, num_dense_layers=1, intermediate_size=48, moe_intermediate_size=16,
+        num_experts=8, num_experts_per_tok=2, num_shared_experts=1, route_scale=2.0, sliding_window=WIDE_WINDOW, **TOKENS,
+    ), "AfmoeForCausalLM", [1, 2], 2),
     "glm4_moe_lite": (lambda: transformers.Glm4MoeLiteConfig(
         **ATTN, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
         n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.8, kv_lora_rank=16,
@@ -147,7 +155,8 @@ CASES = {
 LENGTHS = [8, 5, 3]  # right padding, as collect pads
 
 
-SIGMOID_ROUTERS = {"deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "minimax_m2", "llama4_text"}
+SIGMOID_ROUTERS = {"deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "minimax_m2", "llama4_text",
+                   "solar_open", "afmoe"}
 
 
 def test_every_family_has_a_case():
@@ -160,14 +169,15 @@ _MODELS: dict[str, nn.Module] = {}
 
 def spread_block_routing(model: nn.Module) -> nn.Module:
     """What `spread_routers` does, for the routers it does not match: Hunyuan's `Gate` (its Linear is `wg`) and a
-    score-correction bias held by the MoE block rather than the router (MiniMax-M2)."""
+    score-correction bias held by the MoE block rather than the router (MiniMax-M2, AFMoE)."""
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__.endswith("Gate") and isinstance(getattr(module, "wg", None), nn.Linear):
                 module.wg.weight.normal_(0.0, 1.0)
-            bias = getattr(module, "e_score_correction_bias", None)
-            if isinstance(bias, torch.Tensor) and not type(module).__name__.endswith("Router"):
-                bias.uniform_(-0.3, 0.3)
+            for name in ("e_score_correction_bias", "expert_bias"):  # AFMoE's block holds `expert_bias`
+                bias = getattr(module, name, None)
+                if isinstance(bias, torch.Tensor) and not type(module).__name__.endswith("Router"):
+                    bias.uniform_(-0.3, 0.3)
     return model
 
 

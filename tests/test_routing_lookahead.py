@@ -39,7 +39,8 @@ def residual_site_of(model: nn.Module, family: str, stack: str, index: int) -> t
         return moe_block_of(model, family, stack, index), nn.Identity()
     else:
         layer = model.model.layers[index]
-        norm = layer.input_layernorm if family in PARALLEL else layer.post_attention_layernorm
+        norm = layer.input_layernorm if family in PARALLEL else layer.pre_mlp_layernorm if family == "afmoe" \
+            else layer.post_attention_layernorm
     return norm, norm
 
 
@@ -56,6 +57,8 @@ def hand_route(model: nn.Module, family: str, key: tuple[str, int], normed: torc
     router = block.router if hasattr(block, "router") else block.gate
     if family == "minimax_m2":
         _, weights, chosen = router(normed, block.e_score_correction_bias)
+    elif family == "afmoe":  # its router reads (B, S, D)
+        _, weights, chosen = router(normed[None], block.expert_bias)
     else:
         _, weights, chosen = router(normed)
     return weights, chosen

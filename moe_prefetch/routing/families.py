@@ -37,6 +37,7 @@ from torch import nn
 from moe_prefetch.registry import Registry
 from moe_prefetch.routing.base import MoELayer, RoutingAdapter
 from moe_prefetch.routing.recent_families import (
+    AfmoeAdapter,
     Cohere2MoeAdapter,
     DbrxAdapter,
     DeepseekV32Adapter,
@@ -51,6 +52,7 @@ from moe_prefetch.routing.recent_families import (
     Llama4TextAdapter,
     MinimaxAdapter,
     MinimaxM2Adapter,
+    SolarOpenAdapter,
 )
 
 
@@ -208,5 +210,5 @@ for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter,
                  GptOssAdapter, GraniteMoeAdapter, PhimoeAdapter, SwitchTransformersAdapter,
                  Glm4MoeAdapter, DeepseekV32Adapter, Dots1Adapter, Ernie45MoeAdapter, MinimaxAdapter, MinimaxM2Adapter,
                  HunyuanV1MoeAdapter, GraniteMoeSharedAdapter, FlexOlmoAdapter, Cohere2MoeAdapter, DbrxAdapter,
-                 Llama4TextAdapter, Glm4MoeLiteAdapter, ExaoneMoeAdapter):
+                 Llama4TextAdapter, Glm4MoeLiteAdapter, ExaoneMoeAdapter, SolarOpenAdapter, AfmoeAdapter):
     FAMILIES.add(_adapter.family, _adapter)

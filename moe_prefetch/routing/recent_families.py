@@ -5,6 +5,9 @@ compare every family's recorded routing with what its experts module receives):
 
 - glm4_moe, glm4_moe_lite, deepseek_v32, dots1, exaone_moe  DeepSeek-V3's router (sigmoid, bias-corrected
                  group-limited choice, scaled weights). Dense layers: `first_k_dense_replace` or `mlp_layer_types`.
+- solar_open     the same router; no dense layers.
+- afmoe          router `mlp.router` (its Linear is `gate`) takes the block's `expert_bias`: sigmoid, choice by
+                 score + bias, renormalised weights * route_scale. The MoE input is `pre_mlp_layernorm`'s output.
 - ernie4_5_moe   (logits, w, idx): float32 softmax, choice by probability + `moe_statics` bias, renormalised
                  weights cast to the hidden dtype. Dense layers by `moe_layer_start_index` / `moe_layer_interval`.
 - minimax        (logits, w, idx): softmax -> top-k -> renormalise. Its residual is the normed hidden state scaled
@@ -63,6 +66,35 @@ class Glm4MoeLiteAdapter(SigmoidGroupRouterAdapter):
 
 class ExaoneMoeAdapter(SigmoidGroupRouterAdapter):
     family = "exaone_moe"
+
+
+class SolarOpenAdapter(SigmoidGroupRouterAdapter):
+    family = "solar_open"
+
+
+class AfmoeAdapter(RoutingAdapter):
+    family = "afmoe"
+    router_attr = "router"
+    norm_attr = "pre_mlp_layernorm"  # dual norms around the MoE block; this one feeds it
+
+    def is_router(self, module: nn.Module) -> bool:
+        return isinstance(getattr(module, "gate", None), nn.Linear)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.config.num_experts)
+
+    @property
+    def shared_experts(self) -> int:
+        return int(getattr(self.config, "num_shared_experts", 0) or 0)
+
+    def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(router_logits.float())
+
+    def route(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        # the router reads a (B, S, D) input and takes the block's `expert_bias` as an argument
+        tokens = hidden.reshape(1, -1, hidden.shape[-1])  # (1, T, D)
+        return self.decode(layer.router.forward(tokens, layer.block.expert_bias))[0]
 
 
 class Ernie45MoeAdapter(RoutingAdapter):

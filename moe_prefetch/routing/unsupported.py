@@ -48,7 +48,6 @@ UNSUPPORTED: dict[str, str] = {
     "step3p7": "image-text model only; " + NOT_ADAPTED,
     "unlimited_ocr": "OCR vision-language model only; " + NOT_ADAPTED,
     # text causal LMs: probed or not yet probed
-    "afmoe": "router at `mlp.router` (the base adapter reads `mlp.gate`); " + NOT_ADAPTED,
     "beam": "dense/sparse layers by `mlp_layer_types`, `routed_scaling_factor` on the block; " + NOT_ADAPTED,
     "glm_moe_dsa": "DeepSeek sparse attention with dense/sparse layers by `mlp_layer_types`; " + NOT_ADAPTED,
     "granitemoe_swa": "routes as granitemoe (forward mode matches its experts' inputs in float32 and bfloat16), but in "
@@ -63,6 +62,5 @@ UNSUPPORTED: dict[str, str] = {
     "kolibri1": "probe: routes as the base adapter reads; no tiny-config test yet",
     "laguna": "probe: routes as the base adapter reads; `routed_scaling_factor` on the block; no tiny-config test yet",
     "mellum": "probe: routes as the base adapter reads; no tiny-config test yet",
-    "solar_open": NOT_ADAPTED + " (not probed)",
     "zaya": NOT_ADAPTED + " (not probed)",
 }
