@@ -3,6 +3,7 @@
 Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
   tiny-model   models/tiny-moe/report.json (written by scripts/train_tiny_moe.py)
   results      metrics/evaluate.json (written by dvc repro)
+  families     moe_prefetch/routing (FAMILIES and unsupported.UNSUPPORTED)
   archs, hidden, domain-split   experiments, with --archs / --hidden / --domain-split (dvc exp show --json)
   gpu-estimates   moe_prefetch/gpu_estimates.py at params.yaml's collect section
 
@@ -372,6 +373,25 @@ def gpu_estimates_section() -> str:
     return readme_table(parse_section("collect", yaml.safe_load(Path("params.yaml").read_text())["collect"]))
 
 
+def families_section() -> str:
+    """The supported MoE families (FAMILIES) and the unsupported ones with the reason (routing/unsupported.py): the
+    tables tests/test_routing_registry.py checks against every MoE family of the installed transformers."""
+    import transformers
+
+    from moe_prefetch.routing import FAMILIES
+    from moe_prefetch.routing.discovery import family_of
+    from moe_prefetch.routing.unsupported import UNSUPPORTED
+
+    supported = table(["`config.model_type`", "transformers family", "adapter"],
+                      [[f"`{name}`", f"`{family_of(name)}`", f"`{adapter.__module__.rsplit('.', 1)[1]}.{adapter.__name__}`"]
+                       for name, adapter in sorted(FAMILIES.items())])
+    unsupported = table(["transformers family", "why not supported"], [[f"`{family}`", reason] for family, reason in sorted(UNSUPPORTED.items())])
+    return (f"Supported ({len(FAMILIES)} model types; each is tested on a tiny random-init config in float32 and bfloat16, "
+            "against what its experts module receives, and its look-ahead against a hand-run of the later router; the "
+            "decoder-only ones also in generate mode, float32):\n\n" + supported + f"\n\nEvery other routed MoE family of transformers {transformers.__version__} "
+            f"({len(UNSUPPORTED)}; `moe_prefetch/routing/unsupported.py`):\n\n" + unsupported)
+
+
 def render(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -394,6 +414,7 @@ def main() -> None:
     new = render(new, "results", results_section(metrics))
     new = render(new, "cost-profiles", profiles_section())
     new = render(new, "gpu-estimates", gpu_estimates_section())
+    new = render(new, "families", families_section())
     if args.archs:
         new = render(new, "archs", archs_section(args.archs, metrics))
     if args.domain_split:

@@ -115,7 +115,10 @@ def spread_routers(model):
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__.endswith("Router"):
-                weight = module.classifier.weight if hasattr(module, "classifier") else module.weight
+                # the router's Linear: Switch's `classifier`, the router itself, DBRX's `layer`, AFMoE's `gate`
+                inner = module.classifier if hasattr(module, "classifier") else module if hasattr(module, "weight") else \
+                    next(getattr(module, name) for name in ("layer", "gate") if hasattr(module, name))
+                weight = inner.weight
                 weight.normal_(0.0, 1.0)
                 if hasattr(module, "e_score_correction_bias"):
                     module.e_score_correction_bias.uniform_(-0.3, 0.3)

@@ -3,8 +3,10 @@
 An adapter finds the MoE layers of a loaded model (true layer index, router module, the norm in front of it)
 and turns a router's forward output into what the experts module receives: the top-k expert ids and their
 weights, best-first. The base class is in `base.py`; the family adapters, registered by `config.model_type` in
-FAMILIES, are in `families.py` and (hybrid-recurrent and multimodal families) `hybrid_families.py`; their docstrings
-list how each family's dispatched weights are obtained.
+FAMILIES, are in `families.py`, `recent_families.py` and (hybrid-recurrent and multimodal families)
+`hybrid_families.py`; their docstrings list how each family's dispatched weights are obtained. The routed MoE
+families of transformers that are not supported, with the reason, are in `unsupported.py`, and `discovery.py`
+finds every routed MoE family in transformers' modeling code.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ class MoELayer:
     stack: str  # "decoder", or "encoder" for encoder-decoder models
     router: nn.Module  # the module whose forward output holds the routing decision
     pre_norm: nn.Module | None  # the norm applied to the residual stream before this layer's MoE input
+    block: nn.Module | None = None  # the MoE block holding router and experts (routers that need its state, e.g. a bias)
+    residual_at: nn.Module | None = None  # where the residual stream is read (its forward's input); None: at pre_norm
+    top_k: int | None = None  # experts dispatched per token at this layer; None: the adapter's top_k
 
 
 class RoutingAdapter:
@@ -28,13 +31,19 @@ class RoutingAdapter:
     Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GraniteMoE and PhiMoE in transformers 5.x.
 
     A decoder layer is an MoE layer when its `moe_attr` block (default `mlp`) holds both a router (`router_attr`)
-    and an `experts` module; dense layers (a plain MLP there) are skipped, keeping the true layer index.
+    and an `experts` module; dense layers (a plain MLP there) are skipped, keeping the true layer index. Decoder
+    layers are found under the model's base model, or under its `language_model` (multimodal wrappers).
+
+    What a subclass may state, and nothing else: where the layers are (`decoder_layers`, `moe_attr`,
+    `router_attr`), which norm feeds the MoE block (`norm_attr`; `norm_attr = None` for post-norm models, whose
+    MoE input is the residual itself), how a later router runs on an earlier hidden state (`route`), how its output
+    decodes (`decode`), and per-layer top-k (`MoELayer.top_k`; the recorder pads narrower layers with expert -1).
     """
 
     family = "base"
     moe_attr = "mlp"  # name of the MoE block inside a decoder layer
     router_attr = "gate"  # name of the router inside the MoE block
-    norm_attr = "post_attention_layernorm"  # the norm whose output is the MoE block's input
+    norm_attr: str | None = "post_attention_layernorm"  # the norm whose output is the MoE block's input; None: post-norm
     recurrent = False  # token mixers with a recurrent state (Mamba, linear attention): generate mode decodes per sequence
     load_overrides: dict = {}  # config overrides for from_pretrained that drop modules a text collection never runs
 
@@ -50,6 +59,7 @@ class RoutingAdapter:
     # -- model geometry -------------------------------------------------------------------------------------
     def decoder_layers(self) -> nn.ModuleList:
         base = getattr(self.model, "base_model", self.model)  # XForCausalLM.model, or the bare XModel itself
+        base = getattr(base, "language_model", base)  # multimodal wrappers keep the text decoder there
         return base.layers
 
     def find_layers(self) -> list[MoELayer]:
@@ -58,8 +68,15 @@ class RoutingAdapter:
             block = getattr(layer, self.moe_attr, None)
             router = getattr(block, self.router_attr, None)
             if router is not None and self.is_router(router) and isinstance(getattr(block, "experts", None), nn.Module):
-                found.append(MoELayer(index, "decoder", router, getattr(layer, self.norm_attr, None)))
+                found.append(self.moe_layer(index, layer, block, router))
         return found
+
+    def moe_layer(self, index: int, layer: nn.Module, block: nn.Module, router: nn.Module) -> MoELayer:
+        """The MoELayer of decoder layer `index`; a post-norm model (`norm_attr = None`) feeds the MoE block the
+        residual stream itself, so its look-ahead reads the block's input and applies no norm."""
+        if self.norm_attr is None:
+            return MoELayer(index, "decoder", router, nn.Identity(), block=block, residual_at=block)
+        return MoELayer(index, "decoder", router, getattr(layer, self.norm_attr, None), block=block)
 
     def is_router(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Module) and hasattr(module, "weight")
@@ -94,6 +111,11 @@ class RoutingAdapter:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
 
     # -- decoding router outputs ----------------------------------------------------------------------------
+    def route(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        """Experts (T, k) best-first that `layer`'s router picks for an MoE input `hidden` (..., D), run as the MoE
+        block runs it (on the flattened (T, D) tokens): the stale-gate look-ahead."""
+        return self.decode(layer.router.forward(hidden.reshape(-1, hidden.shape[-1])))[0]
+
     def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:
         """The router's distribution over experts (softmax unless the family says otherwise)."""
         return torch.softmax(router_logits.float(), dim=-1)
@@ -101,7 +123,12 @@ class RoutingAdapter:
     def decode(self, router_output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(experts (T, k) int64 best-first, weights (T, k) float32, router_logits (T, E)) from a router's output."""
         router_logits, weights, indices = router_output
-        return (*best_first(indices, weights), router_logits.reshape(-1, router_logits.shape[-1]))
+        return (*self.order(indices, weights), router_logits.reshape(-1, router_logits.shape[-1]))
+
+    def order(self, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best-first (experts (T, k), weights (T, k)): by weight, equal weights to the lower expert id (routers
+        whose torch.topk is unsorted give no meaningful order among ties)."""
+        return best_first(indices, weights)
 
 
 def best_first(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

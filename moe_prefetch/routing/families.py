@@ -1,4 +1,5 @@
-"""Adapters of the MoE families of transformers 5.x, registered by `config.model_type` in FAMILIES.
+"""Adapters of the MoE families of transformers 5.x, registered by `config.model_type` in FAMILIES (the families
+added later are in `recent_families.py`; the MoE families not supported, with the reason, in `unsupported.py`).
 
 What each router's forward returns and what its MoE block passes to the experts module (verified against the
 installed modeling_*.py; `decode` must return exactly the latter):
@@ -14,13 +15,14 @@ installed modeling_*.py; `decode` must return exactly the latter):
                w = probability * routed_scaling_factor. This version never renormalises (norm_topk_prob unused).
 - deepseek_v3  (logits, w, idx): sigmoid; choice by score + e_score_correction_bias within the top topk_group
                groups; w = uncorrected scores, renormalised iff norm_topk_prob, * routed_scaling_factor.
-- gpt_oss      (logits, w, idx): top-k on logits (with bias), softmax over the k. On a 3-D input (the recorder's
-               look-ahead passes (B, S, D)) the router's softmax runs over dim 1 = the sequence, so there the
-               weights are recomputed over the k; the model itself always routes a flattened (T, D) input.
+- gpt_oss      (logits, w, idx): top-k on logits (with bias), softmax over the k (over dim 1: the look-ahead
+               passes flattened (T, D) tokens, as the model does). MXFP4 kernels bypass router.forward: see
+               GptOssAdapter.
 - granitemoe   (logits, w, idx): top-k on float32 logits, softmax over the k, cast to the hidden dtype.
                Router at `block_sparse_moe.router`.
 - phimoe       (logits, w, idx): sparsemixer, always top-2 whatever num_experts_per_tok says; eval mode is
-               deterministic (training samples experts with Gumbel noise). Norm is a LayerNorm.
+               deterministic (training samples experts with Gumbel noise). Norm is a LayerNorm. Equal weights keep
+               the router's selection order (the argmax first).
 - switch_transformers  (dispatch_mask (B, S, E) one-hot after expert capacity, max_prob (B, S, 1), logits):
                top-1; a token beyond its expert's capacity (counted per sequence, padding included, in order)
                is dropped: the experts module gets an all-zero mask row for it, so it is recorded as expert -1
@@ -34,6 +36,24 @@ from torch import nn
 
 from moe_prefetch.registry import Registry
 from moe_prefetch.routing.base import MoELayer, RoutingAdapter
+from moe_prefetch.routing.recent_families import (
+    AfmoeAdapter,
+    Cohere2MoeAdapter,
+    DbrxAdapter,
+    DeepseekV32Adapter,
+    Dots1Adapter,
+    Ernie45MoeAdapter,
+    ExaoneMoeAdapter,
+    FlexOlmoAdapter,
+    Glm4MoeAdapter,
+    Glm4MoeLiteAdapter,
+    GraniteMoeSharedAdapter,
+    HunyuanV1MoeAdapter,
+    Llama4TextAdapter,
+    MinimaxAdapter,
+    MinimaxM2Adapter,
+    SolarOpenAdapter,
+)
 
 
 class MixtralAdapter(RoutingAdapter):
@@ -88,15 +108,30 @@ class DeepseekV3Adapter(RoutingAdapter):
 
 
 class GptOssAdapter(RoutingAdapter):
+    """With MXFP4 kernels, transformers swaps each `mlp` for `Mxfp4GptOssMLP`, whose forward computes the router
+    logits itself (`F.linear` with the router's weight and bias) and hands them to the triton routing kernel (top-k
+    on the logits, softmax over the k: the same rule as GptOssTopKRouter), so `router.forward` never runs. There the
+    recorded module is the MLP block, whose output (routed_out, router_logits) carries the logits, and the
+    dispatched (ids, weights) are recomputed from them by that rule; the look-ahead still runs the block's router."""
+
     family = "gpt_oss"
     router_attr = "router"
 
+    def moe_layer(self, index, layer, block, router) -> MoELayer:
+        moe = super().moe_layer(index, layer, block, router)
+        if type(block).__name__ == "Mxfp4GptOssMLP" and not getattr(block.experts, "_is_hooked", False):
+            moe.router = block  # the expert-parallel path (`_is_hooked`) still calls the router
+        return moe
+
+    def route(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decode(layer.block.router.forward(hidden.reshape(-1, hidden.shape[-1])))[0]
+
     def decode(self, router_output):
-        router_logits, weights, indices = router_output
-        if indices.dim() != 2:  # GptOssTopKRouter softmaxes over dim 1, which is the k only for a (T, D) input
-            top = router_logits.gather(-1, indices)
-            weights = torch.softmax(top, dim=-1, dtype=top.dtype)
-        return super().decode((router_logits, weights, indices))
+        if len(router_output) == 2:  # Mxfp4GptOssMLP's (routed_out, router_logits)
+            router_logits = router_output[1]
+            top, indices = torch.topk(router_logits, self.top_k, dim=-1)
+            return super().decode((router_logits, torch.softmax(top, dim=-1, dtype=top.dtype), indices))
+        return super().decode(router_output)
 
 
 class GraniteMoeAdapter(RoutingAdapter):
@@ -112,6 +147,14 @@ class PhimoeAdapter(RoutingAdapter):
     @property
     def top_k(self) -> int:
         return 2  # sparsemixer hard-codes two rounds of selection; its top_k argument is unused
+
+    def order(self, indices, weights):
+        """By weight, equal weights in the router's selection order: sparsemixer picks the argmax first, and its
+        two multipliers are often both 1.0, so breaking ties by expert id would put the argmax second half the time."""
+        indices = indices.reshape(-1, indices.shape[-1]).long()
+        weights = weights.reshape(-1, weights.shape[-1]).float()
+        order = torch.argsort(-weights, dim=-1, stable=True)
+        return indices.gather(1, order), weights.gather(1, order)
 
 
 class SwitchTransformersAdapter(RoutingAdapter):
@@ -158,8 +201,14 @@ class SwitchTransformersAdapter(RoutingAdapter):
         weights = torch.where(kept, max_prob.reshape(-1, 1).float(), torch.zeros((), dtype=torch.float32, device=kept.device))
         return experts.long(), weights, router_logits.reshape(-1, router_logits.shape[-1])
 
+    def route(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decode(layer.router.forward(hidden))[0]  # whole sequences: expert capacity is counted per sequence
+
 
 FAMILIES: Registry[type[RoutingAdapter]] = Registry("model family")  # keyed by config.model_type
 for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV2Adapter, DeepseekV3Adapter,
-                 GptOssAdapter, GraniteMoeAdapter, PhimoeAdapter, SwitchTransformersAdapter):
+                 GptOssAdapter, GraniteMoeAdapter, PhimoeAdapter, SwitchTransformersAdapter,
+                 Glm4MoeAdapter, DeepseekV32Adapter, Dots1Adapter, Ernie45MoeAdapter, MinimaxAdapter, MinimaxM2Adapter,
+                 HunyuanV1MoeAdapter, GraniteMoeSharedAdapter, FlexOlmoAdapter, Cohere2MoeAdapter, DbrxAdapter,
+                 Llama4TextAdapter, Glm4MoeLiteAdapter, ExaoneMoeAdapter, SolarOpenAdapter, AfmoeAdapter):
     FAMILIES.add(_adapter.family, _adapter)

@@ -35,7 +35,8 @@ class RoutingRecorder:
             if capture.hidden_states:
                 self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index, stored=self._stored_hidden)))
             if capture.lookahead:
-                self.handles.append(layer.pre_norm.register_forward_pre_hook(self._keep(self.residuals, index)))
+                residual_at = layer.residual_at or layer.pre_norm
+                self.handles.append(residual_at.register_forward_pre_hook(self._keep(self.residuals, index)))
         if capture.hidden_states and capture.hidden_dim:
             hidden_size = int(adapter.config.hidden_size)
             generator = torch.Generator().manual_seed(projection_seed)
@@ -84,8 +85,8 @@ class RoutingRecorder:
         experts, weights, probs = [], [], []
         for index in layers:  # each layer to the host first: a dispatched model's layers live on different devices
             ids, gate_weights, logits = self.adapter.decode(self.outputs[index])
-            experts.append(ids.reshape(batch, seq, -1).cpu())
-            weights.append(gate_weights.reshape(batch, seq, -1).cpu())
+            experts.append(self._pad_k(ids.reshape(batch, seq, -1).cpu(), -1))
+            weights.append(self._pad_k(gate_weights.reshape(batch, seq, -1).cpu(), 0.0))
             if self.capture.router_probs:
                 probs.append(self.adapter.router_probs(logits).reshape(batch, seq, -1).cpu())
         out = {
@@ -114,6 +115,12 @@ class RoutingRecorder:
             self.device_projections[device] = self.projection.to(device)
         return (router_input.float() @ self.device_projections[device]).to(torch.float16)  # (..., D) @ (D, d) -> (..., d)
 
+    def _pad_k(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """(B, S, k_layer) -> (B, S, k): a layer that dispatches fewer experts than the model's top-k gets `fill`
+        (expert -1, weight 0) in its extra slots."""
+        missing = self.adapter.top_k - values.shape[-1]
+        return torch.nn.functional.pad(values, (0, missing), value=fill) if missing > 0 else values
+
     def hidden_state(self, index: int, batch: int, seq: int) -> torch.Tensor:
         """(B, S, d) float16 on the host: the input of MoE layer `index`'s router as stored (_stored_hidden)."""
         return self.router_inputs[index].reshape(batch, seq, -1).cpu()
@@ -133,6 +140,6 @@ class RoutingRecorder:
                     break  # no later MoE layer in this stack (an encoder's residual never reaches the decoder's routers)
                 later = moe[index + h]
                 normed = later.pre_norm.forward(residual.to(self.residuals[index + h].device))
-                ids, _, _ = self.adapter.decode(later.router.forward(normed))
-                out[:, :, index, h - 1, :] = ids.reshape(batch, seq, -1).to(torch.int16).cpu().numpy()
+                ids = self.adapter.route(later, normed).reshape(batch, seq, -1)
+                out[:, :, index, h - 1, : ids.shape[-1]] = ids.to(torch.int16).cpu().numpy()
         return out
