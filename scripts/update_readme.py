@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 README = Path("README.md")
-BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
-             "stale_gate", "random")
+BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "token_context", "frequency",
+             "previous_token", "stale_gate", "random")
 PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "lookup", "lookup_gated", "stale_gate",
                        "oracle", "oracle_belady")
 
