@@ -6,11 +6,12 @@ Prints, per scorer, the expected top-1 and recall@k under the chain's exact post
 ratio), and the empirical figures on the sampled test targets. The target: the predictor's expected recall@k within
 1 point of the optimum's.
 
-    python benchmarks/bench_known_optimum.py [--tokens 30000] [--experts 64] [--top-k 6] [--layers 24] [--seed 0]
+    python benchmarks/bench_known_optimum.py [--tokens 30000] [--experts 64] [--top-k 6] [--layers 24] [--seed 0] [--arch NAME]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -27,6 +28,8 @@ def run(args) -> list[Row]:
 
     windows_params, windows_source = default_section("windows")
     train_params, train_source = default_section("train")
+    if args.arch:
+        train_params = dataclasses.replace(train_params, arch=args.arch)
     carry = tuple(DEFAULT_CARRY[: args.top_k]) if args.top_k <= len(DEFAULT_CARRY) else None
     if carry is None:
         raise SystemExit(f"--top-k {args.top_k}: the default carry probabilities cover top-k <= {len(DEFAULT_CARRY)}")
@@ -50,8 +53,9 @@ def run(args) -> list[Row]:
               + (f"{100 * result['empirical_top1']:6.2f}% {100 * result['empirical_recall_at_k']:8.2f}%" if name != "optimum" else ""))
     gap = 100 * (optimum["recall_at_k"] - scores["predictor"]["recall_at_k"])
     status = "PASS" if gap <= TOLERANCE_POINTS else "FAIL"
-    extra = [f"--tokens {args.tokens}", f"--experts {args.experts}", f"--top-k {args.top_k}", f"--layers {args.layers}"]
-    return [Row("bench_known_optimum.py", f"predictor recall@k {gap:.2f} points below the optimum "
+    extra = [f"--tokens {args.tokens}", f"--experts {args.experts}", f"--top-k {args.top_k}", f"--layers {args.layers}",
+             *([f"--arch {args.arch}"] if args.arch else [])]
+    return [Row("bench_known_optimum.py", f"{train_params.arch} recall@k {gap:.2f} points below the optimum "
                 f"({100 * scores['predictor']['recall_at_k']:.2f}% vs {100 * optimum['recall_at_k']:.2f}%)",
                 f"<= {TOLERANCE_POINTS:g} point", status, command_line("bench_known_optimum.py", extra),
                 [f"train {report['train_seconds']:.0f} s"])]
@@ -64,6 +68,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=6)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--seed", type=int, default=0, help="seed of the chain's maps and of the sampled routing")
+    p.add_argument("--arch", default=None, help="train this arch instead of params.yaml's train.arch (its own section's params)")
     args = p.parse_args()
     set_threads(args.threads)
     finish(args, run(args))

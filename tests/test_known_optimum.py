@@ -11,7 +11,7 @@ import pytest
 
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.evaluation.baselines import baseline_scorers
-from moe_prefetch.evaluation.known_optimum import chain_windows, score_against_optimum
+from moe_prefetch.evaluation.known_optimum import chain_windows, compare_with_optimum, score_against_optimum
 from moe_prefetch.params import parse_section
 from moe_prefetch.synthetic_chain import SetChain, bayes_optimum, carried_count_distribution, expected_accuracy
 from moe_prefetch.windows.data import WindowSet, read_summary, read_windows
@@ -114,3 +114,31 @@ def test_the_chain_is_exact_only_at_horizon_one(tmp_path) -> None:
     params = dataclasses.replace(parse_section("windows", {}), horizon=2)
     with pytest.raises(PipelineError, match="windows.horizon: the chain's optimum is exact at horizon 1 only, got 2"):
         chain_windows(tmp_path, CHAIN, 100, params)
+
+
+SMALL_TOKENS = 1000  # ~21,000 windows (c = 3), ~17,000 of them train: the smaller test's size, the geometry unchanged
+
+
+def test_the_small_size_suffices_for_a_learner_with_the_chains_structure(tmp_path) -> None:
+    """Why 1 point is a fair tolerance at SMALL_TOKENS tokens: reading only the last context layer (c = 1, the
+    chain's sufficient statistic), cooccurrence, a count table of P(target expert | one context expert), ranks the
+    k images first and comes within half a point of the optimal recall@k (measured: 78.19% vs 78.28%; at 500 and
+    600 tokens it is 2.2 and 1.5 points below, so 1000 is about the smallest size where 1 point is attainable). Its
+    top-1 stays far below (it cannot tell the slots apart)."""
+    params = dataclasses.replace(parse_section("windows", {}), context_length=1)
+    directory = chain_windows(tmp_path, CHAIN, SMALL_TOKENS, params, seed=1)
+    summary, train, val, test = read_summary(directory), *(read_windows(directory, split) for split in ("train", "val", "test"))
+    results = score_against_optimum(CHAIN, {"cooccurrence": baseline_scorers(train, summary, val=val)["cooccurrence"]}, test)
+    assert results["cooccurrence"]["recall_at_k"] >= results["optimum"]["recall_at_k"] - 0.005
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the default token_mlp does not reach the optimum on 64 experts x top-6 routing "
+                   "(benchmarks/bench_known_optimum.py: 60.7% vs 78.3% recall@k at 10,000 tokens); see README "
+                   "'Against a known optimum'")
+def test_the_default_predictor_reaches_the_optimal_recall_within_one_point(tmp_path) -> None:
+    """The issue's acceptance on the small size: the default predictor (params.yaml's train section) trained on the
+    chain's windows (params.yaml's windows section) has an expected recall@k within 1 point of the optimum."""
+    report = compare_with_optimum(tmp_path, CHAIN, SMALL_TOKENS, parse_section("windows", {}), parse_section("train", {}), seed=1)
+    scores = report["scores"]
+    assert scores["predictor"]["recall_at_k"] >= scores["optimum"]["recall_at_k"] - 0.01, scores["predictor"]

@@ -31,8 +31,8 @@ def chain_windows(work: Path, chain: SetChain, num_tokens: int, windows_params, 
     """The windows directory of >= num_tokens tokens of the chain's routing (shards under work/shards)."""
     if windows_params.horizon != 1:
         raise PipelineError(f"windows.horizon: the chain's optimum is exact at horizon 1 only, got {windows_params.horizon}")
-    # one sequence per document: the chain's tokens are independent, and many small documents split evenly
-    write_synthetic_shards(work / "shards", num_tokens, seed=seed, chunks_per_document=1, chain=chain)
+    # one 64-token sequence per document: the chain's tokens are independent, and many small documents split evenly
+    write_synthetic_shards(work / "shards", num_tokens, seed=seed, seq_len=64, chunks_per_document=1, chain=chain)
     windows_dir = work / "windows"
     windows_dir.mkdir(parents=True, exist_ok=True)
     build_windows(work / "shards", windows_dir, windows_params)
