@@ -1,7 +1,7 @@
 """The default learned predictor against a known Bayes optimum: routing of a first-order Markov chain over best-first
 expert sets (moe_prefetch/synthetic_chain.py; 64 experts, top-6, 24 MoE layers by default) written as shards, cut into
 windows by build_windows with params.yaml's windows section, the predictor trained by train() with params.yaml's
-train section (the default arch), every baseline built by baseline_scorers (moe_prefetch/evaluation/known_optimum.py).
+train section (the default arch), every baseline built by baseline_scorers (moe_prefetch/known_optimum.py).
 Prints, per scorer, the expected top-1 and recall@k under the chain's exact posterior next to the optimum (and their
 ratio), and the empirical figures on the sampled test targets. The target: the predictor's expected recall@k within
 1 point of the optimum's.
@@ -23,7 +23,7 @@ TOLERANCE_POINTS = 1.0  # the issue's acceptance: within 1 point of the optimum'
 
 
 def run(args) -> list[Row]:
-    from moe_prefetch.evaluation.known_optimum import compare_with_optimum
+    from moe_prefetch.known_optimum import compare_with_optimum
     from moe_prefetch.synthetic_chain import DEFAULT_CARRY, SetChain
 
     windows_params, windows_source = default_section("windows")

@@ -1,6 +1,6 @@
 """Synthetic routing with a known Bayes optimum (moe_prefetch/synthetic_chain.py): the exact posterior by hand on a
 tiny chain, against the frequencies of routing written as shards and cut into windows by the pipeline, and the
-optimum it implies against every scorer (moe_prefetch/evaluation/known_optimum.py)."""
+optimum it implies against every scorer (moe_prefetch/known_optimum.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.evaluation.baselines import baseline_scorers
-from moe_prefetch.evaluation.known_optimum import chain_windows, compare_with_optimum, score_against_optimum
+from moe_prefetch.known_optimum import chain_windows, compare_with_optimum, score_against_optimum
 from moe_prefetch.params import parse_section
 from moe_prefetch.synthetic_chain import SetChain, bayes_optimum, carried_count_distribution, expected_accuracy
 from moe_prefetch.windows.data import WindowSet, read_summary, read_windows
