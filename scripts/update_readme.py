@@ -24,8 +24,8 @@ import yaml
 from readme_conclusions import conclusion_lines  # scripts/ is on sys.path when this script runs
 
 README = Path("README.md")
-BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
-             "stale_gate", "random")
+BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "token_context", "frequency",
+             "previous_token", "stale_gate", "random")
 PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "lookup", "lookup_gated", "stale_gate",
                        "oracle", "oracle_belady")
 

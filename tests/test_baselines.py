@@ -1,5 +1,5 @@
 """The count-table baselines beyond lookup (moe_prefetch/evaluation/table_baselines.py) on hand-built windows whose
-right answer is worked out by hand: top1_table, cooccurrence, lookup_interpolated and token."""
+right answer is worked out by hand: top1_table, cooccurrence, lookup_interpolated, token and token_context."""
 
 from __future__ import annotations
 
@@ -153,3 +153,42 @@ def test_token_keys_on_target_layer_and_token_then_falls_back_to_frequency() -> 
     assert scores.argmax(axis=1).tolist() == [3, 0, 2]
     assert np.argsort(-scores[2])[:2].tolist() == [2, 3]
     assert "token" not in baseline_scorers(windows(context=[[[0]]], target=[[2]]), summary(4, 1, 1))
+
+
+# --- token_context -------------------------------------------------------------------------------------------
+
+# E = 4, k = 2, c = 1, gate weights (0.6, 0.4) unless noted. Layer 1, token 7: last context layer (0, 1) -> (2, 3)
+# twice, (0, 2) -> (3, 1), (1, 0) -> (1, 0), (1, 3) -> (2, 1); token 8: (0, 1) -> (0, 3) with weights (0.7, 0.3).
+# Layer 2, token 5: (2, 3) -> (1, 0). Gate mass at layer 1 by key:
+#   token 7, set (0, 1):  2: 1.2, 3: 0.8                        -> 2
+#   token 7, top-1 0:     3: 0.8 + 0.6 = 1.4, 2: 1.2, 1: 0.4     -> 3 (the set's answer differs)
+#   token 7 alone:        2: 1.2 + 0.6 = 1.8, 3: 1.4, 1: 0.4 + 0.6 + 0.4 = 1.4, 0: 0.4   -> 2
+#   token 8, set (0, 1):  0: 0.7, 3: 0.3                         -> 0 (the token matters)
+#   layer 1 frequency:    2: 1.8, 3: 1.7, 1: 1.4, 0: 1.1         -> 2, 3, 1, 0
+TOKEN_CONTEXT_TRAIN = windows(
+    context=[[[0, 1]], [[0, 1]], [[0, 2]], [[1, 0]], [[1, 3]], [[0, 1]], [[2, 3]]],
+    target=[[2, 3], [2, 3], [3, 1], [1, 0], [2, 1], [0, 3], [1, 0]],
+    weights=[[0.6, 0.4]] * 5 + [[0.7, 0.3], [0.6, 0.4]],
+    layer=[1, 1, 1, 1, 1, 1, 2], token=[7, 7, 7, 7, 7, 8, 5],
+)
+
+
+def test_token_context_backs_off_from_the_set_to_its_top1_to_the_token_to_the_layer_frequency() -> None:
+    test = windows(
+        context=[[[0, 1]], [[0, 3]], [[3, 0]], [[0, 1]], [[0, 1]], [[0, 1]]],
+        target=[[2, 3]] * 6, layer=[1, 1, 1, 1, 1, 2], token=[7, 7, 7, 8, 9, 7],
+    )
+    scores, _ = scorer("token_context", TOKEN_CONTEXT_TRAIN, summary(4, 2, 1))(test)
+    # seen set; unseen set, seen top-1; unseen top-1 (3), seen token; token 8's set; unseen token 9: layer 1's
+    # frequency; token 7 at layer 2, which train saw only with token 5: layer 2's frequency (1, then 0)
+    assert scores.argmax(axis=1).tolist() == [2, 3, 2, 0, 2, 1]
+    assert np.argsort(-scores[1], kind="stable")[:3].tolist() == [3, 2, 1]
+    assert np.argsort(-scores[4], kind="stable").tolist() == [2, 3, 1, 0]
+    assert np.argsort(-scores[5], kind="stable")[:2].tolist() == [1, 0]
+    # token 7, top-1 0: masses (0, 0.4, 1.2, 1.4) of 3.0, + TIE_BREAK (1e-3) x layer 1's frequency (1.1, 1.4, 1.8, 1.7) / 6
+    by_hand = np.array([0.0, 0.4, 1.2, 1.4]) / 3.0 + 1e-3 * np.array([1.1, 1.4, 1.8, 1.7]) / 6.0
+    np.testing.assert_allclose(scores[1], by_hand, rtol=1e-6)
+
+
+def test_token_context_needs_the_token_ids() -> None:
+    assert "token_context" not in baseline_scorers(windows(context=[[[0, 1]]], target=[[2, 3]]), summary(4, 2, 1))

@@ -483,6 +483,7 @@ BASELINE_TOP1 = {
     "cooccurrence": 1,  # P(1 | 0 at the context layer) = (1 + alpha) / (1 + 4 alpha), every other (alpha) / (1 + 4 alpha)
     "lookup_interpolated": 1,  # weight ~1 on the context table: 1 + ~0 beats 3's ~0 * 2/3
     "token": 1,  # token 9 was followed by 1
+    "token_context": 1,  # token 9 with last context layer (0) was followed by 1
 }
 
 

@@ -2,7 +2,7 @@
 metrics. Each builds a scorer (function(windows batch) -> (scores (n, E), None or confidence (n,))) from the train
 windows and the windows summary; entries that need an input the run lacks are left out (stale_gate without the
 captured look-ahead, random without the evaluation's seeded rng, as in per_horizon; lookup_interpolated without
-the val windows, token without the windows' token ids). The count-table baselines beyond lookup live in moe_prefetch/evaluation/table_baselines.py."""
+the val windows, token and token_context without the windows' token ids). The count-table baselines beyond lookup live in moe_prefetch/evaluation/table_baselines.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from functools import cached_property
 
 import numpy as np
 
-from moe_prefetch.evaluation.table_baselines import Cooccurrence, InterpolatedLookup, TokenTable, Top1Table
+from moe_prefetch.evaluation.table_baselines import (
+    Cooccurrence,
+    InterpolatedLookup,
+    TokenTable,
+    Top1Table,
+)
 from moe_prefetch.predictors import FrequencyPredictor, LookupPredictor
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet, geometry_of
@@ -139,6 +144,14 @@ def _lookup_interpolated(inputs: BaselineInputs) -> Scorer:
 def _token(inputs: BaselineInputs) -> Scorer:
     """Per (target layer, token id) gate mass in train, then frequency (windows written with windows.token_ids)."""
     return TokenTable(inputs.train, inputs.summary, inputs.frequency).score
+
+
+@register_baseline("token_context", ("token_id", "context_experts"), available=lambda inputs: inputs.train.token_id is not None)
+def _token_context(inputs: BaselineInputs) -> Scorer:
+    """Per (target layer, token id, last context layer's set) gate mass in train, backing off to that layer's top-1,
+    then the token id alone, then frequency (windows written with windows.token_ids)."""
+    slots = (0, 1, inputs.summary["top_k"])  # token alone, + the last context layer's top-1, + its whole routed set
+    return TokenTable(inputs.train, inputs.summary, inputs.frequency, slots).score
 
 
 def _copied(inputs: BaselineInputs, column: str) -> Scorer:

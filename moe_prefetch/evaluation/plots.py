@@ -18,13 +18,14 @@ from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccum
 
 STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v",
          "on_demand": ":x", "oracle": "-*", "perfect": "--", "belady": "-.+", "oracle_belady": "-P", "ideal": "--",
-         "lookup_interpolated": "-s", "top1_table": ":s", "cooccurrence": "-.o", "token": "-^",
+         "lookup_interpolated": "-s", "top1_table": ":s", "cooccurrence": "-.o", "token": "-^", "token_context": "-.^",
          "predictor_gated": "--o", "lookup_gated": "--s"}
 # A series keeps its colour in every figure; a name without one takes the tab10 colours left over.
 COLORS = {"predictor": "tab:blue", "lookup": "tab:red", "frequency": "tab:green", "random": "tab:gray",
           "previous_token": "tab:purple", "stale_gate": "tab:brown", "on_demand": "tab:olive", "oracle": "tab:orange",
           "perfect": "black", "belady": "tab:pink", "oracle_belady": "tab:cyan", "ideal": "black",
           "lookup_interpolated": "darkred", "top1_table": "salmon", "cooccurrence": "teal", "token": "goldenrod",
+          "token_context": "darkgoldenrod",
           "predictor_gated": "navy", "lookup_gated": "darkred"}
 SPARE_COLORS = [color for color in TABLEAU_COLORS if color not in COLORS.values()] or ["tab:blue", "tab:orange", "tab:green"]
 MAX_VALUE_TICKS = 12  # integer x: a tick at each value up to this many values, else integer ticks only

@@ -6,7 +6,8 @@ windows in a few vectorised passes:
   layer), summed over every routed context expert: dense (c, L, E, E), so it never starves on unseen contexts.
 - InterpolatedLookup: a mixture of the frequency and every context length's `lookup` table, with mixture weights
   fit by EM on the val windows.
-- TokenTable: per target layer and token id, the gate mass of each expert (windows with windows.token_ids).
+- TokenTable: per target layer and token id, the gate mass of each expert (windows with windows.token_ids), keyed
+  also on the last context layer's routed set for `token_context` (backing off to its top-1, then the token id alone).
 """
 
 from __future__ import annotations
@@ -142,22 +143,29 @@ class InterpolatedLookup:
         return np.einsum("nc,cne->ne", self.weights[longest], components).astype(np.float32), None
 
 
-def token_keys(windows: WindowSet) -> np.ndarray:
-    """(N,) opaque row keys of (target layer, token id)."""
-    return row_keys(np.stack([windows.target_layer.astype(np.int32), windows.token_id.astype(np.int32)], axis=1))
+def token_context_keys(windows: WindowSet, slots: int) -> np.ndarray:
+    """(N,) opaque row keys of (target layer, token id, the first `slots` best-first experts of the last context
+    layer); slots = 0 keys on (target layer, token id) alone."""
+    last_layer = windows.context_experts[:, -1, :slots].astype(np.int32)  # (N, slots)
+    return row_keys(np.concatenate([windows.target_layer[:, None].astype(np.int32), windows.token_id[:, None].astype(np.int32),
+                                    last_layer], axis=1))
 
 
 class TokenTable:
-    """Per target layer and token id, the gate mass of each expert in train; tokens train never saw at that layer
-    fall back to the frequency (which also breaks ties, times TIE_BREAK)."""
+    """Per target layer and token id, the gate mass of each expert in train, keyed also on the first n best-first
+    experts of the last context layer for each n of `last_layer_slots` (0: the token id alone). A window uses its
+    longest key train saw, then the layer's frequency (which also breaks ties, times TIE_BREAK)."""
 
-    def __init__(self, train: WindowSet, summary: dict, frequency: FrequencyPredictor):
+    def __init__(self, train: WindowSet, summary: dict, frequency: FrequencyPredictor, last_layer_slots: tuple[int, ...] = (0,)):
         self.num_experts, self.frequency = summary["num_experts"], frequency
-        self.table = keyed_table(token_keys(train), target_mass(train), self.num_experts)
+        self.slots = sorted(set(last_layer_slots))  # coarsest key first
+        slots_of_train = target_mass(train)
+        self.tables = {n: keyed_table(token_context_keys(train, n), slots_of_train, self.num_experts) for n in self.slots}
 
     def score(self, windows: WindowSet) -> tuple[np.ndarray, None]:
         prior = self.frequency.score(windows)[0]  # (N, E)
-        found, distribution = keyed_distribution(self.table, token_keys(windows), self.num_experts)
         matched = np.zeros_like(prior)
-        matched[found] = distribution
+        for n in self.slots:  # finer keys overwrite coarser ones where train saw them
+            found, distribution = keyed_distribution(self.tables[n], token_context_keys(windows, n), self.num_experts)
+            matched[found] = distribution
         return matched + TIE_BREAK * prior, None

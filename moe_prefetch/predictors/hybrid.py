@@ -25,7 +25,7 @@ from moe_prefetch.config import doc
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import register_arch
 from moe_prefetch.predictors.layers import FlatContext, Heads, expert_embedding, mlp_stack
-from moe_prefetch.predictors.mlp import MLPParams, context_columns
+from moe_prefetch.predictors.mlp import MLPParams, context_columns, transitions_of, with_transitions
 from moe_prefetch.predictors.neural import (
     NeuralPredictor,
     expert_ids,
@@ -70,7 +70,7 @@ class HybridParams(MLPParams):
 
 class Hybrid(nn.Module):
     def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, temporal_tokens: int,
-                 token_context: int, context_encoding: str = "slots"):
+                 token_context: int, context_encoding: str = "slots", transitions: bool = False):
         super().__init__()
         g, d = geometry, embedding_dim
         self.num_experts, self.temporal_tokens = g["num_experts"], temporal_tokens
@@ -82,6 +82,7 @@ class Hybrid(nn.Module):
         self.trunk, out = mlp_stack(width, hidden, dropout)
         self.heads = Heads(out, g["num_experts"])
         self.temporal = nn.Linear(out, temporal_tokens * g["num_experts"]) if temporal_tokens else None
+        self.transitions = transitions_of(g, transitions)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         parts = [self.context(inputs["context_experts"], inputs["target_layer"], inputs.get("context_weights"))]  # (B, width)
@@ -89,7 +90,7 @@ class Hybrid(nn.Module):
             table = self.context.experts if self.token_table is None else self.token_table
             parts.append(table(inputs["token_context"]).flatten(1))  # (B, T*(c+1)*k*d)
         features = self.trunk(torch.cat(parts, dim=1))  # (B, width)
-        logits, confidence = self.heads(features)
+        logits, confidence = with_transitions(self.transitions, self.heads(features), inputs)
         if self.temporal is None:
             return logits, confidence
         return logits, confidence, self.temporal(features).view(len(features), self.temporal_tokens, self.num_experts)

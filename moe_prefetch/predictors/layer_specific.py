@@ -13,7 +13,7 @@ from torch import nn
 
 from moe_prefetch.config import doc
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.mlp import ContextMLP, MLPParams, context_columns
+from moe_prefetch.predictors.mlp import ContextMLP, MLPParams, context_columns, transitions_of, with_transitions
 from moe_prefetch.predictors.neural import NeuralPredictor
 
 
@@ -25,20 +25,22 @@ class LayerSpecificParams(MLPParams):
 
 
 class LayerSpecific(nn.Module):
-    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots"):
+    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots",
+                 transitions: bool = False):
         super().__init__()
         self.body = ContextMLP(geometry, embedding_dim, hidden, dropout, context_encoding)
         L, E, width = geometry["num_layers"], geometry["num_experts"], self.body.width
         bound = 1 / math.sqrt(width)  # nn.Linear's default initialisation, per head
         self.head_weight = nn.Parameter(torch.empty(L, width, E + 1).uniform_(-bound, bound))  # +1: confidence
         self.head_bias = nn.Parameter(torch.empty(L, E + 1).uniform_(-bound, bound))
+        self.transitions = transitions_of(geometry, transitions)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(inputs)  # (B, width)
         target = inputs["target_layer"]  # (B,)
         every = torch.einsum("bw,lwe->ble", features, self.head_weight) + self.head_bias  # (B, L, E+1)
         out = every[torch.arange(len(target), device=target.device), target]  # (B, E+1)
-        return out[:, :-1], out[:, -1]
+        return with_transitions(self.transitions, (out[:, :-1], out[:, -1]), inputs)
 
 
 @register_arch

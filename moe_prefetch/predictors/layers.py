@@ -63,6 +63,27 @@ class FlatContext(nn.Module):
         return slots + sets + dim
 
 
+class ExpertTransitions(nn.Module):
+    """A learned first-order transition table added to the expert logits: for target layer t, context layer j and
+    each expert e routed there, a row of E logits T[t, j, e], summed over the context's routed experts (a log-linear
+    co-occurrence model: what `cooccurrence` counts, fit jointly with the rest). It ties each (layer, expert) to the
+    target layer's experts directly, which a flat MLP has to build in its hidden units from summed embeddings.
+    Zero-initialised, so training starts from the network it is added to. (B, c, k) ids, (B,) target -> (B, E)."""
+
+    def __init__(self, num_experts: int, num_layers: int, context_length: int):
+        super().__init__()
+        self.num_experts, self.context_length = num_experts, context_length
+        self.table = nn.Embedding(num_layers * context_length * (num_experts + 1), num_experts)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        c, rows_per_layer = self.context_length, self.num_experts + 1
+        layer = torch.arange(c, device=context.device)[None, :, None]  # (1, c, 1)
+        index = (target[:, None, None] * c + layer) * rows_per_layer + context  # (B, c, k)
+        routed = (context != self.num_experts).unsqueeze(-1)  # (B, c, k, 1): index E = no expert, adds nothing
+        return (self.table(index) * routed).sum(dim=(1, 2))  # (B, E)
+
+
 class LayerTokens(nn.Module):
     """One vector per context layer: its k best-first expert embeddings concatenated and projected to d, plus
     an embedding of the layer's absolute position (windows.data.context_layer_offsets), so that sequence models

@@ -18,7 +18,7 @@ from torch import nn
 
 from moe_prefetch.config import check_network, doc
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.layers import CONTEXT_ENCODINGS, FlatContext, Heads, mlp_stack
+from moe_prefetch.predictors.layers import CONTEXT_ENCODINGS, ExpertTransitions, FlatContext, Heads, mlp_stack
 from moe_prefetch.predictors.neural import NeuralPredictor
 
 
@@ -35,6 +35,9 @@ class MLPParams:
         "How each context layer's routed set is embedded: slots (each best-first slot its own position), "
         "weighted_set (the gate-weighted sum of the layer's expert embeddings: order-invariant, needs "
         "windows.context_weights) or both (predictors/layers.py FlatContext).", "slots")
+    transitions: bool = doc(
+        "Add a learned first-order transition table to the logits: per (target layer, context layer, routed expert) "
+        "a row of expert logits, summed over the context (predictors/layers.py ExpertTransitions).", False)
 
     def validate(self) -> None:
         check_network(self.prefix, self, ("embedding_dim",), ("hidden",))
@@ -61,14 +64,29 @@ def context_columns(section: dict) -> tuple[str, ...]:
     return ("context_experts", "context_weights") if weighted else ("context_experts",)
 
 
+def transitions_of(geometry: dict, enabled: bool) -> ExpertTransitions | None:
+    """The transition table of train.<arch>.transitions (None when off)."""
+    return ExpertTransitions(geometry["num_experts"], geometry["num_layers"], geometry["context_length"]) if enabled else None
+
+
+def with_transitions(table: ExpertTransitions | None, heads_out: tuple, inputs: dict[str, torch.Tensor]) -> tuple:
+    """(logits + the table's logits, confidence) when there is a table, else heads_out unchanged."""
+    if table is None:
+        return heads_out
+    logits, confidence = heads_out
+    return logits + table(inputs["context_experts"], inputs["target_layer"]), confidence
+
+
 class MLP(nn.Module):
-    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots"):
+    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots",
+                 transitions: bool = False):
         super().__init__()
         self.body = ContextMLP(geometry, embedding_dim, hidden, dropout, context_encoding)
         self.heads = Heads(self.body.width, geometry["num_experts"])
+        self.transitions = transitions_of(geometry, transitions)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.body(inputs))  # (B, E), (B,)
+        return with_transitions(self.transitions, self.heads(self.body(inputs)), inputs)  # (B, E), (B,)
 
 
 @register_arch
