@@ -65,23 +65,26 @@ class FlatContext(nn.Module):
 
 class ExpertTransitions(nn.Module):
     """A learned first-order transition table added to the expert logits: for target layer t, context layer j and
-    each expert e routed there, a row of E logits T[t, j, e], summed over the context's routed experts (a log-linear
-    co-occurrence model: what `cooccurrence` counts, fit jointly with the rest). It ties each (layer, expert) to the
+    each expert e routed there, a row of E logits T[t, j, e], scaled by a learned weight of its best-first slot s,
+    a[t, j, s] (the heaviest expert of a layer says most about the next), and summed over the context: a log-linear
+    co-occurrence model (what `cooccurrence` counts, fit jointly with the rest). It ties each (layer, expert) to the
     target layer's experts directly, which a flat MLP has to build in its hidden units from summed embeddings.
-    Zero-initialised, so training starts from the network it is added to. (B, c, k) ids, (B,) target -> (B, E)."""
+    T starts at zero, so training starts from the network it is added to. (B, c, k) ids, (B,) target -> (B, E)."""
 
-    def __init__(self, num_experts: int, num_layers: int, context_length: int):
+    def __init__(self, num_experts: int, num_layers: int, context_length: int, top_k: int):
         super().__init__()
         self.num_experts, self.context_length = num_experts, context_length
         self.table = nn.Embedding(num_layers * context_length * (num_experts + 1), num_experts)
         nn.init.zeros_(self.table.weight)
+        self.slot_scale = nn.Parameter(torch.ones(num_layers, context_length, top_k))
 
     def forward(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         c, rows_per_layer = self.context_length, self.num_experts + 1
         layer = torch.arange(c, device=context.device)[None, :, None]  # (1, c, 1)
         index = (target[:, None, None] * c + layer) * rows_per_layer + context  # (B, c, k)
-        routed = (context != self.num_experts).unsqueeze(-1)  # (B, c, k, 1): index E = no expert, adds nothing
-        return (self.table(index) * routed).sum(dim=(1, 2))  # (B, E)
+        routed = (context != self.num_experts).to(self.slot_scale.dtype)  # (B, c, k): index E = no expert, adds nothing
+        scale = self.slot_scale[target] * routed  # (B, c, k)
+        return (self.table(index) * scale.unsqueeze(-1)).sum(dim=(1, 2))  # (B, E)
 
 
 class LayerTokens(nn.Module):

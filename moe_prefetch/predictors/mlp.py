@@ -66,7 +66,8 @@ def context_columns(section: dict) -> tuple[str, ...]:
 
 def transitions_of(geometry: dict, enabled: bool) -> ExpertTransitions | None:
     """The transition table of train.<arch>.transitions (None when off)."""
-    return ExpertTransitions(geometry["num_experts"], geometry["num_layers"], geometry["context_length"]) if enabled else None
+    g = geometry
+    return ExpertTransitions(g["num_experts"], g["num_layers"], g["context_length"], g["top_k"]) if enabled else None
 
 
 def with_transitions(table: ExpertTransitions | None, heads_out: tuple, inputs: dict[str, torch.Tensor]) -> tuple:
