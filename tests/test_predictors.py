@@ -225,6 +225,36 @@ def test_weighted_set_context_encodings_learn_and_round_trip(arch, encoding, tmp
     np.testing.assert_array_equal(load_predictor(tmp_path).score(held_out)[0], predictor.score(held_out)[0])
 
 
+def test_transition_table_sums_each_routed_experts_scaled_row_by_hand() -> None:
+    """ExpertTransitions: logits = sum over context layers j and slots s of slot_scale[t, j, s] * T[t, j, e_js];
+    a slot with no expert (index E) adds nothing, and the table starts at zero."""
+    from moe_prefetch.predictors.layers import ExpertTransitions
+
+    E, L, c, k = 3, 4, 2, 2
+    transitions = ExpertTransitions(E, L, c, k)
+    assert not transitions.table.weight.any()
+    with torch.no_grad():
+        transitions.table.weight.copy_(torch.arange(L * c * (E + 1) * E, dtype=torch.float32).reshape(-1, E))
+        transitions.slot_scale.copy_(torch.tensor([0.5, 2.0]).expand(L, c, k))
+    context = torch.tensor([[[0, 2], [1, E]]])  # layer j=0 routed 0 then 2, layer j=1 routed 1 and nothing
+    target = torch.tensor([3])
+    row = lambda j, e: (3 * c + j) * (E + 1) + e  # noqa: E731 - the table's row of (t=3, j, e)
+    weight = transitions.table.weight
+    expected = 0.5 * weight[row(0, 0)] + 2.0 * weight[row(0, 2)] + 0.5 * weight[row(1, 1)]
+    torch.testing.assert_close(transitions(context, target)[0], expected)
+
+
+@pytest.mark.parametrize("arch", ["token_mlp", "layer_specific"])
+def test_transitions_learn_and_round_trip(arch, tmp_path) -> None:
+    size, overrides = FIT.get(arch, (3000, {}))
+    predictor = make(arch, **overrides, **{arch: {**SMALL[arch], "transitions": True}})
+    predictor.fit(windows_for(predictor, size, 0), windows_for(predictor, 500, 1), lambda row: None)
+    held_out = windows_for(predictor, 1000, 2)
+    assert top1(predictor, held_out) >= 0.95
+    predictor.save(tmp_path)
+    np.testing.assert_array_equal(load_predictor(tmp_path).score(held_out)[0], predictor.score(held_out)[0])
+
+
 def test_weighted_set_ignores_slot_order_inside_a_layer_and_reads_the_weights() -> None:
     """Swapping a context layer's two slots together with their weights leaves weighted_set's scores unchanged
     (a set), not the slots encoding's; changing only the weights changes weighted_set's scores."""
