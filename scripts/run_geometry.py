@@ -4,6 +4,9 @@ default model's results (README section `geometry`).
 
     python scripts/run_geometry.py              # dvc exp run --temp -n geometry-64x6 ..., then the summary
     python scripts/run_geometry.py --no-run     # only the summary, from the finished experiment of that name
+    python scripts/run_geometry.py --workspace  # run it in this working tree instead (no temp copy), then restore
+                                                # the tracked params and outputs from git HEAD (data/: dvc checkout)
+    python scripts/run_geometry.py --set collect.num_sequences=250   # any further -S override, recorded in the summary
 
 The experiment changes the model and scales the expert cache to the geometry: the default caches 4 of 16 experts
 per layer and prefetches top-2 (= k); here 16 of 64 and top-6 (= k), so both cache the same share of the experts
@@ -33,11 +36,16 @@ CACHE_KEYS = ("hit_rate", "speedup_vs_on_demand", "speedup_ci95", "share_of_idea
 STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "lookup", "oracle", "oracle_belady", "ideal")
 
 
-def command() -> list[str]:
-    return ["dvc", "exp", "run", "--temp", "-n", EXPERIMENT, *(arg for o in OVERRIDES for arg in ("-S", o))]
+TRACKED_OUTPUTS = ("params.yaml", "dvc.lock", "metrics", "plots", "dvclive")  # what a workspace run rewrites
 
 
-def summary_of(metrics: dict, wall_seconds: float | None) -> dict:
+def command(extra: tuple[str, ...] = (), temp: bool = True) -> list[str]:
+    """The `dvc exp run` of the experiment: OVERRIDES, then the `extra` KEY=VALUE overrides."""
+    return ["dvc", "exp", "run", *(["--temp"] if temp else []), "-n", EXPERIMENT,
+            *(arg for o in (*OVERRIDES, *extra) for arg in ("-S", o))]
+
+
+def summary_of(metrics: dict, wall_seconds: float | None, run: list[str] | None = None) -> dict:
     """The part of an evaluate.json the README compares: geometry, accuracy with intervals of the predictor and of
     every baseline, the paired top-1 difference to the best baseline, and the main cache replay."""
     def accuracy(result: dict) -> dict:
@@ -46,7 +54,7 @@ def summary_of(metrics: dict, wall_seconds: float | None) -> dict:
     cache = metrics["cache"]
     return {
         "experiment": EXPERIMENT,
-        "command": " ".join(command()),
+        "command": " ".join(run or command()),
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
         "data": metrics["data"],
         "test_windows": metrics["test_windows"],
@@ -108,14 +116,22 @@ def geometry_section(summary: dict, default: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-run", action="store_true", help=f"summarise the finished experiment {EXPERIMENT} only")
+    parser.add_argument("--workspace", action="store_true", help="run in this working tree, then restore its tracked outputs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a further -S override")
     args = parser.parse_args()
+    run = command(tuple(args.set), temp=not args.workspace)
     wall_seconds = None
     if not args.no_run:
         started = time.monotonic()
-        subprocess.run(command(), check=True)
+        subprocess.run(run, check=True)
         wall_seconds = time.monotonic() - started
-    summary = summary_of(experiment_metrics(EXPERIMENT), wall_seconds)
-    SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.workspace and not args.no_run:
+        metrics = json.loads(Path("metrics/evaluate.json").read_text())
+        subprocess.run(["git", "checkout", "HEAD", "--", *TRACKED_OUTPUTS], check=True)
+        print("restored params.yaml and the tracked outputs from HEAD; `dvc checkout` restores data/", file=sys.stderr)
+    else:
+        metrics = experiment_metrics(EXPERIMENT)
+    SUMMARY.write_text(json.dumps(summary_of(metrics, wall_seconds, run), indent=2) + "\n")
     print(f"wrote {SUMMARY}; now run python scripts/update_readme.py", file=sys.stderr)
 
 

@@ -57,6 +57,7 @@ class Settings:
     # single-domain, so this balances load within each domain where the global bias cannot
     report_chunks_per_domain: int = 256
     val_tokens: int = 0  # validation loss on the first this-many tokens of each domain's stream (0 = all of it)
+    threads: int = 2  # torch threads (1 is faster on a machine shared with other jobs; results may differ in rounding)
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
@@ -291,7 +292,7 @@ def main() -> None:
     if settings.experts_per_token > settings.routed_experts:
         parser.error(f"--experts-per-token {settings.experts_per_token} exceeds --routed-experts {settings.routed_experts}")
     torch.manual_seed(settings.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True)
 
     domains = load_domains(settings)
