@@ -98,7 +98,7 @@ def geometry_section(summary: dict, default: dict) -> str:
     return "\n\n".join([
         f"`{MODEL}` ({g['num_experts']} experts, top-{g['top_k']}, {g['num_layers']} MoE layers) next to the default "
         f"`models/tiny-moe` ({d['num_experts']} experts, top-{d['top_k']}): experiment `{summary['experiment']}`, "
-        f"`python scripts/run_geometry.py` (`{summary['command']}`){wall}. The summary it writes, "
+        f"`python scripts/run_geometry.py{'' if '--temp' in summary['command'] else ' --workspace'}` (`{summary['command']}`){wall}. The summary it writes, "
         f"`metrics/geometry.json`, is rendered here. Test split: {summary['test_windows']:,} windows from "
         f"{summary['bootstrap']['documents']} documents (default: {default['test_windows']:,} from "
         f"{default['bootstrap']['documents']}); intervals are 95% document-bootstrap intervals.",
