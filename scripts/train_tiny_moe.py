@@ -8,6 +8,8 @@ aux loss; a collapsed router makes every downstream prediction number meaningles
 evenly, because balance is only reached on what is sampled.
 
 Run (about 6 CPU minutes on 2 cores):  python scripts/train_tiny_moe.py --out models/tiny-moe
+Every setting below is also an option (`--routed-experts 64 --experts-per-token 6 ...`): the second embedded
+geometry, models/tiny-moe-64x6, is this script with the options its README section lists.
 It writes the checkpoint, the tokenizer, `training_settings.json` (everything below) and `report.json` (validation
 loss vs a unigram model, per-domain routing balance), which the README quotes.
 """
@@ -20,7 +22,7 @@ import math
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,8 @@ class Settings:
     sequence_balance_loss: float = 0.01  # DeepSeek-V3's complementary sequence-wise balance loss; sequences are
     # single-domain, so this balances load within each domain where the global bias cannot
     report_chunks_per_domain: int = 256
+    val_tokens: int = 0  # validation loss on the first this-many tokens of each domain's stream (0 = all of it)
+    threads: int = 2  # torch threads (1 is faster on a machine shared with other jobs; results may differ in rounding)
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
@@ -277,17 +281,24 @@ def routing_report(model, tokenizer, docs: list[tuple[str, str]], settings: Sett
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-moe"))
-    parser.add_argument("--steps", type=int, default=Settings.steps)
+    for field in fields(Settings):
+        # One option per setting (--routed-experts 64 ...), so a second geometry needs no copy of this script.
+        if isinstance(field.default, tuple):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", nargs="+", default=list(field.default))
+        else:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args()
-    settings = Settings(steps=args.steps)
+    settings = Settings(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v for f in fields(Settings)})
+    if settings.experts_per_token > settings.routed_experts:
+        parser.error(f"--experts-per-token {settings.experts_per_token} exceeds --routed-experts {settings.routed_experts}")
     torch.manual_seed(settings.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True)
 
     domains = load_domains(settings)
     tokenizer = train_tokenizer({d: [t for _, t in s["train"]] for d, s in domains.items()}, settings)
     train_streams = {d: token_stream(tokenizer, s["train"]) for d, s in domains.items()}
-    val_streams = {d: token_stream(tokenizer, s["val"]) for d, s in domains.items()}
+    val_streams = {d: token_stream(tokenizer, s["val"])[: settings.val_tokens or None] for d, s in domains.items()}
     model = build_model(settings, tokenizer)
     started = time.time()
     log = train(settings, model, train_streams)

@@ -1,9 +1,10 @@
 """Regenerate the measured sections of README.md from the committed outputs, so no figure there is typed by hand.
 
 Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
-  tiny-model   models/tiny-moe/report.json (written by scripts/train_tiny_moe.py)
+  tiny-model   models/tiny-moe/report.json (written by scripts/train_tiny_moe.py); tiny-model-64x6 likewise
   results      metrics/evaluate.json (written by dvc repro)
   families     moe_prefetch/routing (FAMILIES and unsupported.UNSUPPORTED)
+  geometry     metrics/geometry.json (written by scripts/run_geometry.py) next to metrics/evaluate.json
   archs, hidden, domain-split   experiments, with --archs / --hidden / --domain-split (dvc exp show --json)
   gpu-estimates   moe_prefetch/gpu_estimates.py at params.yaml's collect section
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -87,7 +89,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def tiny_model_section(report: dict) -> str:
+    """An embedded checkpoint's report.json (scripts/train_tiny_moe.py): val loss and per-layer routing balance."""
     domains = [d for d in report if isinstance(report[d], dict) and "routing" in report[d]]
+    experts = len(report[domains[0]]["routing"]["per_layer_load_share"][0])
     loss_rows = [[d, f"{report[d]['val_loss_model']:.3f}", f"{report[d]['val_loss_unigram']:.3f}", str(report[d]["val_tokens"])] for d in domains]
     layers = range(len(report[domains[0]]["routing"]["per_layer_max_share_over_fair"]))
     balance_rows = []
@@ -108,10 +112,10 @@ def tiny_model_section(report: dict) -> str:
     header = ["MoE layer"] + [f"{d} {c}" for d in domains for c in ("max/fair", "load entropy (bits)", "favourite = top-1")]
     header.append("load distance between domains")
     return "\n\n".join([
-        f"{report['parameters']:,} parameters; {report['train_seconds']:.0f} s of wall-clock training on the shared 2-core development machine (about 6 minutes on an idle one).",
+        f"{report['parameters']:,} parameters; {report['train_seconds']:.0f} s of wall-clock training on the shared 2-core development machine.",
         table(["domain", "val loss (nats/token)", "unigram val loss", "val tokens"], loss_rows),
-        f"Most-used expert's share of routed slots over its fair share (1/16), per domain — {summary}. "
-        "Load entropy is of the per-layer expert load (max 4 bits); \"favourite = top-1\" is how often the layer's "
+        f"Most-used expert's share of routed slots over its fair share (1/{experts}), per domain — {summary}. "
+        f"Load entropy is of the per-layer expert load (max {math.log2(experts):g} bits); \"favourite = top-1\" is how often the layer's "
         "most frequent expert is a token's highest-weight expert (the per-layer frequency baseline); \"load distance\" is "
         "the total variation distance between the two domains' expert-load distributions (0 = same experts equally "
         "used, 1 = disjoint experts): how much routing differs between prose and code.",
@@ -410,8 +414,12 @@ def main() -> None:
     args = parser.parse_args()
     text = README.read_text()
     new = render(text, "tiny-model", tiny_model_section(json.loads(Path("models/tiny-moe/report.json").read_text())))
+    new = render(new, "tiny-model-64x6", tiny_model_section(json.loads(Path("models/tiny-moe-64x6/report.json").read_text())))
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     new = render(new, "results", results_section(metrics))
+    from run_geometry import SUMMARY, geometry_section  # imports this module: only once it is fully defined
+
+    new = render(new, "geometry", geometry_section(json.loads(SUMMARY.read_text()), metrics))
     new = render(new, "cost-profiles", profiles_section())
     new = render(new, "gpu-estimates", gpu_estimates_section())
     new = render(new, "families", families_section())
