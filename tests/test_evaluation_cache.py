@@ -164,6 +164,8 @@ POLICY_CASES = {
         (ZERO_USE_ROUTED, ZERO_USE_PREFETCH, {"hits": 3.0, "misses": 2.0, "wasted_prefetch_bytes": 2e6}),
     ],
     "random": [([[[e]] for e in REUSED_FIRST], None, _random_case())],
+    # Without scores `predicted` is LRU (test_predicted_eviction_by_hand gives it scores).
+    "predicted": [([[[e]] for e in REUSED_FIRST], None, {"hits": 2.0, "misses": 4.0})],
     "belady": [
         # 2 evicts 1 (never used again; 0 is used at the end) -> the last 0 hits: 3 misses.
         ([[[e]] for e in REUSED_FIRST], None, {"hits": 3.0, "misses": 3.0}),
@@ -523,6 +525,13 @@ STRATEGY_PLANS = {
     "oracle_belady": [[[1], [-1]], [[3], [-1]]],
     "predictor_gated": [[[1], [-1]], [[3], [-1]]],  # at depth m; the depth itself is tuned on val (below)
     "lookup_gated": [[[2], [-1]], [[0], [-1]]],
+    # Lead ceilings: position p = t * 2 + l prefetches position p + lead's experts, into the next step too.
+    "oracle_belady_lead1": [[[1], [2]], [[3], [-1]]],
+    "oracle_belady_lead2": [[[2], [3]], [[-1], [-1]]],
+    "oracle_belady_lead4": [[[-1], [-1]], [[-1], [-1]]],  # 4 positions ahead: past the last step
+    "oracle_belady_next_token": [[[2], [3]], [[-1], [-1]]],  # lead L = 2
+    "predictor_evict": [[[1], [-1]], [[3], [-1]]],
+    "predictor_expert_gated": [[[1], [-1]], [[3], [-1]]],  # at depth m; each expert then passes the gate or not
 }
 
 
@@ -561,7 +570,8 @@ def test_strategies_in_registration_order_without_the_missing_inputs() -> None:
     assert "predictor_gated" not in simulate_strategies(inputs, params, capacity=1, batch_size=1)  # no val windows
     uncaptured = ReplayInputs(dataclasses.replace(REPLAY, stale_gate_experts=None), {}, m=1, horizon=1, num_target_layers=2)
     assert list(simulate_strategies(uncaptured, params, capacity=1, batch_size=1)) == [
-        "on_demand", "belady", "oracle", "oracle_belady", "ideal"]
+        "on_demand", "belady", "oracle", "oracle_belady", "oracle_belady_lead1", "oracle_belady_lead2",
+        "oracle_belady_lead4", "oracle_belady_next_token", "ideal"]
 
 
 def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
@@ -573,6 +583,9 @@ def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
     inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, val=val)
     result = simulate_strategies(inputs, params, capacity=1, batch_size=1)
     assert (result["predictor_gated"]["prefetch_depth"], result["lookup_gated"]["prefetch_depth"]) == (1, 0)
+    # The per-expert gate passes the always-right predictor's experts (calibrated P(used) = 1 on val).
+    assert result["predictor_expert_gated"]["prefetch_depth"] == 1
+    assert result["predictor_expert_gated"]["time_per_token_ms"] == result["predictor"]["time_per_token_ms"]
     assert result["predictor_gated"]["time_per_token_ms"] == result["predictor"]["time_per_token_ms"]
     assert result["predictor_gated"]["speedup_vs_on_demand"] > 1.0
     assert result["lookup_gated"]["time_per_token_ms"] == result["on_demand"]["time_per_token_ms"]

@@ -32,6 +32,7 @@ from moe_prefetch.evaluation.cache import (
     speedup,
 )
 from moe_prefetch.evaluation.config import COST_PROFILES, CacheParams
+from moe_prefetch.evaluation.replay_probabilities import predictor_gate, predictor_scores
 from moe_prefetch.evaluation.intervals import percentile_interval, pooled_ratios, resample_weights
 from moe_prefetch.progress import Progress
 from moe_prefetch.registry import Registry
@@ -150,6 +151,8 @@ class PrefetchStrategy:
     policy: str | None = None  # its own eviction policy; None = evaluate.cache.policy
     charged: bool = False  # pays evaluate.cache.predictor_ms per prefetching layer
     gated: bool = False  # depth tuned on the val replay of the same cache and costs (0 = no prefetch)
+    # simulate()'s extra keyword arguments (lead, use_scores, prefetch_probs) from (inputs, steps, plan); None = none
+    replay_args: Callable[[ReplayInputs, DecodeSteps, np.ndarray | None], dict] | None = None
 
 
 def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -> PrefetchStrategy:
@@ -191,17 +194,58 @@ PREFETCH_STRATEGIES.add("oracle_belady", PrefetchStrategy(
     policy="belady"))
 
 
+def _perfect_lead(lead: int | None) -> PrefetchStrategy:
+    """Perfect prefetch `lead` layers ahead across steps (None: a step's L layers, the next token's same layer), with
+    Belady eviction."""
+    ahead = "the next token's same layer (lead L)" if lead is None else f"{lead} layer{'s' if lead > 1 else ''} ahead"
+    return PrefetchStrategy(
+        f"Perfect prefetch of the experts {ahead}, into later steps too, with Belady eviction: a lead ceiling.",
+        lambda inputs, steps, depth: oracle_prefetch(steps.routed, lead or steps.routed.shape[1], steps.routed.shape[2],
+                                                     wrap=True),
+        policy="belady", replay_args=lambda inputs, steps, plan: {"lead": lead or steps.routed.shape[1]})
+
+
+for _lead in (1, 2, 4):
+    PREFETCH_STRATEGIES.add(f"oracle_belady_lead{_lead}", _perfect_lead(_lead))
+PREFETCH_STRATEGIES.add("oracle_belady_next_token", _perfect_lead(None))
+
+
+def _needs_val(inputs: ReplayInputs) -> bool:
+    """The predictor's calibrated strategies need its scorer and the val windows to fit the calibration on."""
+    return "predictor" in inputs.scorers and inputs.val is not None
+
+
+PREFETCH_STRATEGIES.add("predictor_evict", dataclasses.replace(
+    _scored("predictor", "The predictor's top-m, and `predicted` eviction by its calibrated scores.", charged=True),
+    policy="predicted", available=_needs_val, replay_args=predictor_scores))
+PREFETCH_STRATEGIES.add("predictor_expert_gated", dataclasses.replace(
+    _scored("predictor", "The predictor's top-d, each expert queued only when the gate's expected saving beats its "
+                         "cost (calibrated P(used)); d tuned on val like predictor_gated.", charged=True, gated=True),
+    replay_args=predictor_gate))
+
+
+def _replay(strategy: PrefetchStrategy, inputs: ReplayInputs, steps: DecodeSteps, depth: int, params: CacheParams,
+            capacity: int) -> dict:
+    """simulate() one strategy at `depth` through the configured cache of `capacity` (its own policy if it names
+    one) and costs."""
+    cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
+                        seed=params.seed, prefetch_into=params.prefetch_into, staging_slots=params.staging_slots)
+    plan = strategy.plan(inputs, steps, depth)
+    extra = strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
+    return simulate(steps.routed, plan, cache, params.cost_model(), inputs.horizon,
+                    params.predictor_ms if strategy.charged else 0.0,
+                    experts_per_token=steps.routed.shape[2] // steps.batch_size, **extra)
+
+
 def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, steps: DecodeSteps, params: CacheParams,
-                 cache: CacheConfig, no_prefetch_ms: dict) -> int:
+                 capacity: int, no_prefetch_ms: dict) -> int:
     """The prefetch depth d in 1..m with the shortest val replay (ties to the smaller d) if it beats no prefetch by
     at least evaluate.cache.gate_margin of its time, else 0: the gate, fit where the test split is not seen, with a
     margin because a small val gain need not carry over. `no_prefetch_ms` caches d = 0, the same for every gated
     strategy. `steps` are the val windows' decode steps."""
-    cost = params.cost_model()
     if "time_ms" not in no_prefetch_ms:
-        no_prefetch_ms["time_ms"] = simulate(steps.routed, None, cache, cost, val.horizon)["time_ms"]
-    times = {depth: simulate(steps.routed, strategy.plan(val, steps, depth), cache, cost, val.horizon,
-                             params.predictor_ms if strategy.charged else 0.0)["time_ms"] for depth in range(1, val.m + 1)}
+        no_prefetch_ms["time_ms"] = _replay(PREFETCH_STRATEGIES["on_demand"], val, steps, 0, params, capacity)["time_ms"]
+    times = {depth: _replay(strategy, val, steps, depth, params, capacity)["time_ms"] for depth in range(1, val.m + 1)}
     best = min(times, key=lambda depth: (times[depth], depth))
     return best if times[best] <= (1.0 - params.gate_margin) * no_prefetch_ms["time_ms"] else 0
 
@@ -226,14 +270,11 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
     results, depths, no_prefetch_ms, val_steps = {}, {}, {}, None
     for name, strategy in PREFETCH_STRATEGIES.items():
         if strategy.available(inputs):
-            cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
-                                seed=params.seed)
             depth = inputs.m
             if strategy.gated:
                 val_steps = val_steps or DecodeSteps(inputs.val, batch_size)
-                depth = depths[name] = _tuned_depth(strategy, inputs.val, val_steps, params, cache, no_prefetch_ms)
-            results[name] = simulate(steps.routed, strategy.plan(inputs, steps, depth), cache, cost, inputs.horizon,
-                                     params.predictor_ms if strategy.charged else 0.0)
+                depth = depths[name] = _tuned_depth(strategy, inputs.val, val_steps, params, capacity, no_prefetch_ms)
+            results[name] = _replay(strategy, inputs, steps, depth, params, capacity)
     base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
     intervals = _speedup_intervals(inputs, results) if batch_size == 1 and inputs.documents is not None else {}
     summary = {}
