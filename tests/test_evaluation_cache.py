@@ -595,6 +595,20 @@ def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
     assert costly["predictor_gated"]["prefetch_depth"] == 0 and costly["predictor"]["speedup_vs_on_demand"] < 1.0
 
 
+def test_predictor_probabilities_are_calibrated_on_val_and_aligned_with_the_plan() -> None:
+    # On val (= REPLAY) the one-hot predictor's score 1 is always used and 0 never: calibrated P(used) is the score.
+    # Replayed layer 0 is never predicted (h = 1, target layers only): NaN; layer 1 holds each token's target.
+    val = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, val=val)
+    steps = DecodeSteps(inputs, batch_size=1)
+    strategy = PREFETCH_STRATEGIES["predictor_expert_gated"]
+    args = strategy.replay_args(inputs, steps, strategy.plan(inputs, steps, 1))
+    use = args["use_scores"]  # (steps, L, E)
+    assert np.isnan(use[:, 0]).all() and use[:, 1].tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
+    assert np.array_equal(args["prefetch_probs"], [[[1.0], [np.nan]], [[1.0], [np.nan]]], equal_nan=True)
+    assert PREFETCH_STRATEGIES["predictor_evict"].replay_args(inputs, steps, None)["use_scores"] is use
+
+
 def test_speedup_intervals_resample_whole_documents() -> None:
     # Two tokens of one document: every resample is that document, so each interval is its point estimate.
     params = parse_section("evaluate", None).cache

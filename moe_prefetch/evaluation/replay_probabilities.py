@@ -24,20 +24,29 @@ def _batched_union(per_token: np.ndarray, sequence: np.ndarray, batch_size: int)
     return np.concatenate(steps)
 
 
+def window_probabilities(inputs, scorer: str) -> np.ndarray:
+    """(N, E) calibrated P(used) of `scorer` for each replayed window: calibration.fit_calibration on the val windows
+    (on the replayed windows themselves when they are the val ones, for the gate's tuning). Cached with the inputs'
+    top-m predictions (ReplayInputs._predicted)."""
+    key = f"{scorer}:calibrated"
+    if key not in inputs._predicted:
+        scores = inputs.scorers[scorer](inputs.windows)[0]  # (N, E)
+        fit_on = inputs.val or inputs
+        fit_scores = scores if fit_on is inputs else fit_on.scorers[scorer](fit_on.windows)[0]
+        used = used_mask(fit_on.windows.target_experts.astype(np.int64), fit_scores.shape[1])
+        inputs._predicted[key] = fit_calibration(fit_scores, used)(scores)
+    return inputs._predicted[key]
+
+
 def use_probabilities(inputs, steps, scorer: str) -> np.ndarray:
     """(steps, layers, E) calibrated P(used) of `scorer` at each replayed target layer (NaN at layers it cannot
-    score), placed like DecodeSteps.issue places its predictions: calibration.fit_calibration on the val windows
-    (on the replayed windows themselves when they are the val ones, for the gate's tuning)."""
-    key = f"{scorer}:use_probabilities:{steps.batch_size}"  # cached with the inputs' top-m predictions
+    score), placed like DecodeSteps.issue places its predictions, a step's being the union over its tokens."""
+    key = f"{scorer}:use_probabilities:{steps.batch_size}"
     if key not in inputs._predicted:
-        fit_on = inputs.val or inputs
-        val_scores = fit_on.scorers[scorer](fit_on.windows)[0]
-        num_experts = val_scores.shape[1]
-        calibration = fit_calibration(val_scores, used_mask(fit_on.windows.target_experts.astype(np.int64), num_experts))
-        probabilities = calibration(inputs.scorers[scorer](inputs.windows)[0])  # (N, E)
-        T, h = inputs.num_target_layers, inputs.horizon
+        probabilities = window_probabilities(inputs, scorer)  # (N, E)
+        T, h, num_experts = inputs.num_target_layers, inputs.horizon, probabilities.shape[1]
         per_token = probabilities.reshape(inputs.tokens, T, num_experts)  # (tokens, T, E)
-        placed = np.full((inputs.tokens, steps.routed.shape[1], num_experts), np.nan)
+        placed = np.full((inputs.tokens, steps.routed.shape[1], num_experts), np.nan)  # (tokens, layers, E)
         if inputs.token_routing is not None:
             c = inputs.windows.context_experts.shape[1]
             placed[:, c - 1 + h : c - 1 + h + T] = per_token

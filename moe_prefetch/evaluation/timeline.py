@@ -31,20 +31,20 @@ class Pool:
     def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
         """Insert a non-resident key into the cache, evicting by policy outside `protected`; False if nothing can
         go."""
-        if len(self.resident) - len(self.staged) >= self.capacity and not self._make_room(protected):
-            return False
+        if len(self.resident) - len(self.staged) >= self.capacity:
+            victim = self.policy.victim(protected)
+            if victim is None:
+                return False
+            self._evict(victim)
         self.resident.add(key)
         self.policy.on_insert(key, tick, is_use)
         return True
 
-    def _make_room(self, protected: Container[int]) -> bool:
-        victim = self.policy.victim(protected)
-        if victim is None:
-            return False
-        self.resident.remove(victim)
-        self.policy.on_evict(victim)
-        self._forget(victim)
-        return True
+    def _evict(self, key: int) -> None:
+        """Remove a cached key (the policy's victim)."""
+        self.resident.remove(key)
+        self.policy.on_evict(key)
+        self._forget(key)
 
     def stage(self, key: int, protected: Container[int]) -> bool:
         """Put a prefetched key into a staging slot, evicting the oldest staged key outside `protected`; False if
@@ -64,13 +64,16 @@ class Pool:
         """A staged key is used: move it into the cache (evicting by policy outside `protected`); it stays staged
         if nothing can go."""
         del self.staged[key]
-        if len(self.resident) - len(self.staged) - 1 >= self.capacity and not self._make_room(protected):
-            self.staged[key] = None
-            return
+        if len(self.resident) - len(self.staged) - 1 >= self.capacity:
+            victim = self.policy.victim(protected)
+            if victim is None:
+                self.staged[key] = None
+                return
+            self._evict(victim)
         self.policy.on_insert(key, tick, True)
 
     def _forget(self, key: int) -> None:
-        """Bookkeeping of a key that left the pool: wasted if it was prefetched and never used."""
+        """Bookkeeping of a key that left the pool (cache or staging): wasted if it was prefetched and never used."""
         if key in self.unused_prefetch:
             self.unused_prefetch.discard(key)
             self.wasted += 1
@@ -275,17 +278,7 @@ class Replay:
         """Load `missing` at `now` ahead of every queued prefetch, each on the link that can start it first
         (pre-empting a prefetch in flight at a chunk boundary when it is not needed now); returns when the last one
         arrives."""
-        starts, flights = [], []
-        for link in self.links:
-            start = max(now, self.link_free[link])
-            in_flight = self.in_flight[link]
-            in_flight = in_flight if in_flight is not None and in_flight.end_ms > now else None
-            preempt = in_flight is not None and self.chunk_ms > 0 and in_flight.key not in keys
-            if preempt:
-                chunks_done = math.ceil((now - in_flight.start_ms) / self.chunk_ms - 1e-9)
-                start = max(now, min(in_flight.end_ms, in_flight.start_ms + chunks_done * self.chunk_ms))
-            starts.append(start)
-            flights.append((in_flight, preempt))
+        starts = [self._demand_start(link, now, keys) for link in self.links]
         if len(starts) == 1:
             loads = [len(missing)]
         else:  # greedy: each miss on the link that is free first
@@ -297,16 +290,17 @@ class Replay:
         last = now
         protected = keys
         for link, count in enumerate(loads):
-            in_flight, preempt = flights[link]
-            if in_flight is not None and in_flight.pool is pool:
+            in_flight = self.in_flight[link]
+            if in_flight is not None and in_flight.end_ms > now and in_flight.pool is pool:
                 protected = protected | {in_flight.key: None}
             if not count:
                 continue
             start = starts[link]
             end = start + count * self.transfer_ms
-            last = max(last, end)
+            last = end if end > last else last
             self.link_free[link] = end
-            if preempt and in_flight.end_ms > start:
+            # A link is free no earlier than its prefetch's end, so a start before that end is a pre-emption.
+            if in_flight is not None and in_flight.end_ms > start:
                 in_flight.end_ms = end + (in_flight.end_ms - start)  # the rest of the prefetch after the demand loads
                 in_flight.pool.arrival_ms[in_flight.key] = self.link_free[link] = in_flight.end_ms
                 self.counts.preempted += 1
@@ -314,6 +308,16 @@ class Replay:
             self.tick += 1
             pool.insert(key, self.tick, protected, is_use=True)
         return last
+
+    def _demand_start(self, link: int, now: float, keys: dict[int, None]) -> float:
+        """When a demand load at `now` can start on `link`: after its transfer in flight, or at that prefetch's next
+        chunk boundary when it can be pre-empted (chunk_ms > 0) and is not needed now."""
+        start = self.link_free[link] if self.link_free[link] > now else now
+        in_flight = self.in_flight[link]
+        if in_flight is not None and in_flight.end_ms > now and self.chunk_ms > 0 and in_flight.key not in keys:
+            chunks_done = math.ceil((now - in_flight.start_ms) / self.chunk_ms - 1e-9)
+            start = max(now, min(in_flight.end_ms, in_flight.start_ms + chunks_done * self.chunk_ms))
+        return start
 
     def _issue(self, target: int, lead: int, prefetch_row: list[int], probs_row: list[float] | None,
                issue_ms: float) -> None:
