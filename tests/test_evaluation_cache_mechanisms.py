@@ -224,6 +224,15 @@ def test_cpu_path_computes_missing_experts_beside_the_gpu() -> None:
     prefetched = simulate(routed, oracle_prefetch(routed, 1, 1), CacheConfig(1), cpu, horizon=1)
     assert (prefetched["time_ms"], prefetched["on_time_hits"], prefetched["bytes_moved"]) == (pytest.approx(5.0), 1.0, 1e6)
     assert ideal_time_ms(on_demand, cpu) == pytest.approx(4.0)  # nothing need move: the floor is the compute
+    # A prefetch arriving more than cpu_expert_ms late is computed on the CPU instead. Layer 0 issues 1 at 0 (no
+    # demand load) and runs until max(2, 3) = 3. A 5 ms transfer lands at 5: a 2 ms wait < 3 ms on the CPU, so
+    # layer 1 waits: 5 + 2 = 7. A 7 ms transfer lands at 7 (a 4 ms wait): the CPU computes it, 3 + max(2, 3) = 6,
+    # and it counts as a miss.
+    plan = _routed([[[1], [-1]]])
+    for transfer_bytes, time_ms, late_hits in ((5e6, 7.0, 1.0), (7e6, 6.0, 0.0)):
+        slow = CostModel(transfer_bytes, 1.0, 2.0, miss_path="cpu", cpu_expert_ms=3.0)
+        result = simulate(_routed([[[0], [1]]]), plan, CacheConfig(1), slow, horizon=1)
+        assert (result["time_ms"], result["late_hits"], result["misses"]) == (pytest.approx(time_ms), late_hits, 2 - late_hits)
     # Two CPU experts and s = 0.5, k = 1 (the GPU still computes the rest): max(2 x 0.5, 2 x 3) = 6.
     halved = CostModel(1e6, 1.0, 2.0, expert_compute_share=0.5, miss_path="cpu", cpu_expert_ms=3.0)
     assert simulate(_routed([[[0, 1]]]), None, CacheConfig(2), halved, 1, experts_per_token=1)["time_ms"] == pytest.approx(6.0)

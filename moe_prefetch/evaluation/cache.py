@@ -41,7 +41,9 @@ When layer l of step t starts at clock c:
      routed at this same (t, l), nor an expert in flight; if nothing else can go, the expert is used without
      being cached. miss_path = cpu (Fiddler-style): each missing expert is computed on the CPU, cpu_expert_ms
      each one after another, in parallel with the GPU's compute of the layer (see 5); nothing moves (the
-     activations crossing the link are negligible) and nothing is cached.
+     activations crossing the link are negligible) and nothing is cached. On that path a resident expert still
+     in flight whose arrival is more than cpu_expert_ms after c is computed on the CPU too (a miss; its transfer
+     still lands) instead of waited for.
   3. Prediction: when the strategy has a predictor cost (predictor_ms), it runs on the compute stream once the
      layer's experts are ready, delaying this layer's compute; the prefetch is issued when it ends. The scores
      issued at this position become visible here (after this layer's misses).

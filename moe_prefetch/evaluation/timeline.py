@@ -244,6 +244,8 @@ class Replay:
         self.future.now += 1
         ready = now
         missing = []
+        cpu_ms = self.timing.cpu_expert_ms
+        late_on_cpu = 0
         for key in keys:  # hits first, so a miss cannot evict a hit of this same step
             if key not in pool.resident:
                 missing.append(key)
@@ -257,20 +259,25 @@ class Replay:
                 pool.unused_prefetch.discard(key)
                 counts.prefetch_hits += 1
             arrival = pool.arrival_ms.pop(key, now)
-            if arrival > now:
+            if cpu_ms is not None and arrival - now > cpu_ms:
+                # Sooner on the CPU than waiting: computed there (a miss); its transfer still lands.
+                pool.arrival_ms[key] = arrival
+                late_on_cpu += 1
+            elif arrival > now:
                 counts.late_hits += 1
                 counts.late_wait_ms += arrival - now
                 ready = max(ready, arrival)
             else:
                 counts.on_time_hits += 1
-        on_cpu = 0
+        on_cpu = late_on_cpu
         if missing:
-            counts.misses_by_layer[layer] += len(missing)
-            if self.timing.cpu_expert_ms is not None:
-                on_cpu = len(missing)  # computed where they are: nothing moves, nothing is cached
-                counts.cpu_experts += on_cpu
+            if cpu_ms is not None:
+                on_cpu += len(missing)  # computed where they are: nothing moves, nothing is cached
             else:
                 ready = max(ready, self._demand_load(pool, keys, missing, now))
+        if missing or on_cpu:
+            counts.misses_by_layer[layer] += len(missing) + late_on_cpu
+            counts.cpu_experts += on_cpu
         self.clock = ready
         return on_cpu
 
