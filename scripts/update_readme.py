@@ -24,6 +24,7 @@ README = Path("README.md")
 BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
              "stale_gate", "random")
 PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "predictor_expert_gated", "predictor_evict",
+                       "predicted_eviction",
                        "lookup", "lookup_gated", "stale_gate", "oracle", "oracle_belady", "oracle_belady_lead1",
                        "oracle_belady_lead2", "oracle_belady_lead4", "oracle_belady_next_token")
 

@@ -530,6 +530,7 @@ STRATEGY_PLANS = {
     "oracle_belady_lead2": [[[2], [3]], [[-1], [-1]]],
     "oracle_belady_lead4": [[[-1], [-1]], [[-1], [-1]]],  # 4 positions ahead: past the last step
     "oracle_belady_next_token": [[[2], [3]], [[-1], [-1]]],  # lead L = 2
+    "predicted_eviction": [[[-1], [-1]], [[-1], [-1]]],  # nothing prefetched; the predictor's scores evict
     "predictor_evict": [[[1], [-1]], [[3], [-1]]],
     "predictor_expert_gated": [[[1], [-1]], [[3], [-1]]],  # at depth m; each expert then passes the gate or not
 }

@@ -215,6 +215,11 @@ def _needs_val(inputs: ReplayInputs) -> bool:
     return "predictor" in inputs.scorers and inputs.val is not None
 
 
+PREFETCH_STRATEGIES.add("predicted_eviction", PrefetchStrategy(
+    "No prefetch (an empty plan, so the predictor is charged as when it prefetches), `predicted` eviction by the "
+    "predictor's calibrated scores: what predicted eviction alone buys.",
+    lambda inputs, steps, depth: np.full((*steps.routed.shape[:2], 1), -1, dtype=np.int64), _needs_val,
+    policy="predicted", charged=True, replay_args=predictor_scores))
 PREFETCH_STRATEGIES.add("predictor_evict", dataclasses.replace(
     _scored("predictor", "The predictor's top-m, and `predicted` eviction by its calibrated scores.", charged=True),
     policy="predicted", available=_needs_val, replay_args=predictor_scores))
