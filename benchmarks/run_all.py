@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BENCHMARKS = ["tracing", "storage", "windows", "training", "inference", "export", "replay", "repro"]
+BENCHMARKS = ["tracing", "storage", "windows", "training", "inference", "export", "replay", "import", "repro"]
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ __all__ = ["Predictor", "WindowSet", "known_windows", "load_predictor", "predict
 
 def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: np.ndarray | None = None,
                   previous_token_experts: np.ndarray | None = None,
-                  token_context_experts: np.ndarray | None = None, token_id: np.ndarray | None = None) -> WindowSet:
+                  token_context_experts: np.ndarray | None = None, token_id: np.ndarray | None = None,
+                  routed_weights: np.ndarray | None = None) -> WindowSet:
     """The windows a predictor of `geometry` scores when MoE layer `layer` has just routed N tokens.
 
     routed: (N, >= layer+1, k) expert ids of MoE layers 0..layer (best-first, -1 = none): its last context_length
@@ -31,7 +32,8 @@ def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: 
     hidden_state: (N, D) the hidden state entering `layer` (hidden_mlp). previous_token_experts: (N, k) the
         previous token's experts at the target layer (only baselines read it). token_context_experts:
         (N, T, c+1, k) the previous tokens' routing (hybrid with token_context; layout in windows/data.py).
-        token_id: (N,) the tokens' tokenizer ids (token_mlp).
+        token_id: (N,) the tokens' tokenizer ids (token_mlp). routed_weights: (N, >= layer+1, k) the gate weights
+        of `routed` (predictors with context_encoding weighted_set or both).
     Unknown targets are -1, so the windows can be scored but not evaluated.
     """
     c, h, L, k = (int(geometry[name]) for name in ("context_length", "horizon", "num_layers", "top_k"))
@@ -42,6 +44,8 @@ def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: 
         raise PipelineError(f"layer: {layer} cannot be predicted from (context {c}, horizon {h}, {L} MoE layers, "
                             f"{routed.shape[1]} routed layers given); accepted: {c - 1}..{min(L - 1 - h, routed.shape[1] - 1)}")
     n = len(routed)
+    if routed_weights is not None and np.shape(routed_weights) != routed.shape:
+        raise PipelineError(f"routed_weights: expected the shape of routed {routed.shape}, got {np.shape(routed_weights)}")
     return WindowSet(
         context_experts=routed[:, layer - c + 1 : layer + 1].astype(np.int16),  # (N, c, k)
         target_layer=np.full(n, layer + h, dtype=np.int16),
@@ -57,12 +61,15 @@ def known_windows(geometry: dict, routed: np.ndarray, layer: int, hidden_state: 
         hidden_state=None if hidden_state is None else np.asarray(hidden_state, dtype=np.float16),
         token_context_experts=None if token_context_experts is None else np.asarray(token_context_experts, dtype=np.int16),
         token_id=None if token_id is None else np.asarray(token_id, dtype=np.int32),
+        context_weights=(None if routed_weights is None
+                         else np.asarray(routed_weights, dtype=np.float32)[:, layer - c + 1 : layer + 1]),  # (N, c, k)
     )
 
 
 def predict_experts(predictor: Predictor, routed: np.ndarray, layer: int, m: int | None = None, **known) -> tuple[np.ndarray, np.ndarray]:
     """(experts (N, m) best-first, scores (N, E)) for MoE layer layer + horizon; m defaults to the model's top_k.
-    `known` are known_windows' optional inputs (hidden_state, previous_token_experts, token_context_experts, token_id)."""
+    `known` are known_windows' optional inputs (hidden_state, previous_token_experts, token_context_experts, token_id,
+    routed_weights)."""
     scores, _ = predictor.score(known_windows(predictor.geometry, routed, layer, **known))
     m = int(predictor.geometry["top_k"]) if m is None else m
     return np.argsort(-scores, axis=1, kind="stable")[:, :m], scores

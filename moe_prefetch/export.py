@@ -146,6 +146,8 @@ def example_inputs(predictor: NeuralPredictor, rows: int = 3) -> dict[str, torch
         known["hidden_state"] = rng.normal(size=(rows, int(g["hidden_dim"]))).astype(np.float32)
     if "token_id" in predictor.requires:
         known["token_id"] = rng.integers(0, int(g["vocab_size"]), rows)
+    if "context_weights" in predictor.requires:
+        known["routed_weights"] = rng.random((rows, c, k)).astype(np.float32)
     if "token_context_experts" in predictor.requires:
         tokens = int(predictor.section["token_context"])
         known["token_context_experts"] = rng.integers(-1, predictor.num_experts, (rows, tokens, c + 1, k))

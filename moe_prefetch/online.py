@@ -39,7 +39,7 @@ from moe_prefetch.predictors import Predictor
 from moe_prefetch.routing import adapter_for
 from moe_prefetch.routing.recorder import RoutingRecorder
 
-ONLINE_COLUMNS = {"context_experts", "hidden_state", "next_token_experts", "next_token_weights", "token_id"}  # what score() can get
+ONLINE_COLUMNS = {"context_experts", "context_weights", "hidden_state", "next_token_experts", "next_token_weights", "token_id"}  # what score() can get
 
 
 def projection_seed(shards_dir: Path) -> int | None:
@@ -107,7 +107,7 @@ class OnlinePrefetcher:
         token_ids = ids.cpu() if not ids.is_floating_point() else torch.full((batch, seq), -1)
         self.recorder.reset()
         self._forward = {"batch": batch, "seq": seq, "past": past, "valid": valid.reshape(-1).numpy(),
-                         "token_id": token_ids.reshape(-1).numpy(), "routed": {}, "pending": {}}
+                         "token_id": token_ids.reshape(-1).numpy(), "routed": {}, "weights": {}, "pending": {}}
 
     def _layer_hook(self, index: int):
         def hook(_module, _inputs, _output):
@@ -115,11 +115,12 @@ class OnlinePrefetcher:
             if state is None:
                 return  # a router called outside a model forward (e.g. another tool's look-ahead)
             batch, seq = state["batch"], state["seq"]
-            experts = self.adapter.decode(self.recorder.outputs[index])[0]  # (T, k) best-first, as collect records
+            experts, weights = self.adapter.decode(self.recorder.outputs[index])[:2]  # (T, k) best-first, as collect records
             if experts.shape[0] != batch * seq:
                 raise PipelineError(f"online: MoE layer {index} routed {experts.shape[0]} tokens in a forward of {batch}x{seq}; "
                                     f"{self.adapter.family} decoding without its encoder is not supported (use a plain forward)")
             state["routed"][index] = experts.to(torch.int16).cpu().numpy()
+            state["weights"][index] = weights.float().cpu().numpy()
             if index in state["pending"]:  # the layer a prediction was made for has now routed
                 self._record(state, index - self.h, state["pending"].pop(index), state["routed"][index])
             if self.c - 1 <= index <= len(self.adapter.layers) - 1 - self.h:
@@ -127,6 +128,8 @@ class OnlinePrefetcher:
                 known = {}
                 if "token_id" in self.predictor.requires:
                     known["token_id"] = state["token_id"]
+                if "context_weights" in self.predictor.requires:
+                    known["routed_weights"] = np.stack([state["weights"][i] for i in range(index + 1)], axis=1)  # (T, index+1, k)
                 if self.needs_hidden:
                     hidden = self.recorder.hidden_state(index, batch, seq)  # exactly what collect stores
                     known["hidden_state"] = hidden.numpy().reshape(batch * seq, -1)

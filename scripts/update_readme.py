@@ -4,6 +4,7 @@ Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
   tiny-model   models/tiny-moe/report.json (written by scripts/train_tiny_moe.py)
   results      metrics/evaluate.json (written by dvc repro)
   archs, hidden, domain-split   experiments, with --archs / --hidden / --domain-split (dvc exp show --json)
+  gpu-estimates   moe_prefetch/gpu_estimates.py at params.yaml's collect section
 
     python scripts/update_readme.py            # rewrite README.md
     python scripts/update_readme.py --check    # exit 1 if README.md is stale
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from readme_conclusions import conclusion_lines  # scripts/ is on sys.path when this script runs
 
 README = Path("README.md")
 BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "frequency", "previous_token",
@@ -172,6 +174,7 @@ def profile_lines(metrics: dict) -> list[str]:
         "expert's transfer time over one layer's compute):",
         table(["profile", "transfer / compute"] + names, rows),
         f"Regimes (`cache_by_regime`, `plots/cache_speedup_by_regime.png`): {verdict}",
+        *conclusion_lines(metrics),
     ]
 
 
@@ -366,6 +369,14 @@ def profiles_section() -> str:
                   "derivation"], rows)
 
 
+def gpu_estimates_section() -> str:
+    """Disk, memory and time of collecting three real models at params.yaml's collect section (computed, not measured)."""
+    from moe_prefetch.gpu_estimates import readme_table
+    from moe_prefetch.params import parse_section
+
+    return readme_table(parse_section("collect", yaml.safe_load(Path("params.yaml").read_text())["collect"]))
+
+
 def render(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -387,6 +398,7 @@ def main() -> None:
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     new = render(new, "results", results_section(metrics))
     new = render(new, "cost-profiles", profiles_section())
+    new = render(new, "gpu-estimates", gpu_estimates_section())
     if args.archs:
         new = render(new, "archs", archs_section(args.archs, metrics))
     if args.domain_split:

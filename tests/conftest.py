@@ -106,6 +106,22 @@ def single_thread():
         torch.set_num_threads(before)
 
 
+def spread_routers(model):
+    """`model` with every router's weight redrawn from N(0, 1) (and a DeepSeek-V3-style score-correction bias from
+    U(-0.3, 0.3)), in place: at the default init std the routing of a tiny random model is near-uniform, full of
+    near-ties that float rounding could flip. Seed torch before building the model for a deterministic draw."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("Router"):
+                weight = module.classifier.weight if hasattr(module, "classifier") else module.weight
+                weight.normal_(0.0, 1.0)
+                if hasattr(module, "e_score_correction_bias"):
+                    module.e_score_correction_bias.uniform_(-0.3, 0.3)
+    return model
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -214,3 +214,41 @@ def test_malformed_record_is_named_and_nothing_is_written(case, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     line = assert_fails_cleanly(run_main, tmp_path, ["error: collect.import: inputs/", *fragments])
     assert "\n" not in line
+
+
+def test_imported_routing_replays_every_layer_under_every_policy_and_the_capacity_sweep(imported, tmp_path):
+    """The replay of imported routing (#13): every MoE layer, the capacity sweep given as fractions of the 8 experts,
+    the frequency fallback and every eviction policy; Belady's hit rate is at least on-demand's at every capacity and
+    equal once the cache holds every expert (nothing is ever evicted), and the ideal is a floor."""
+    import dataclasses
+
+    from moe_prefetch.evaluation.baselines import baseline_scorers
+    from moe_prefetch.evaluation.cache import EVICTION_POLICIES
+    from moe_prefetch.evaluation.sweeps import cache_report
+    from moe_prefetch.predictors import load_predictor
+    from moe_prefetch.traces import read_routing
+    from moe_prefetch.training import train
+    from moe_prefetch.windows.build import build_windows
+    from moe_prefetch.windows.data import read_summary, read_windows
+
+    shards = imported["jsonl"][0].parent / "jsonl-shards"
+    (tmp_path / "windows").mkdir()
+    build_windows(shards, tmp_path / "windows", tiny_params("windows"))
+    train(tiny_params("train", arch="lookup"), tmp_path / "windows", tmp_path / "predictor", tmp_path / "live")
+    summary = read_summary(tmp_path / "windows")
+    train_windows, val, test = (read_windows(tmp_path / "windows", split) for split in ("train", "val", "test"))
+    scorers = {"predictor": load_predictor(tmp_path / "predictor").score,
+               **baseline_scorers(train_windows, summary, np.random.default_rng(0), val)}
+    routing = read_routing(shards)
+    for policy in EVICTION_POLICIES:
+        params = dataclasses.replace(tiny_params("evaluate").cache, policy=policy, capacity_sweep=[0.125, 0.25, 0.5, 1.0],
+                                     capacity_sweep_unit="fraction", fallback="frequency", profile_sweep_tokens=0)
+        report = cache_report(test, scorers, params, summary, val, routing=routing, train=train_windows)
+        cache = report["cache"]
+        assert cache["config"]["replayed_layers"] == len(LAYERS) and cache["config"]["fallback"] == "frequency"
+        assert [row["capacity"] for row in report["by_capacity"]] == [1, 2, 4, 8], policy
+        for row in report["by_capacity"]:
+            assert row["belady_hit_rate"] >= row["on_demand_hit_rate"] - 1e-12, (policy, row["capacity"])
+        assert report["by_capacity"][-1]["belady_hit_rate"] == pytest.approx(report["by_capacity"][-1]["on_demand_hit_rate"])
+        strategies = [name for name in cache if name not in ("config", "ideal")]
+        assert all(cache["ideal"]["time_per_token_ms"] <= cache[name]["time_per_token_ms"] + 1e-9 for name in strategies)

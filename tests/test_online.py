@@ -23,7 +23,8 @@ from moe_prefetch.routing import adapter_for
 
 NEW_TOKENS = 6
 ULPS = {"generate": 1, "forward": 99}  # float16 ulps the online hidden state may differ by (see the test)
-ARCHS = {"mlp": {"mlp": {}}, "token_mlp": {"token_mlp": {"hidden": [64]}}, "hidden_mlp": {"hidden_mlp": {"dropout": 0.0, "hidden": [32]}}, "lookup": {}}
+ARCHS = {"mlp": {"mlp": {}}, "token_mlp": {"token_mlp": {"hidden": [64]}}, "hidden_mlp": {"hidden_mlp": {"dropout": 0.0, "hidden": [32]}}, "lookup": {},
+         "token_mlp/both": {"token_mlp": {"hidden": [64], "context_encoding": "both"}}}  # name: arch[/variant] -> train section
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,12 @@ def run(tmp_path_factory):
                             sequences_per_chunk=5, mode="generate", max_new_tokens=NEW_TOKENS,
                             capture={"hidden_states": True, "hidden_dim": 16}), root / "traces")
         write_shards(root / "traces", root / "shards", tiny_params("shard"))
-        build_windows(root / "shards", root / "windows", tiny_params("windows"))
+        build_windows(root / "shards", root / "windows", tiny_params("windows", context_weights=True))
         predictors = {}
-        for arch, section in ARCHS.items():
-            train(tiny_params("train", arch=arch, epochs=1, **section), root / "windows", root / arch, root / f"live-{arch}")
-            predictors[arch] = load_predictor(root / arch)
+        for name, section in ARCHS.items():
+            out = name.replace("/", "-")
+            train(tiny_params("train", arch=name.split("/")[0], epochs=1, **section), root / "windows", root / out, root / f"live-{out}")
+            predictors[name] = load_predictor(root / out)
     routing = read_routing(root / "shards")
     sequences = {}  # sequence id -> (prompt ids, all ids) in position order
     for s, sid in enumerate(routing.sequence_ids):

@@ -67,6 +67,7 @@ def synthetic(n: int, seed: int, requires: tuple[str, ...] = ("context_experts",
     optional = {
         "context_experts": context, "hidden_state": hidden, "next_token_experts": routed(upcoming),
         "next_token_weights": np.tile(np.float32([0.7, 0.3]), (n, NEXT_TOKENS, 1)), "token_id": token_id,
+        "context_weights": best_first_weights(rng.uniform(0.65, 0.9, (n, c))),  # (n, c, k), slot 0 the heavier
     }
     assert set(requires) <= set(optional), f"synthetic() cannot make {sorted(set(requires) - set(optional))} yet"
     sequences = np.arange(n) // per_sequence
@@ -77,6 +78,11 @@ def synthetic(n: int, seed: int, requires: tuple[str, ...] = ("context_experts",
         sequence_index=sequences, domains=["synthetic"], sequence_ids=[f"{seed}/{i}" for i in range(sequences[-1] + 1)],
         **{name: column if name in requires else None for name, column in optional.items()},
     )
+
+
+def best_first_weights(top: np.ndarray) -> np.ndarray:
+    """(..., 2) float32 gate weights [w, 1 - w] for the top weights w >= 0.5: the routed order, heavier slot first."""
+    return np.stack([top, 1.0 - top], axis=-1).astype(np.float32)
 
 
 def windows_for(predictor: Predictor, n: int, seed: int) -> WindowSet:
@@ -201,6 +207,48 @@ def test_hidden_plus_routing_reads_the_routing_context_too(tmp_path) -> None:
         predictor.save(tmp_path / str(routing_dim))
         np.testing.assert_array_equal(load_predictor(tmp_path / str(routing_dim)).score(val)[0], predictor.score(val)[0])
     assert accuracy[0] < 0.25 and accuracy[8] > 0.9, accuracy
+
+
+@pytest.mark.parametrize("arch", ["mlp", "token_mlp", "layer_specific", "hybrid"])
+@pytest.mark.parametrize("encoding", ["weighted_set", "both"])
+def test_weighted_set_context_encodings_learn_and_round_trip(arch, encoding, tmp_path) -> None:
+    predictor = make(arch, **{arch: {**SMALL[arch], "context_encoding": encoding}})
+    assert predictor.requires[:2] == ("context_experts", "context_weights")
+    size, overrides = FIT.get(arch, (3000, {}))
+    # reading the heavier expert off a weighted sum, then the modular mapping with the token id, takes token_mlp longer
+    epochs = {"epochs": 10, "patience": 10} if arch == "token_mlp" else {}
+    predictor = make(arch, **overrides, **epochs, **{arch: {**SMALL[arch], "context_encoding": encoding}})
+    predictor.fit(windows_for(predictor, size, 0), windows_for(predictor, 500, 1), lambda row: None)
+    held_out = windows_for(predictor, 1000, 2)
+    assert top1(predictor, held_out) >= 0.95
+    predictor.save(tmp_path)
+    np.testing.assert_array_equal(load_predictor(tmp_path).score(held_out)[0], predictor.score(held_out)[0])
+
+
+def test_weighted_set_ignores_slot_order_inside_a_layer_and_reads_the_weights() -> None:
+    """Swapping a context layer's two slots together with their weights leaves weighted_set's scores unchanged
+    (a set), not the slots encoding's; changing only the weights changes weighted_set's scores."""
+    def swapped(windows: WindowSet) -> WindowSet:
+        return dataclasses.replace(windows, context_experts=windows.context_experts[:, :, ::-1].copy(),
+                                   context_weights=windows.context_weights[:, :, ::-1].copy())
+
+    windows = synthetic(64, 0, ("context_experts", "context_weights"))
+    scores = {}
+    for encoding in ("weighted_set", "slots"):
+        predictor = make("mlp", mlp={"context_encoding": encoding})
+        scores[encoding] = predictor.score(windows)[0], predictor.score(swapped(windows))[0]
+    np.testing.assert_allclose(*scores["weighted_set"], rtol=1e-5, atol=1e-7)
+    assert np.abs(scores["slots"][0] - scores["slots"][1]).max() > 1e-4
+    reweighted = dataclasses.replace(windows, context_weights=np.ascontiguousarray(windows.context_weights[:, :, ::-1]))
+    assert np.abs(make("mlp", mlp={"context_encoding": "weighted_set"}).score(reweighted)[0] - scores["weighted_set"][0]).max() > 1e-4
+
+
+def test_weighted_set_without_context_weights_and_an_unknown_encoding_are_one_line_errors() -> None:
+    predictor = make("token_mlp", token_mlp={**SMALL["token_mlp"], "context_encoding": "weighted_set"})
+    with pytest.raises(PipelineError, match=r"^context_weights: token_mlp with context_encoding weighted_set reads .*windows.context_weights: true"):
+        predictor.fit(synthetic(100, 0, ("context_experts", "token_id")), synthetic(50, 1, ("context_experts", "token_id")), lambda row: None)
+    with pytest.raises(PipelineError, match=r"^train.mlp.context_encoding: 'sets' is not one of 'slots' or 'weighted_set' or 'both'"):
+        make("mlp", mlp={"context_encoding": "sets"})
 
 
 def test_hidden_mlp_without_hidden_states_is_a_one_line_error() -> None:

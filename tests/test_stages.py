@@ -16,7 +16,7 @@ from conftest import read_shard_tables, tiny_params
 from moe_prefetch import traces
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.base import WEIGHTS_NAME
-from moe_prefetch.windows.data import SPLITS, read_windows
+from moe_prefetch.windows.data import SPLITS, context_layer_offsets, read_summary, read_windows
 from moe_prefetch.windows.build import build_windows
 
 RANKING_KEYS = {"top1", "top3", "top5", "top10", "recall_at_k"}
@@ -168,6 +168,22 @@ def test_token_ids_add_each_windows_token_id_and_only_the_summary_key(tiny, tmp_
         assert table.drop_columns(["token_id"]).equals(pq.read_table(off / f"{split}.parquet"))
     assert read_windows(on, "test").token_id.tolist() == pq.read_table(on / "test.parquet")["token_id"].to_pylist()
     assert summary["params"]["token_ids"] is True and "token_ids" not in summary_off["params"]
+
+
+def test_context_weights_add_the_context_layers_gate_weights_and_only_the_summary_key(tiny, tmp_path):
+    """windows.context_weights: each window's context_weights are the shards' gate weights of its context layers,
+    slot for slot with context_experts; the other columns are those of the default windows."""
+    summary = build_windows(tiny.shards, tmp_path, tiny_params("windows", context_weights=True))
+    routing, windows = traces.read_routing(tiny.shards), read_windows(tmp_path, "test")
+    row_of = {(routing.sequence_ids[s], int(p)): row for row, (s, p) in enumerate(zip(routing.sequence_index, routing.position))}
+    rows = np.array([row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index, windows.position)])
+    layers = windows.target_layer[:, None].astype(np.int64) + np.array(context_layer_offsets(summary["context_length"], summary["horizon"]))  # (N, c)
+    np.testing.assert_array_equal(windows.context_weights, routing.weights[rows[:, None], layers])
+    np.testing.assert_array_equal(windows.context_experts, routing.experts[rows[:, None], layers])
+    for split in SPLITS:
+        with_weights = pq.read_table(tmp_path / f"{split}.parquet")
+        assert with_weights.drop_columns(["context_weights"]).equals(pq.read_table(tiny.windows / f"{split}.parquet"))
+    assert summary["params"]["context_weights"] is True and "context_weights" not in read_summary(tiny.windows)["params"]
 
 
 # --- train ---------------------------------------------------------------------------------------------------

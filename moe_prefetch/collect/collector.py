@@ -9,7 +9,9 @@ Data-parallel: under `accelerate launch --multi_gpu --num_processes N` (also on 
 launch --cpu --num_processes N` starts a single process unless an MPI hostfile is given.)
 
 collect.mode generate records decode-time routing (moe_prefetch/collect/generation.py); collect.import reads routing recorded
-elsewhere instead of running a model (moe_prefetch/collect/importer.py). Memory: the plan (token ids) plus one chunk of rows.
+elsewhere instead of running a model (moe_prefetch/collect/importer.py). Memory: the plan (token ids) plus one chunk of
+rows (at most collect.max_chunk_bytes; moe_prefetch/collect/footprint.py). Each data-parallel rank gets its own GPUs
+(moe_prefetch/collect/devices.py).
 
     python -m stages.collect --out data/traces
 """
@@ -208,6 +210,8 @@ def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
     # torch and the model code load here, not at module import: shard and collect.import use this module's helpers
     import torch
 
+    from moe_prefetch.collect.devices import input_device, rank_placement
+    from moe_prefetch.collect.footprint import chunk_sequences, token_bytes
     from moe_prefetch.collect.generation import (
         check_generate,
         eos_token_ids,
@@ -232,29 +236,31 @@ def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
     tokenizer = load_tokenizer(params.model)
     planned = plan_sequences(params, tokenizer)  # before the weights load: a bad source fails fast
     digest = plan_digest(params, planned, model_fingerprint(params.model))
-    device = str(state.device) if params.device == "cuda" and state.num_processes > 1 else params.device  # one GPU per rank
-    model = load_model(params.model, params.dtype, device)
+    placement = rank_placement(params.device)  # each data-parallel rank its own GPUs
+    model = load_model(params.model, params.dtype, placement.device, placement.gpus)
     adapter = adapter_for(model)
     if params.mode == "generate":
         check_generate(adapter)
+    stored_hidden = (params.capture.hidden_dim or int(adapter.config.hidden_size)) if params.capture.hidden_states else 0
+    capture = captured(params, stored_hidden)
+    geometry = traces.TraceGeometry(len(adapter.layers), adapter.top_k, adapter.num_experts, capture)
+    table_schema = traces.schema(geometry)
+    per_chunk = chunk_sequences(params, token_bytes(geometry))  # bounded by collect.max_chunk_bytes
     prepare_output(out, digest, state.is_main_process)  # only now: a failure above leaves `out` as it was
     state.wait_for_everyone()
 
-    stored_hidden = (params.capture.hidden_dim or int(model.config.hidden_size)) if params.capture.hidden_states else 0
-    capture = captured(params, stored_hidden)
-    table_schema = traces.schema(traces.TraceGeometry(len(adapter.layers), adapter.top_k, adapter.num_experts, capture))
     recorder = RoutingRecorder(adapter, params.capture, projection_seed=params.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model_device = next(model.parameters()).device
+    model_device = input_device(model)
     eos_ids = eos_token_ids(model)
-    chunk_starts = list(range(0, len(planned), params.sequences_per_chunk))
+    chunk_starts = list(range(0, len(planned), per_chunk))
     mine = chunk_starts[state.process_index :: state.num_processes]
-    progress = Progress(sum(len(planned[s : s + params.sequences_per_chunk]) for s in mine), f"collect[{state.process_index}]",
+    progress = Progress(sum(len(planned[s : s + per_chunk]) for s in mine), f"collect[{state.process_index}]",
                         unit="seq")
     tokens_done, resumed, started = 0, [], time.perf_counter()
     for start in mine:
-        path = out / f"chunk-{start // params.sequences_per_chunk:05d}.parquet"
-        sequences = planned[start : start + params.sequences_per_chunk]
+        path = out / f"chunk-{start // per_chunk:05d}.parquet"
+        sequences = planned[start : start + per_chunk]
         if path.exists():
             resumed.append(path.name)
             progress.update(len(sequences))
@@ -282,5 +288,6 @@ def collect(params: CollectParams, out: Path, inputs: Path = INPUTS) -> None:
             "builtin_text_python_version": source_fingerprint(),
             "software_versions": software_versions(),
             "bos_token_id": bos_token_id(params, tokenizer),
+            "sequences_per_chunk": per_chunk,
             "plan_digest": digest,
         }).write(out)

@@ -31,6 +31,10 @@ class CollectParams:
     min_tokens: int = doc("Sequences with fewer tokens than this, the BOS included, are skipped.", 16)
     batch_size: int = doc("Sequences per forward pass.", 16)
     sequences_per_chunk: int = doc("Sequences per trace chunk file (the unit of resume after a crash).", 256)
+    max_chunk_bytes: int = doc("Upper bound on the bytes of one chunk's recorded rows, held in host memory until the chunk is written "
+        "(moe_prefetch/collect/footprint.py): a chunk holds fewer than sequences_per_chunk sequences (a multiple of batch_size) "
+        "when their rows would exceed it, e.g. with full-width hidden states of a large model. Writing a chunk briefly needs "
+        "about twice this again (the Arrow table).", 1 << 30)
     dtype: Literal["float32", "bfloat16", "float16"] = doc("Model dtype.", "float32")
     device: str = doc("cpu, cuda, cuda:N, or auto (device_map='auto' spreads a large model over all GPUs).", "cpu")
     seed: int = doc("Seed for document order and chunk sampling.", 0)
@@ -48,7 +52,7 @@ class CollectParams:
 
     def validate(self) -> None:
         positive("collect", self, "num_sequences", "seq_len", "chunks_per_document", "min_tokens", "batch_size", "sequences_per_chunk",
-                  "max_new_tokens")
+                  "max_new_tokens", "max_chunk_bytes")
         if self.num_experts < 0:
             raise PipelineError(f"collect.num_experts: must be >= 0 (0 = infer), got {self.num_experts}")
         if self.import_glob is not None and not self.import_glob.strip():

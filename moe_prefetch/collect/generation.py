@@ -10,7 +10,9 @@ attention (a hole in the 2-D mask) and positions are passed explicitly, so every
 would alone. A sequence stops when it generates EOS (EOS is never fed back, so it has no routing and no row);
 finished sequences are fed a masked pad token whose routing is discarded. Greedy argmax: deterministic.
 A sliding attention window counts cache slots, holes included, so a model whose window is shorter than the longest
-prompt plus max_new_tokens decodes one sequence at a time (exact, slower).
+prompt plus max_new_tokens decodes one sequence at a time (exact, slower). So does a model with recurrent token
+mixers (`adapter.recurrent`: Mamba, linear attention): a short prompt's pad steps would run through the recurrent
+state before its first decoded token (decode steps are not masked there), so batching would change its routing.
 
 Row dicts hold `position` (int32), `token_id` (int32), `generated` (bool) and the recorder's arrays
 (experts, weights and the captures), each with one entry per recorded token in position order.
@@ -48,7 +50,7 @@ def _rows(arrays: dict[str, np.ndarray], row: int, count: int, first_position: i
 def forward_rows(model, adapter: RoutingAdapter, recorder: RoutingRecorder, token_lists: list[list[int]], pad_id: int, device) -> list[dict]:
     input_ids, mask, lengths = right_padded(token_lists, pad_id)
     with torch.no_grad():
-        model(**adapter.forward_inputs(input_ids.to(device), mask.to(device)))
+        adapter.causal_lm()(**adapter.forward_inputs(input_ids.to(device), mask.to(device)))
     arrays = recorder.take(*input_ids.shape)
     return [_rows(arrays, row, len(ids), 0, ids, False) for row, ids in enumerate(token_lists)]
 
@@ -72,22 +74,27 @@ def eos_token_ids(model) -> set[int]:
 def generate_rows(model, adapter: RoutingAdapter, recorder: RoutingRecorder, token_lists: list[list[int]], pad_id: int, device,
                   max_new_tokens: int, eos_ids: set[int]) -> list[dict]:
     """Prompt rows from the prefill, then one row per generated token (see the module docstring)."""
-    window = getattr(model.config, "sliding_window", None)
-    if len(token_lists) > 1 and window and window < max(map(len, token_lists)) + max_new_tokens:
+    window = getattr(adapter.config, "sliding_window", None)  # the text decoder's (a multimodal config nests it)
+    window_too_short = bool(window) and window < max(map(len, token_lists)) + max_new_tokens
+    if len(token_lists) > 1 and (adapter.recurrent or window_too_short):
         return [rows for ids in token_lists
                 for rows in generate_rows(model, adapter, recorder, [ids], pad_id, device, max_new_tokens, eos_ids)]
     input_ids, mask, lengths = right_padded(token_lists, pad_id)
     batch = len(token_lists)
     inputs = adapter.forward_inputs(input_ids.to(device), mask.to(device))
     inputs["use_cache"] = True
+    causal_lm = adapter.causal_lm()
     with torch.no_grad():
-        out = model(**inputs, logits_to_keep=(lengths - 1)[:, None].to(device))  # logits of each prompt's last token
+        out = causal_lm(**inputs, logits_to_keep=(lengths - 1)[:, None].to(device))  # logits of each prompt's last token
     prompt = recorder.take(*input_ids.shape)
     rows = [_rows(prompt, row, len(ids), 0, ids, False) for row, ids in enumerate(token_lists)]
     decoded: list[list[dict]] = [[] for _ in range(batch)]
     generated: list[list[int]] = [[] for _ in range(batch)]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
-    next_token = out.logits[:, -1].argmax(-1).cpu()
+    logits = out.logits  # (B, 1, V); (B, W, V) from a model that ignores logits_to_keep (Qwen3-Omni-MoE's thinker)
+    if logits.shape[1] != 1:
+        logits = logits[torch.arange(batch), (lengths - 1).to(logits.device)][:, None]
+    next_token = logits[:, -1].argmax(-1).cpu()
     active = torch.ones(batch, dtype=torch.bool)
     cache = out.past_key_values
     for step in range(max_new_tokens):
@@ -97,7 +104,7 @@ def generate_rows(model, adapter: RoutingAdapter, recorder: RoutingRecorder, tok
         feed = torch.where(active, next_token, torch.full_like(next_token, pad_id))
         mask = torch.cat([mask, active[:, None].long()], dim=1)
         with torch.no_grad():
-            out = model(input_ids=feed[:, None].to(device), attention_mask=mask.to(device), position_ids=(lengths + step)[:, None].to(device),
+            out = causal_lm(input_ids=feed[:, None].to(device), attention_mask=mask.to(device), position_ids=(lengths + step)[:, None].to(device),
                         past_key_values=cache, use_cache=True)
         arrays = recorder.take(batch, 1)
         for row in torch.nonzero(active).flatten().tolist():

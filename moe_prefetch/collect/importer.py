@@ -24,21 +24,23 @@ layers, one "decoder" stack, no shared experts), so shard, windows, train and ev
 keep the order of their first record, tokens are sorted by position. A token missing some layer is dropped and
 counted (meta.json collect.incomplete_tokens, carried into the shard manifest). Any malformed record stops the
 import with one line naming file, line (Parquet: 0-based row) and field; nothing is written (the output directory
-is built under a temporary name and renamed at the end).
+is built under a temporary name and renamed at the end). In JSON Lines, as in Parquet and CSV, a null optional
+field is a missing one (its default).
+
+Memory is bounded whatever the number of records (10^8 is a day of a serving engine's routing log): records
+stream through in batches (moe_prefetch/collect/import_records.py: Arrow's streaming readers, checks vectorised)
+and are spilled to disk grouped by SPILL_SEQUENCES consecutive sequences (in order of first appearance); the
+second pass sorts and checks one group at a time and writes chunks as they fill. What is held: one batch, one
+group's records, one chunk's rows, and one entry per distinct sequence / document / domain.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
-import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moe_prefetch import traces
 from moe_prefetch.collect.chunks import (
@@ -48,275 +50,202 @@ from moe_prefetch.collect.chunks import (
     write_chunk,
 )
 from moe_prefetch.collect.config import CollectParams
+from moe_prefetch.collect.import_records import (
+    FORMATS,
+    ImportState,
+    Inexact,
+    exact_batches,
+    fast_batches,
+    where,
+)
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.files import atomic_path
 
-REQUIRED = ("sequence_id", "position", "layer", "experts", "weights")
-OPTIONAL = ("domain", "document_id", "token_id", "generated")
-FORMATS = (".jsonl", ".csv", ".parquet")
+SPILL_SEQUENCES = 32  # sequences per spill group: the second pass holds one group's records at a time
+FLAT = ("sequence", "position", "layer", "token_id", "generated", "domain", "document", "file", "number", "index")
 
 
-class FieldError(Exception):
-    """A malformed field of one record: (field, problem); the reader adds file and line."""
+class Spill:
+    """Validated batches on disk under `root`, one directory per group of SPILL_SEQUENCES sequence codes, each
+    group's records in input order (part files in batch order, a batch's records stably grouped)."""
+
+    def __init__(self, root: Path, top_k: int):
+        self.root = root
+        self.top_k = top_k
+        self.parts = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        group = batch["sequence"] // SPILL_SEQUENCES
+        order = np.argsort(group, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1], True])
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            rows = order[start:end]
+            table = pa.table({**{name: batch[name][rows] for name in FLAT},
+                              **{name: pa.FixedSizeListArray.from_arrays(batch[name][rows].ravel(), self.top_k) for name in ("experts", "weights")}})
+            path = self.root / f"{int(group[rows[0]]):09d}" / f"{self.parts:09d}.arrow"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        self.parts += 1
+
+    def groups(self):
+        """Each group's records as one batch, groups in sequence order."""
+        for directory in sorted(self.root.iterdir()) if self.root.exists() else []:
+            table = pa.concat_tables(pa.ipc.open_file(str(path)).read_all() for path in sorted(directory.iterdir()))
+            batch = {name: table.column(name).to_numpy() for name in FLAT}
+            for name in ("experts", "weights"):
+                batch[name] = table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, self.top_k)
+            yield batch
 
 
-def _jsonl(path: str):
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.strip())
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"collect.import: {path}: line {number}: bad JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise PipelineError(f"collect.import: {path}: line {number}: a record must be a JSON object, got {type(record).__name__}")
-            yield number, record
-
-
-def _csv_value(name: str, text: str):
-    text = text.strip()
-    if name in ("experts", "weights"):
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                raise FieldError(name, f"{text!r} is not a JSON list") from None
-        try:
-            return [(int if name == "experts" else float)(v) for v in re.split(r"[;\s]+", text) if v]
-        except ValueError:
-            raise FieldError(name, f"{text!r} is not a list of numbers") from None
-    if name in ("position", "layer", "token_id"):
-        try:
-            return int(text)
-        except ValueError:
-            raise FieldError(name, f"{text!r} is not an integer") from None
-    if name == "generated":
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise FieldError(name, f"{text!r} is not a boolean (true/false/1/0)")
-        return text.lower() in ("true", "1")
-    return text
-
-
-def _csv(path: str):
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [name for name in REQUIRED if name not in (reader.fieldnames or [])]
-        if missing:
-            raise PipelineError(f"collect.import: {path}: line 1: field {missing[0]!r}: missing column in the header")
-        for raw in reader:
-            record = {}
-            for name, text in raw.items():
-                if name in REQUIRED + OPTIONAL and text is not None and text.strip():
-                    try:
-                        record[name] = _csv_value(name, text)
-                    except FieldError as err:
-                        raise PipelineError(f"collect.import: {path}: line {reader.line_num}: field {err.args[0]!r}: {err.args[1]}") from None
-            yield reader.line_num, record
-
-
-def _parquet(path: str):
-    try:
-        handle = pq.ParquetFile(path)
-        row = 0
-        for batch in handle.iter_batches(batch_size=65536):
-            for record in batch.to_pylist():
-                yield row, {k: v for k, v in record.items() if v is not None}
-                row += 1
-    except (pa.ArrowInvalid, OSError) as err:
-        raise PipelineError(f"collect.import: {path}: unreadable Parquet ({str(err).splitlines()[0]})") from None
-
-
-def _where(path: str, number: int) -> str:
-    return f"{path}: {'row' if path.endswith('.parquet') else 'line'} {number}"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class Records:
-    """Validated records as columns, plus where each came from (file index, line or row)."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.top_k = 0
-        self.first_index = 0  # the record that set top_k
-        self.columns: dict[str, list] = {name: [] for name in REQUIRED + OPTIONAL + ("file", "number")}
-        self.files: list[str] = []
-        self.max_id = -1
-
-    def where(self, index: int) -> str:
-        return _where(self.files[self.columns["file"][index]], self.columns["number"][index])
-
-    def add(self, file_index: int, number: int, record: dict) -> None:
-        for name in REQUIRED:
-            if name not in record:
-                raise FieldError(name, "missing")
-        sequence_id = record["sequence_id"]
-        if not (isinstance(sequence_id, str) and sequence_id or _is_int(sequence_id)):
-            raise FieldError("sequence_id", f"expected a non-empty string or an integer, got {sequence_id!r}")
-        for name in ("position", "layer"):
-            if not _is_int(record[name]) or record[name] < 0:
-                raise FieldError(name, f"expected an integer >= 0, got {record[name]!r}")
-        experts, weights = record["experts"], record["weights"]
-        if not isinstance(experts, list) or not experts or not all(_is_int(e) for e in experts):
-            raise FieldError("experts", f"expected a non-empty list of integer expert ids, got {experts!r}")
-        if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-            raise FieldError("weights", f"expected a list of numbers, got {weights!r}")
-        if len(weights) != len(experts):
-            raise FieldError("weights", f"{len(weights)} weights for {len(experts)} experts (the lists must have the same length)")
-        if not self.top_k:
-            self.top_k, self.first_index = len(experts), len(self.columns["position"])
-        elif len(experts) != self.top_k:
-            raise FieldError("experts", f"{len(experts)} experts, but k={self.top_k} in the first record ({self.where(self.first_index)}); k must not vary")
-        limit = self.num_experts or 2**15  # ids are stored as int16
-        for expert, weight in zip(experts, weights):
-            if not -1 <= expert < limit:
-                raise FieldError("experts", f"expert id {expert} out of range [0, {limit}) (collect.num_experts={self.num_experts}; -1 = dropped)")
-            if not math.isfinite(weight):
-                raise FieldError("weights", f"weight {weight!r} is not finite")
-            if expert == -1 and weight != 0:
-                raise FieldError("weights", f"a dropped slot (expert -1) must weigh 0, got {weight!r}")
-        kept = [e for e in experts if e != -1]
-        if len(set(kept)) != len(kept):
-            raise FieldError("experts", f"an expert is listed twice in {experts!r}")
-        for name, check, what in (("domain", lambda v: isinstance(v, str) and v, "a non-empty string"),
-                                  ("document_id", lambda v: isinstance(v, str) and v, "a non-empty string"),
-                                  ("token_id", _is_int, "an integer"), ("generated", lambda v: isinstance(v, bool), "a boolean")):
-            if name in record and not check(record[name]):
-                raise FieldError(name, f"expected {what}, got {record[name]!r}")
-        self.max_id = max(self.max_id, *experts)
-        sequence_id = str(sequence_id)
-        values = {**record, "sequence_id": sequence_id, "file": file_index, "number": number}
-        defaults = {"domain": "imported", "document_id": sequence_id, "token_id": -1, "generated": False}
-        for name, column in self.columns.items():
-            column.append(values.get(name, defaults.get(name)))
-
-    def read(self, path: str) -> None:
-        self.files.append(path)
-        reader = {".jsonl": _jsonl, ".csv": _csv, ".parquet": _parquet}[Path(path).suffix]
-        try:
-            for number, record in reader(path):
-                try:
-                    self.add(len(self.files) - 1, number, record)
-                except FieldError as err:
-                    raise PipelineError(f"collect.import: {_where(path, number)}: field {err.args[0]!r}: {err.args[1]}") from None
-        except UnicodeDecodeError as err:
-            raise PipelineError(f"collect.import: {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _codes(values: list) -> tuple[np.ndarray, list]:
-    """Integer codes in order of first appearance, and the distinct values."""
-    index: dict = {}
-    codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
-    return codes, list(index)
-
-
-def _check_same(records: Records, name: str, group: np.ndarray, order: np.ndarray, owner: str) -> None:
-    """Every record of a group (a token or a sequence; `order` sorts the records by group) gives the same `name`."""
-    values, _ = _codes(records.columns[name])
-    groups, values = group[order], values[order]
+def _check_same(state: ImportState, records: dict, name: str, value_of, group: np.ndarray, order: np.ndarray, owner: str,
+                exact: bool) -> None:
+    """Every record of a group (a token or a sequence; `order` sorts the records by group) gives the same `name`
+    (records[key] compared; value_of(index) is the value as given)."""
+    key = {"domain": "domain", "document_id": "document"}.get(name, name)
+    groups, values = group[order], records[key][order]
     starts = np.r_[True, groups[1:] != groups[:-1]]
     head = np.maximum.accumulate(np.where(starts, np.arange(len(groups)), 0))  # sorted index of each group's first record
     bad = np.flatnonzero(values != values[head])
     if len(bad):
+        if not exact:
+            raise Inexact
         worst = bad[np.argmin(order[bad])]
         index, earlier = int(order[worst]), int(order[head[worst]])
         raise PipelineError(
-            f"collect.import: {records.where(index)}: field {name!r}: {records.columns[name][index]!r} differs from "
-            f"{records.columns[name][earlier]!r} given for the same {owner} at {records.where(earlier)}"
+            f"collect.import: {_where(state, records, index)}: field {name!r}: {value_of(index)!r} differs from "
+            f"{value_of(earlier)!r} given for the same {owner} at {_where(state, records, earlier)}"
         )
 
 
-def load_records(params: CollectParams) -> tuple[Records, list[str]]:
+def _where(state: ImportState, records: dict, index: int) -> str:
+    return where(state.files[records["file"][index]], int(records["number"][index]))
+
+
+def group_rows(state: ImportState, records: dict, num_layers: int, exact: bool) -> tuple[list[ChunkSequence], list[dict], int]:
+    """The sequences of one spill group with their row dicts (complete tokens in position order, experts
+    best-first), and how many tokens missed some of the `num_layers` layers."""
+    sequence, position, layer = records["sequence"], records["position"], records["layer"]
+    order = np.lexsort((layer, position, sequence))  # stable: a duplicate follows the record it repeats
+    key = np.stack([sequence, position, layer], axis=1)[order]  # (n, 3)
+    repeats = np.flatnonzero((key[1:] == key[:-1]).all(axis=1)) + 1
+    if len(repeats):
+        if not exact:
+            raise Inexact
+        at = repeats[np.argmin(order[repeats])]
+        raise PipelineError(
+            f"collect.import: {_where(state, records, int(order[at]))}: field 'layer': duplicate (sequence_id, position, layer) = "
+            f"({state.values('sequence')[key[at, 0]]!r}, {key[at, 1]}, {key[at, 2]}); first given at {_where(state, records, int(order[at - 1]))}"
+        )
+    new_token = np.r_[True, (key[1:, :2] != key[:-1, :2]).any(axis=1)]
+    token = np.empty(len(order), dtype=np.int64)
+    token[order] = np.cumsum(new_token) - 1
+    _check_same(state, records, "token_id", lambda i: int(records["token_id"][i]), token, order, "token", exact)
+    _check_same(state, records, "generated", lambda i: bool(records["generated"][i]), token, order, "token", exact)
+    by_sequence = np.argsort(sequence, kind="stable")
+    for name, code in (("domain", "domain"), ("document_id", "document")):
+        _check_same(state, records, name, lambda i, code=code: state.values(code)[records[code][i]], sequence, by_sequence, "sequence", exact)
+
+    sizes = np.bincount(token)
+    complete = sizes == num_layers
+    kept = order[complete[token[order]]]  # sorted by (sequence, position, layer), complete tokens only
+    experts, weights = traces.best_first(records["experts"][kept], records["weights"][kept])
+    heads = kept[::num_layers]  # one record per token
+    token_sequence = sequence[heads]
+    bounds = np.flatnonzero(np.r_[True, token_sequence[1:] != token_sequence[:-1], True]) if len(heads) else np.zeros(1, dtype=np.int64)
+    sequence_ids, documents, domains = state.values("sequence"), state.values("document"), state.values("domain")
+    sequences, rows = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        first = int(heads[start])
+        sequences.append(ChunkSequence(sequence_ids[token_sequence[start]], documents[records["document"][first]],
+                                       domains[records["domain"][first]]))
+        tokens = heads[start:end]
+        rows.append({
+            "position": position[tokens].astype(np.int32),
+            "token_id": records["token_id"][tokens].astype(np.int32),
+            "generated": records["generated"][tokens].astype(bool),
+            "experts": experts[start * num_layers : end * num_layers].reshape(-1, num_layers, state.top_k),
+            "weights": weights[start * num_layers : end * num_layers].reshape(-1, num_layers, state.top_k),
+        })
+    return sequences, rows, int((~complete).sum())
+
+
+def matched_paths(params: CollectParams) -> list[str]:
     paths = sorted(glob.glob(params.import_glob, recursive=True))
     if not paths:
         raise PipelineError(f"collect.import: no file matches {params.import_glob!r}")
     unknown = [p for p in paths if Path(p).suffix not in FORMATS]
     if unknown:
         raise PipelineError(f"collect.import: {unknown[0]}: unsupported format; accepted: {', '.join(FORMATS)}")
-    records = Records(params.num_experts)
-    for path in paths:
-        records.read(path)
-    if not records.columns["position"]:
-        raise PipelineError(f"collect.import: the files matching {params.import_glob!r} hold no record")
-    return records, paths
+    return paths
 
 
 def import_traces(params: CollectParams, out: Path) -> None:
-    """Validate every record, then write chunk files + meta.json into `out` (replaced only on success)."""
-    records, paths = load_records(params)
-    cols = records.columns
-    sequence, sequence_ids = _codes(cols["sequence_id"])
-    position, layer = np.asarray(cols["position"], dtype=np.int64), np.asarray(cols["layer"], dtype=np.int64)
-    order = np.lexsort((layer, position, sequence))  # stable: a duplicate follows the record it repeats
-    key = np.stack([sequence, position, layer], axis=1)[order]
-    repeats = np.flatnonzero((key[1:] == key[:-1]).all(axis=1)) + 1
-    if len(repeats):
-        at = repeats[np.argmin(order[repeats])]
-        raise PipelineError(
-            f"collect.import: {records.where(int(order[at]))}: field 'layer': duplicate (sequence_id, position, layer) = "
-            f"({sequence_ids[key[at, 0]]!r}, {key[at, 1]}, {key[at, 2]}); first given at {records.where(int(order[at - 1]))}"
-        )
-    new_token = np.r_[True, (key[1:, :2] != key[:-1, :2]).any(axis=1)]
-    token = np.empty(len(order), dtype=np.int64)
-    token[order] = np.cumsum(new_token) - 1
-    _check_same(records, "token_id", token, order, "token")
-    _check_same(records, "generated", token, order, "token")
-    by_sequence = np.argsort(sequence, kind="stable")
-    _check_same(records, "domain", sequence, by_sequence, "sequence")
-    _check_same(records, "document_id", sequence, by_sequence, "sequence")
+    """Validate every record, then write chunk files + meta.json into `out` (replaced only on success): through
+    Arrow's fast readers, or, if they cannot take (or name a problem in) the input, one record at a time."""
+    paths = matched_paths(params)
+    try:
+        _import(params, out, paths, exact=False)
+    except Inexact:
+        _import(params, out, paths, exact=True)
 
-    layers = sorted(set(cols["layer"]))
-    sizes = np.bincount(token)
-    complete = sizes == len(layers)
-    kept = order[complete[token[order]]]  # sorted by (sequence, position, layer), complete tokens only
-    if not len(kept):
-        raise PipelineError(f"collect.import: no token has routing for all {len(layers)} layers {layers}; nothing to import")
-    L, k = len(layers), records.top_k
-    experts, weights = traces.best_first(np.asarray(cols["experts"], dtype=np.int16)[kept], np.asarray(cols["weights"], dtype=np.float32)[kept])
-    heads = kept[::L]  # one record per token
-    token_sequence = sequence[heads]
-    bounds = np.flatnonzero(np.r_[True, token_sequence[1:] != token_sequence[:-1], True])
-    sequences, rows = [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        first = int(heads[start])
-        sequences.append(ChunkSequence(sequence_ids[token_sequence[start]], cols["document_id"][first], cols["domain"][first]))
-        rows.append({
-            "position": position[heads[start:end]].astype(np.int32),
-            "token_id": np.asarray([cols["token_id"][i] for i in heads[start:end]], dtype=np.int32),
-            "generated": np.asarray([cols["generated"][i] for i in heads[start:end]], dtype=bool),
-            "experts": experts[start * L : end * L].reshape(-1, L, k),
-            "weights": weights[start * L : end * L].reshape(-1, L, k),
-        })
-    num_experts = params.num_experts or records.max_id + 1
-    if num_experts == 0:
-        raise PipelineError("collect.import: every expert slot is -1 (dropped); set collect.num_experts")
-    step = params.sequences_per_chunk
-    chunks = range(0, len(sequences), step)
-    meta = traces.TraceMeta(
-        model=f"imported:{params.import_glob}",
-        family="imported",
-        moe_layers=layers,
-        layer_stacks=["decoder"] * L,
-        num_experts=num_experts,
-        top_k=k,
-        shared_experts=0,
-        capture=traces.Capture(),
-        collect={
-            **run_summary(params, sequences, len(chunks)),
-            "imported_files": [{"file": path, "sha256": traces.sha256_file(Path(path))} for path in paths],
-            "records": len(order),
-            "tokens": len(heads),
-            "incomplete_tokens": int((~complete).sum()),
-        },
-    )
-    schema = traces.schema(meta.geometry)
+
+def _import(params: CollectParams, out: Path, paths: list[str], exact: bool) -> None:
+    state = ImportState(params.num_experts)
+    batches = exact_batches if exact else fast_batches
     with atomic_path(out) as temp:
+        spill = None
+        for path in paths:
+            for batch in batches(state, path):
+                spill = spill or Spill(temp.parent / "spill", state.top_k)
+                spill.add(batch)
+        if not state.records:
+            raise PipelineError(f"collect.import: the files matching {params.import_glob!r} hold no record")
+        num_experts = params.num_experts or state.max_id + 1
+        if num_experts == 0:
+            raise PipelineError("collect.import: every expert slot is -1 (dropped); set collect.num_experts")
+        layers = sorted(state.layers)
+        L, step = len(layers), params.sequences_per_chunk
+        schema = traces.schema(traces.TraceGeometry(L, state.top_k, num_experts, traces.Capture()))
         temp.mkdir()
-        for start in chunks:
-            write_chunk(temp / f"chunk-{start // step:05d}.parquet", chunk_table(sequences[start : start + step], rows[start : start + step], schema))
-        meta.write(temp)
-    print(f"import: {len(heads)} tokens of {len(sequences)} sequences from {len(paths)} files -> {out} "
-          f"({int((~complete).sum())} incomplete tokens dropped)")
+        written: list[ChunkSequence] = []  # every sequence, for the summary (one entry per sequence)
+        pending: tuple[list[ChunkSequence], list[dict]] = ([], [])  # sequences not yet in a chunk
+        tokens = incomplete = 0
+
+        def write(count: int) -> None:
+            sequences, rows = pending[0][:count], pending[1][:count]
+            write_chunk(temp / f"chunk-{len(written) // step:05d}.parquet", chunk_table(sequences, rows, schema))
+            written.extend(sequences)
+            del pending[0][:count], pending[1][:count]
+
+        for records in spill.groups():
+            sequences, rows, dropped = group_rows(state, records, L, exact)
+            pending[0].extend(sequences)
+            pending[1].extend(rows)
+            tokens += sum(len(r["position"]) for r in rows)
+            incomplete += dropped
+            while len(pending[0]) >= step:
+                write(step)
+        if pending[0]:
+            write(len(pending[0]))
+        if not written:
+            raise PipelineError(f"collect.import: no token has routing for all {L} layers {layers}; nothing to import")
+        traces.TraceMeta(
+            model=f"imported:{params.import_glob}",
+            family="imported",
+            moe_layers=layers,
+            layer_stacks=["decoder"] * L,
+            num_experts=num_experts,
+            top_k=state.top_k,
+            shared_experts=0,
+            capture=traces.Capture(),
+            collect={
+                **run_summary(params, written, -(-len(written) // step)),
+                "imported_files": [{"file": path, "sha256": traces.sha256_file(Path(path))} for path in paths],
+                "records": state.records,
+                "tokens": tokens,
+                "incomplete_tokens": incomplete,
+            },
+        ).write(temp)
+    print(f"import: {tokens} tokens of {len(written)} sequences from {len(paths)} files -> {out} "
+          f"({incomplete} incomplete tokens dropped)")

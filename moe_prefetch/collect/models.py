@@ -70,21 +70,44 @@ def load_tokenizer(name: str):
         raise PipelineError(f"collect.model: cannot load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def load_model(name: str, dtype: str, device: str):
+def auto_model_class(config):
+    """The transformers Auto class that builds `config`'s model with its language-model head: seq2seq for an
+    encoder-decoder, else causal LM, else (a multimodal checkpoint whose text decoder an adapter reads) image-text-
+    to-text (Qwen3-VL-MoE, Qwen3.5-MoE) or multimodal LM (Qwen3-Omni-MoE); causal LM's own error names any other."""
+    import transformers
+
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    candidates = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModelForMultimodalLM)
+    # _model_mapping (config class -> model class) is how the Auto classes themselves dispatch
+    return next((auto for auto in candidates if type(config) in auto._model_mapping), transformers.AutoModelForCausalLM)
+
+
+def load_model(name: str, dtype: str, device: str, gpus: tuple[int, ...] | None = None):
     """AutoModel from a local directory or a hub id, in eval mode on `device`.
 
-    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them.
+    device "auto" passes device_map="auto" so accelerate spreads a model larger than one GPU over all of them, or
+    over `gpus` only (a data-parallel rank's share, moe_prefetch/collect/devices.py), then CPU RAM.
+    A family's adapter may add config overrides that leave out what a text collection never runs
+    (`RoutingAdapter.load_overrides`: Qwen3-Omni-MoE's speech talker).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from moe_prefetch.routing import FAMILIES
 
     config = load_config(name)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"collect.device: {device!r} requested but no CUDA device is available; use cpu")
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    kwargs = {"dtype": DTYPES[dtype]}
+    auto = auto_model_class(config)
+    model_type = getattr(config, "model_type", None)
+    kwargs = {"dtype": DTYPES[dtype], **(FAMILIES[model_type].load_overrides if model_type in FAMILIES else {})}
     if device == "auto":
         kwargs["device_map"] = "auto"
+        if gpus is not None:
+            from accelerate.utils import get_max_memory
+
+            # accelerate places only on the devices max_memory lists: this rank's GPUs, then CPU RAM
+            kwargs["max_memory"] = {key: free for key, free in get_max_memory().items() if not isinstance(key, int) or key in gpus}
     try:
         model = auto.from_pretrained(name, **kwargs)
     except SafetensorError as err:

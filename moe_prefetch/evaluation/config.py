@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from moe_prefetch.config import doc, non_negative, positive, positive_int_list
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.evaluation.cache import EVICTION_POLICIES, MISS_PATHS, PREFETCH_TARGETS, CostModel
+from moe_prefetch.evaluation.fallback import FALLBACK_RULES
 from moe_prefetch.registry import Registry
 
 
@@ -96,6 +97,10 @@ class CacheParams:
     experts offloaded to CPU memory, see COST_PROFILES), each replaced by its override when that is not null."""
 
     capacity: int = doc("Experts the cache holds (per layer if per_layer, else in total).", 4)
+    capacity_fraction: float | None = doc(
+        "The cache's size as a fraction of the experts a pool can hold (per layer: the model's experts; one global "
+        "pool: experts x MoE layers), rounded to the nearest whole expert, at least 1, so models with 8 to 256 "
+        "experts compare; null = `capacity`.", None)
     per_layer: bool = doc("One cache per MoE layer (true) or one global cache (false).", True)
     policy: str = doc(f"Eviction policy: {' | '.join(EVICTION_POLICIES)}.", "lru")
     prefetch_m: int = doc("Experts prefetched per token: the predictor's top-m for layer l+h, issued when layer l runs.", 2)
@@ -130,7 +135,19 @@ class CacheParams:
         "share of its time), else not at all.", 0.01)
     decode_batch_size: int = doc("Sequences decoded together: a step needs the union of their experts.", 1)
     max_tokens: int = doc("Replay at most this many test tokens (whole sequences, in order) to bound run time.", 4000)
-    capacity_sweep: list = doc("Capacities of the hit-rate/speedup vs capacity plot.", factory=lambda: [1, 2, 4, 8, 12])
+    profile_sweep_tokens: int = doc(
+        "Test tokens (whole sequences, in order; val likewise for the gates) of the capacity and decode batch-size "
+        "sweeps of every cost profile (plots cache_*_by_*_profiles.png), fewer than max_tokens to bound run time; "
+        "0 = no per-profile sweeps.", 1000)
+    capacity_sweep: list = doc("Capacities of the hit-rate/speedup vs capacity plots, in capacity_sweep_unit.",
+                               factory=lambda: [1, 2, 4, 8, 12])
+    capacity_sweep_unit: str = doc(
+        "Unit of capacity_sweep: experts (per pool) | fraction (of a pool's experts, rounded like capacity_fraction).",
+        "experts")
+    fallback: str = doc(
+        f"What the learned strategies prefetch for layers h..c-2+h, issued at layers 0..c-2 where no predictor has "
+        f"its context yet: {' | '.join(FALLBACK_RULES)} (moe_prefetch/evaluation/fallback.py). none by default: "
+        f"frequency made every learned strategy slower in every cost profile of the default run.", "none")
     decode_batch_sweep: list = doc("Decode batch sizes of the hit-rate/speedup vs batch size plot.", factory=lambda: [1, 4, 16])
     regime_sweep: list = doc(
         "Transfer time per expert over layer compute time, for the speedup-by-regime plot (the profile's compute "
@@ -144,6 +161,20 @@ class CacheParams:
 
     def cost_model(self) -> CostModel:
         return self.costs().cost_model(self.overlap_prefetch, self.chunk_bytes, self.links)
+
+    def experts_of(self, size: float, unit: str, pool_experts: int) -> int:
+        """A cache size in `unit` (experts | fraction) as whole experts of a pool of `pool_experts`, at least 1."""
+        return int(size) if unit == "experts" else max(1, int(round(size * pool_experts)))
+
+    def cache_experts(self, pool_experts: int) -> int:
+        """The configured cache in experts: capacity_fraction of the pool when set, else capacity."""
+        if self.capacity_fraction is None:
+            return self.capacity
+        return self.experts_of(self.capacity_fraction, "fraction", pool_experts)
+
+    def capacity_sweep_experts(self, pool_experts: int) -> list[int]:
+        """capacity_sweep in experts, in order, repeats (two fractions rounding alike) dropped."""
+        return list(dict.fromkeys(self.experts_of(size, self.capacity_sweep_unit, pool_experts) for size in self.capacity_sweep))
 
     def validate(self) -> None:
         positive("evaluate.cache", self, "capacity", "prefetch_m", "decode_batch_size", "max_tokens")
@@ -161,8 +192,23 @@ class CacheParams:
         if self.prefetch_into not in PREFETCH_TARGETS:
             raise PipelineError(f"evaluate.cache.prefetch_into: {self.prefetch_into!r} is not one of "
                                 f"{', '.join(PREFETCH_TARGETS)}")
-        non_negative("evaluate.cache", self, "chunk_bytes", "predictor_ms", "gate_margin")
-        positive_int_list("evaluate.cache", self, "capacity_sweep", "decode_batch_sweep")
+        non_negative("evaluate.cache", self, "chunk_bytes", "predictor_ms", "gate_margin", "profile_sweep_tokens")
+        positive_int_list("evaluate.cache", self, "decode_batch_sweep")
+        FALLBACK_RULES.get(self.fallback, "evaluate.cache.fallback")
+        if self.capacity_fraction is not None and not (isinstance(self.capacity_fraction, (int, float))
+                                                       and not isinstance(self.capacity_fraction, bool)
+                                                       and 0 < self.capacity_fraction <= 1):
+            raise PipelineError(f"evaluate.cache.capacity_fraction: must be null or a number in (0, 1], got {self.capacity_fraction}")
+        if self.capacity_sweep_unit == "experts":
+            positive_int_list("evaluate.cache", self, "capacity_sweep")
+        elif self.capacity_sweep_unit == "fraction":
+            if not self.capacity_sweep or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1
+                                              for f in self.capacity_sweep):
+                raise PipelineError(f"evaluate.cache.capacity_sweep: with capacity_sweep_unit fraction, must be a "
+                                    f"non-empty list of numbers in (0, 1], got {self.capacity_sweep}")
+        else:
+            raise PipelineError(f"evaluate.cache.capacity_sweep_unit: unknown unit {self.capacity_sweep_unit!r}; "
+                                f"accepted: experts, fraction")
         if not self.regime_sweep or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in self.regime_sweep):
             raise PipelineError(f"evaluate.cache.regime_sweep: must be a non-empty list of numbers > 0, got {self.regime_sweep}")
 

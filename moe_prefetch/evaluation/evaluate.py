@@ -37,7 +37,7 @@ from moe_prefetch.evaluation.config import EvaluateParams
 from moe_prefetch.evaluation.intervals import bootstrap_report
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
 from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
-from moe_prefetch.evaluation.replay import cache_report
+from moe_prefetch.evaluation.sweeps import REPLAY_PROCESSES, start_cache_report
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
 from moe_prefetch.progress import Progress
@@ -213,6 +213,9 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
     calibration = CalibrationAccumulator(bins=10)
     routing = read_routing(shard_dir)  # the shards once: documents of the windows here, full routing for the replay
     documents = window_documents(routing, test)
+    # The replay's workers run while this process scores the windows below.
+    cache_report = start_cache_report(test, scorers, params.cache, summary, val, documents,
+                                      (params.bootstrap_resamples, params.seed), routing, train, REPLAY_PROCESSES)
     accumulators = rank_all(scorers, test, params, summary, calibration, documents, cross_entropy)
     intervals = bootstrap_report(accumulators, params.bootstrap_resamples, params.seed)
     results = {name: with_intervals(acc.result(), intervals["per_scorer"][name]) for name, acc in accumulators.items()}
@@ -241,10 +244,9 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
-    report = cache_report(test, scorers, params.cache, summary, val, documents, (params.bootstrap_resamples, params.seed),
-                          routing)
+    report = cache_report()
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)
-    write_cache_plots(plots_dir, report["by_capacity"], report["by_batch"], report["by_regime"])
+    write_cache_plots(plots_dir, report)
     return clean(metrics)

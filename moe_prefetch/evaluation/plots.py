@@ -116,21 +116,81 @@ def write_entropy_plot(directory: Path, bounds: dict) -> None:
             integer_x=True, log_x=True)
 
 
-def write_cache_plots(directory: Path, by_capacity: list[dict], by_batch: list[dict], by_regime: list[dict]) -> None:
-    """Hit rate and speedup of each prefetch strategy vs cache capacity and vs decode batch size; speedup vs the
-    transfer/compute ratio (log x)."""
-    _dump(directory / "cache_by_capacity.json", by_capacity)
-    _dump(directory / "cache_by_batch.json", by_batch)
+SPEEDUP = "_speedup_vs_on_demand"
+SPEEDUP_LABEL = "speedup over on-demand LRU (x, time per token)"
+AXES = {"capacity": "cache capacity (experts per pool)", "batch_size": "decode batch size (sequences)"}
+MEASURES = {"hit_rate": ("Expert-cache on-time hit rate", "on-time hit rate (share of expert uses)"),
+            "speedup_vs_on_demand": ("Speedup over on-demand LRU", SPEEDUP_LABEL)}
+
+
+def _series(rows: list[dict], axis: str, measure: str) -> dict[str, tuple[list, list]]:
+    """strategy -> (x, y) of `measure` over the rows' `axis`, every strategy the rows carry, in their order."""
+    names = [key[: -len(measure) - 1] for key in rows[0] if key.endswith(f"_{measure}")]
+    return {name: ([row[axis] for row in rows], [row[f"{name}_{measure}"] for row in rows]) for name in names}
+
+
+def _panels(path: Path, title: str, xlabel: str, ylabel: str, panels: dict[str, dict[str, tuple[list, list]]]) -> None:
+    """One panel per key of `panels` (a cost profile), one line per strategy in the same colours and styles in
+    every panel, one legend for the figure; integer x at its values."""
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows + 0.9), dpi=100, squeeze=False)
+    spare = itertools.cycle(SPARE_COLORS)
+    colors: dict[str, str] = {}
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        for strategy, (xs, ys) in series.items():
+            color = colors.setdefault(strategy, COLORS.get(strategy) or next(spare))
+            ax.plot(xs, ys, STYLE.get(strategy, "-o"), color=color, label=strategy, markersize=4)
+        values = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(values)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.45 / (3.3 * rows + 0.9), 1, 1))
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: identical bytes on every run
+    plt.close(fig)
+
+
+def write_cache_plots(directory: Path, report: dict) -> None:
+    """From moe_prefetch.evaluation.sweeps.cache_report: hit rate and speedup of each prefetch strategy vs cache
+    capacity and vs decode batch size (configured profile), the same speedups with one panel per cost profile, and
+    speedup vs the transfer/compute ratio (log x)."""
+    by_regime, config = report["by_regime"], report["cache"]["config"]
+    where = f"{config['profile']}, {config['replayed_tokens']:,} tokens"
+    _dump(directory / "cache_by_capacity.json", report["by_capacity"])
+    _dump(directory / "cache_by_batch.json", report["by_batch"])
     _dump(directory / "cache_by_regime.json", by_regime)
     ratios = [row["transfer_over_compute"] for row in by_regime]
-    suffix = "_speedup_vs_on_demand"
-    _figure(directory / "cache_speedup_by_regime.png", "Speedup over on-demand LRU by regime",
-            "transfer time per expert / layer compute time (log)", "speedup over on-demand loading",
-            {key[: -len(suffix)]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0] if key.endswith(suffix)},
+    _figure(directory / "cache_speedup_by_regime.png", f"Speedup over on-demand LRU by regime\n({where}; expert bytes scaled)",
+            "transfer time per expert / layer compute time (log)", SPEEDUP_LABEL,
+            {key[: -len(SPEEDUP)]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0] if key.endswith(SPEEDUP)},
             log_x=True)
-    for rows, axis, label in ((by_capacity, "capacity", "experts cached per layer"), (by_batch, "batch_size", "decode batch size")):
-        xs = [row[axis] for row in rows]
-        for metric, title in (("hit_rate", "Expert-cache on-time hit rate"), ("speedup_vs_on_demand", "Speedup over on-demand loading")):
-            strategies = [key[: -len(metric) - 1] for key in rows[0] if key.endswith(f"_{metric}")]
-            _figure(directory / f"cache_{metric}_by_{axis}.png", title, label, metric.replace("_", " "),
-                    {name: (xs, [row[f"{name}_{metric}"] for row in rows]) for name in strategies}, integer_x=True)
+    precisions = {key[: -len("_precision")]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0]
+                  if key.endswith("_precision") and key != "breakeven_precision"}
+    _figure(directory / "cache_breakeven_precision_by_regime.png",
+            f"Break-even prefetch precision by regime (prefetch pays above it)\n({config['profile']} compute and link, "
+            f"{config['profile_sweep_tokens'] or config['replayed_tokens']:,} test tokens)",
+            "transfer time per expert / layer compute time (log)", "prefetch precision (share of listed experts used)",
+            {"break-even": (ratios, [row["breakeven_precision"] for row in by_regime]),
+             **{f"{name} (measured)": series for name, series in precisions.items()}}, log_x=True)
+    for rows, axis in ((report["by_capacity"], "capacity"), (report["by_batch"], "batch_size")):
+        for measure, (title, ylabel) in MEASURES.items():
+            _figure(directory / f"cache_{measure}_by_{axis}.png", f"{title} vs {AXES[axis].split(' (')[0]}\n({where})", AXES[axis],
+                    ylabel, _series(rows, axis, measure), integer_x=True)
+    for key, axis in (("by_profile_capacity", "capacity"), ("by_profile_batch", "batch_size")):
+        sweeps = report[key]
+        if not sweeps:
+            continue
+        _dump(directory / f"cache_{key[len('by_'):]}.json", [{"profile": name, **row} for name, rows in sweeps.items() for row in rows])
+        tokens = config["profile_sweep_tokens"]
+        _panels(directory / f"cache_speedup_by_{axis}_profiles.png",
+                f"Speedup over on-demand LRU vs {AXES[axis].split(' (')[0]}, per cost profile ({tokens:,} test tokens)",
+                AXES[axis], "speedup (x)", {name: _series(rows, axis, "speedup_vs_on_demand") for name, rows in sweeps.items()})

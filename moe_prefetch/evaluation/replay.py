@@ -17,7 +17,10 @@ beat with this cache (cache.ideal_time_ms), and share_of_ideal is the share of i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,16 +28,16 @@ import numpy as np
 
 from moe_prefetch.evaluation.cache import (
     CacheConfig,
+    CostModel,
     ideal_share,
     ideal_time_ms,
     oracle_prefetch,
     simulate,
     speedup,
 )
-from moe_prefetch.evaluation.config import COST_PROFILES, CacheParams
+from moe_prefetch.evaluation.config import CacheParams
+from moe_prefetch.evaluation.intervals import percentile_interval, pooled_ratios
 from moe_prefetch.evaluation.replay_probabilities import predictor_gate, predictor_scores
-from moe_prefetch.evaluation.intervals import percentile_interval, pooled_ratios, resample_weights
-from moe_prefetch.progress import Progress
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet
 
@@ -77,13 +80,18 @@ class ReplayInputs:
 
     def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int,
                  val: ReplayInputs | None = None, documents: np.ndarray | None = None,
-                 document_weights: np.ndarray | None = None, token_routing: np.ndarray | None = None):
+                 document_weights: np.ndarray | None = None, token_routing: np.ndarray | None = None,
+                 fallback: np.ndarray | None = None):
         self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
         self.num_target_layers, self.val = num_target_layers, val
         self.token_routing = token_routing  # (tokens, L, k) every MoE layer's experts; None: replay target layers only
+        # (tokens, c-1, m) what the learned strategies prefetch when layers 0..c-2 run, for layers h..c-2+h, which
+        # no predictor scores (moe_prefetch/evaluation/fallback.py); None: nothing. Needs token_routing.
+        self.fallback = fallback
         # Speedup intervals (decode batch 1): (tokens,) document code of each replayed token, (B, D) bootstrap draws.
         self.documents, self.document_weights = documents, document_weights
         self.tokens = len(windows) // num_target_layers
+        self.routed_layers = num_target_layers if token_routing is None else token_routing.shape[1]  # layers replayed
         self._predicted: dict[str, np.ndarray] = {}
 
     def predicted(self, scorer: str) -> np.ndarray:
@@ -107,21 +115,37 @@ class DecodeSteps:
             per_token = inputs.windows.target_experts.reshape(inputs.tokens, inputs.num_target_layers, -1)
         self.routed = batched_steps(per_token, self.sequence, batch_size)
 
-    def issue(self, experts: np.ndarray) -> np.ndarray:
+    def issue(self, experts: np.ndarray, with_fallback: bool = False) -> np.ndarray:
         """Per-window experts (N, m) for each window's target layer -> the prefetch plan (steps, layers,
-        batch_size * m): prefetch[t, l] lists the experts for layer l + h."""
+        batch_size * m): prefetch[t, l] lists the experts for layer l + h. `with_fallback`: layers 0..c-2 issue the
+        inputs' fallback (cut to the same m), when it has one."""
         T, h = self.inputs.num_target_layers, self.inputs.horizon
         per_token = experts.reshape(self.inputs.tokens, T, -1)  # (tokens, T, m)
         if self.inputs.token_routing is not None:
             # Target layer c-1+h+i is predicted when its last context layer c-1+i runs; layers before c-1 (no full
-            # context yet) and after L-1-h prefetch nothing.
-            c = self.inputs.windows.context_experts.shape[1]
+            # context yet) issue the fallback or nothing, and layers after L-1-h nothing.
+            c = self.fallback_layers + 1
             issued = np.full((self.inputs.tokens, self.routed.shape[1], per_token.shape[2]), -1, dtype=np.int64)
             issued[:, c - 1 : c - 1 + T] = per_token
+            if with_fallback and self.inputs.fallback is not None:
+                issued[:, : c - 1] = self.inputs.fallback[:, :, : per_token.shape[2]]  # (tokens, c-1, m)
         else:  # target layers only: shift the per-target-layer predictions back by h
             issued = np.full_like(per_token, -1)
             issued[:, : T - h] = per_token[:, h:]
         return batched_steps(issued, self.sequence, self.batch_size)
+
+    @property
+    def fallback_layers(self) -> int:
+        """c - 1: the layers that run before a predictor has a full context (0 when only target layers replay)."""
+        return self.inputs.windows.context_experts.shape[1] - 1 if self.inputs.token_routing is not None else 0
+
+    def fallback_prefetches(self, plan: np.ndarray | None) -> int:
+        """Distinct experts `plan` lists at layers 0..c-2 summed over steps: the fallback's layer-prefetches."""
+        if plan is None or not self.fallback_layers:
+            return 0
+        rows = np.sort(plan[:, : self.fallback_layers], axis=-1)  # (steps, c-1, w)
+        first = np.ones(rows.shape[:-1] + (1,), dtype=bool)
+        return int(((rows >= 0) & np.concatenate([first, rows[..., 1:] != rows[..., :-1]], axis=-1)).sum())
 
 
 class TokenRouting:
@@ -133,11 +157,15 @@ class TokenRouting:
         sequences = (routing.sequence_ids[s] for s in routing.sequence_index)
         self.row_of = {(sequence, int(position)): row for row, (sequence, position) in enumerate(zip(sequences, routing.position))}
 
-    def of(self, windows: WindowSet) -> np.ndarray:
-        """(tokens, L, k) for `windows` (token-major, num_target_layers windows per token)."""
+    def rows(self, windows: WindowSet) -> np.ndarray:
+        """(tokens,) the routing rows of `windows`' tokens (token-major, num_target_layers windows per token)."""
         first = np.arange(0, len(windows), self.num_target_layers)
         rows = [self.row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index[first], windows.position[first])]
-        return self.routing.experts[np.asarray(rows, dtype=np.int64)].astype(np.int64)
+        return np.asarray(rows, dtype=np.int64)
+
+    def of(self, windows: WindowSet) -> np.ndarray:
+        """(tokens, L, k) for `windows`."""
+        return self.routing.experts[self.rows(windows)].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,7 @@ class PrefetchStrategy:
     policy: str | None = None  # its own eviction policy; None = evaluate.cache.policy
     charged: bool = False  # pays evaluate.cache.predictor_ms per prefetching layer
     gated: bool = False  # depth tuned on the val replay of the same cache and costs (0 = no prefetch)
+    learned: bool = False  # prefetches from a scorer's windows: layers 0..c-2 issue evaluate.cache.fallback
     # simulate()'s extra keyword arguments (lead, use_scores, prefetch_probs) from (inputs, steps, plan); None = none
     replay_args: Callable[[ReplayInputs, DecodeSteps, np.ndarray | None], dict] | None = None
 
@@ -159,8 +188,9 @@ def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -
     """The strategy prefetching `scorer`'s top-depth (available when the run has that scorer, and val windows when
     gated)."""
     return PrefetchStrategy(
-        doc, lambda inputs, steps, depth: steps.issue(inputs.predicted(scorer)[:, :depth]) if depth else None,
-        lambda inputs: scorer in inputs.scorers and (not gated or inputs.val is not None), charged=charged, gated=gated)
+        doc, lambda inputs, steps, depth: steps.issue(inputs.predicted(scorer)[:, :depth], with_fallback=True) if depth else None,
+        lambda inputs: scorer in inputs.scorers and (not gated or inputs.val is not None), charged=charged, gated=gated,
+        learned=True)
 
 
 def _perfect(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> np.ndarray:
@@ -229,30 +259,75 @@ PREFETCH_STRATEGIES.add("predictor_expert_gated", dataclasses.replace(
     replay_args=predictor_gate))
 
 
-def _replay(strategy: PrefetchStrategy, inputs: ReplayInputs, steps: DecodeSteps, depth: int, params: CacheParams,
-            capacity: int) -> dict:
-    """simulate() one strategy at `depth` through the configured cache of `capacity` (its own policy if it names
-    one) and costs."""
-    cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
-                        seed=params.seed, prefetch_into=params.prefetch_into, staging_slots=params.staging_slots)
-    plan = strategy.plan(inputs, steps, depth)
-    extra = strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
-    return simulate(steps.routed, plan, cache, params.cost_model(), inputs.horizon,
-                    params.predictor_ms if strategy.charged else 0.0,
-                    experts_per_token=steps.routed.shape[2] // steps.batch_size, **extra)
+@contextlib.contextmanager
+def _gc_paused():
+    """The cyclic garbage collector off: a replay allocates millions of short-lived acyclic objects, and the
+    collector's passes over the evaluate stage's large heap took about half of the replay's time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, steps: DecodeSteps, params: CacheParams,
-                 capacity: int, no_prefetch_ms: dict) -> int:
+class Simulations:
+    """simulate() of one set of decode steps under one cost model, each distinct call run once: strategies whose
+    plans coincide (a gated strategy at depth 0 is on-demand, at depth m its ungated twin) share one replay. The
+    key is every argument simulate() takes (the plan by its bytes); with no plan nothing is issued, so the
+    predictor never runs and its cost is no part of the key."""
+
+    def __init__(self, steps: DecodeSteps, cost: CostModel, horizon: int):
+        self.steps, self.cost, self.horizon = steps, cost, horizon
+        self.experts_per_token = steps.routed.shape[2] // steps.batch_size  # k of the batch compute scaling
+        self._done: dict[tuple, dict] = {}
+
+    def run(self, plan: np.ndarray | None, cache: CacheConfig, predictor_ms: float = 0.0, extra: dict | None = None) -> dict:
+        """simulate() with `extra` keyword arguments (a strategy's replay_args: lead, use_scores, prefetch_probs)."""
+        extra = extra or {}
+        extra_key = tuple((name, _array_key(value) if isinstance(value, np.ndarray) else value)
+                          for name, value in sorted(extra.items()))
+        key = (_array_key(plan), dataclasses.astuple(cache), predictor_ms if plan is not None else 0.0, extra_key)
+        if key not in self._done:
+            with _gc_paused():
+                self._done[key] = simulate(self.steps.routed, plan, cache, self.cost, self.horizon, predictor_ms,
+                                           experts_per_token=self.experts_per_token, **extra)
+        return self._done[key]
+
+
+def _array_key(array: np.ndarray | None) -> tuple | None:
+    """An array by its shape, dtype and a digest of its bytes (None stays None)."""
+    if array is None:
+        return None
+    contiguous = np.ascontiguousarray(array)
+    return contiguous.shape, contiguous.dtype.str, hashlib.blake2b(contiguous.tobytes(), digest_size=16).digest()
+
+
+def _cache_config(params: CacheParams, capacity: int, strategy: PrefetchStrategy) -> CacheConfig:
+    """The configured cache of `capacity` with the strategy's own policy if it names one."""
+    return CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
+                       seed=params.seed, prefetch_into=params.prefetch_into, staging_slots=params.staging_slots)
+
+
+def _extra(strategy: PrefetchStrategy, inputs: ReplayInputs, steps: DecodeSteps, plan: np.ndarray | None) -> dict:
+    """The strategy's extra simulate() arguments for this plan (none unless it has replay_args)."""
+    return strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
+
+
+def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, runs: Simulations, params: CacheParams,
+                 cache: CacheConfig) -> int:
     """The prefetch depth d in 1..m with the shortest val replay (ties to the smaller d) if it beats no prefetch by
     at least evaluate.cache.gate_margin of its time, else 0: the gate, fit where the test split is not seen, with a
-    margin because a small val gain need not carry over. `no_prefetch_ms` caches d = 0, the same for every gated
-    strategy. `steps` are the val windows' decode steps."""
-    if "time_ms" not in no_prefetch_ms:
-        no_prefetch_ms["time_ms"] = _replay(PREFETCH_STRATEGIES["on_demand"], val, steps, 0, params, capacity)["time_ms"]
-    times = {depth: _replay(strategy, val, steps, depth, params, capacity)["time_ms"] for depth in range(1, val.m + 1)}
+    margin because a small val gain need not carry over. `runs` replay the val windows' decode steps (shared by
+    every gated strategy, so d = 0 runs once)."""
+    no_prefetch_ms = runs.run(None, cache)["time_ms"]
+    charge = params.predictor_ms if strategy.charged else 0.0
+    plans = {depth: strategy.plan(val, runs.steps, depth) for depth in range(1, val.m + 1)}
+    times = {depth: runs.run(plan, cache, charge, _extra(strategy, val, runs.steps, plan))["time_ms"]
+             for depth, plan in plans.items()}
     best = min(times, key=lambda depth: (times[depth], depth))
-    return best if times[best] <= (1.0 - params.gate_margin) * no_prefetch_ms["time_ms"] else 0
+    return best if times[best] <= (1.0 - params.gate_margin) * no_prefetch_ms else 0
 
 
 def _speedup_intervals(inputs: ReplayInputs, results: dict[str, dict]) -> dict[str, list[float]]:
@@ -269,17 +344,24 @@ def _speedup_intervals(inputs: ReplayInputs, results: dict[str, dict]) -> dict[s
 
 def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int) -> dict[str, dict]:
     """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time;
-    then the ideal floor."""
+    then the ideal floor. A learned strategy's `fallback_prefetches` counts what its fallback layers listed."""
     steps = DecodeSteps(inputs, batch_size)
     cost = params.cost_model()
-    results, depths, no_prefetch_ms, val_steps = {}, {}, {}, None
+    runs = Simulations(steps, cost, inputs.horizon)
+    val_runs = None
+    results, depths, fallbacks = {}, {}, {}
     for name, strategy in PREFETCH_STRATEGIES.items():
         if strategy.available(inputs):
+            cache = _cache_config(params, capacity, strategy)
             depth = inputs.m
             if strategy.gated:
-                val_steps = val_steps or DecodeSteps(inputs.val, batch_size)
-                depth = depths[name] = _tuned_depth(strategy, inputs.val, val_steps, params, capacity, no_prefetch_ms)
-            results[name] = _replay(strategy, inputs, steps, depth, params, capacity)
+                val_runs = val_runs or Simulations(DecodeSteps(inputs.val, batch_size), cost, inputs.horizon)
+                depth = depths[name] = _tuned_depth(strategy, inputs.val, val_runs, params, cache)
+            plan = strategy.plan(inputs, steps, depth)
+            if strategy.learned:
+                fallbacks[name] = steps.fallback_prefetches(plan)
+            results[name] = runs.run(plan, cache, params.predictor_ms if strategy.charged else 0.0,
+                                     _extra(strategy, inputs, steps, plan))
     base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
     intervals = _speedup_intervals(inputs, results) if batch_size == 1 and inputs.documents is not None else {}
     summary = {}
@@ -298,66 +380,8 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
             **({"speedup_ci95": intervals[name]} if name in intervals else {}),
             "share_of_ideal": ideal_share(base, result["time_ms"], ideal),
             **({"prefetch_depth": depths[name]} if name in depths else {}),
+            **({"fallback_prefetches": fallbacks[name]} if name in fallbacks else {}),
         }
     summary["ideal"] = {"time_per_token_ms": ideal / inputs.tokens, "speedup_vs_on_demand": speedup(base, ideal),
                         "share_of_ideal": 1.0}
     return summary
-
-
-def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
-                 val: WindowSet | None = None, documents: np.ndarray | None = None, bootstrap: tuple[int, int] = (0, 0),
-                 routing=None) -> dict:
-    """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
-    (`by_profile`), and the rows of the capacity, decode batch-size and regime sweeps (`by_capacity`, `by_batch`,
-    `by_regime`: transfer time per expert = ratio x layer compute time, the profile's compute)."""
-    T = len(summary["target_layers"])
-    replay = replay_windows(test, T, params.max_tokens)
-    m = min(params.prefetch_m, summary["num_experts"])
-    lookup = TokenRouting(routing, T) if routing is not None else None
-    full = (lambda windows: None) if lookup is None else lookup.of
-    val_inputs = None
-    if val is not None:
-        val_replay = replay_windows(val, T, params.max_tokens)
-        val_inputs = ReplayInputs(val_replay, scorers, m, summary["horizon"], T, token_routing=full(val_replay))
-    token_documents = weights = None
-    if documents is not None and bootstrap[0]:  # (resamples, seed): the replayed documents, recoded 0..D-1
-        _, token_documents = np.unique(documents[: len(replay) : T], return_inverse=True)
-        weights = resample_weights(int(token_documents.max()) + 1, *bootstrap)
-    inputs = ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights, full(replay))
-    replays = 1 + len(params.capacity_sweep) + len(params.decode_batch_sweep) + len(COST_PROFILES) + len(params.regime_sweep)
-    progress = Progress(replays, "evaluate: cache replay", unit="replays")
-
-    def replayed(capacity: int, batch_size: int, replay_params: CacheParams = params) -> dict[str, dict]:
-        result = simulate_strategies(inputs, replay_params, capacity, batch_size)
-        progress.update(1)
-        return result
-
-    main = replayed(params.capacity, params.decode_batch_size)
-    by_capacity = [{"capacity": capacity, **_flat(replayed(capacity, params.decode_batch_size))} for capacity in params.capacity_sweep]
-    by_batch = [{"batch_size": batch_size, **_flat(replayed(params.capacity, batch_size))} for batch_size in params.decode_batch_sweep]
-    by_profile = {}
-    for name in COST_PROFILES:
-        profile_params = dataclasses.replace(params, profile=name, expert_bytes=None, bandwidth_gbps=None, layer_compute_ms=None)
-        cost = profile_params.cost_model()
-        by_profile[name] = {"transfer_over_compute": cost.transfer_ms / cost.layer_compute_ms,
-                            **_flat(replayed(params.capacity, params.decode_batch_size, profile_params), ("speedup_vs_on_demand",))}
-    costs = params.costs()
-    by_regime = []
-    for ratio in params.regime_sweep:
-        transfer_ms = ratio * costs.layer_compute_ms
-        regime_params = dataclasses.replace(params, expert_bytes=transfer_ms * costs.bandwidth_gbps * 1e6)
-        by_regime.append({"transfer_over_compute": ratio, **_flat(replayed(params.capacity, params.decode_batch_size, regime_params),
-                                                                   ("speedup_vs_on_demand",))})
-    progress.close()
-    config = {"replayed_tokens": inputs.tokens, "replayed_layers": T if routing is None else summary["num_layers"],
-              "capacity": params.capacity,
-              "prefetch_m": m, "batch_size": params.decode_batch_size,
-              "transfer_ms_per_expert": params.cost_model().transfer_ms,
-              "interval_documents": 0 if weights is None else weights.shape[1]}
-    return {"cache": {"config": config, **main}, "by_profile": by_profile, "by_capacity": by_capacity,
-            "by_batch": by_batch, "by_regime": by_regime}
-
-
-def _flat(result: dict[str, dict], keys: tuple[str, ...] = ("hit_rate", "speedup_vs_on_demand")) -> dict[str, float]:
-    """One sweep row: each strategy's `keys` (the ideal has only a speedup)."""
-    return {f"{name}_{key}": value[key] for name, value in result.items() for key in keys if key in value}

@@ -24,8 +24,8 @@ from torch import nn
 from moe_prefetch.config import doc
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.layers import FlatContext, Heads, mlp_stack
-from moe_prefetch.predictors.mlp import MLPParams
+from moe_prefetch.predictors.layers import FlatContext, Heads, expert_embedding, mlp_stack
+from moe_prefetch.predictors.mlp import MLPParams, context_columns
 from moe_prefetch.predictors.neural import (
     NeuralPredictor,
     expert_ids,
@@ -70,21 +70,24 @@ class HybridParams(MLPParams):
 
 class Hybrid(nn.Module):
     def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, temporal_tokens: int,
-                 token_context: int):
+                 token_context: int, context_encoding: str = "slots"):
         super().__init__()
         g, d = geometry, embedding_dim
         self.num_experts, self.temporal_tokens = g["num_experts"], temporal_tokens
-        self.context = FlatContext(g["num_experts"], g["num_layers"], d)
-        width = FlatContext.width(g["context_length"], g["top_k"], d)
+        self.context = FlatContext(g["num_experts"], g["num_layers"], d, context_encoding, g["context_length"])
+        # the previous tokens' slots share the context's slot embedding; a weighted_set context has none, so its own
+        self.token_table = expert_embedding(g["num_experts"], d) if token_context and context_encoding == "weighted_set" else None
+        width = FlatContext.width(g["context_length"], g["top_k"], d, context_encoding)
         width += token_context * (g["context_length"] + 1) * g["top_k"] * d  # previous tokens share the embedding
         self.trunk, out = mlp_stack(width, hidden, dropout)
         self.heads = Heads(out, g["num_experts"])
         self.temporal = nn.Linear(out, temporal_tokens * g["num_experts"]) if temporal_tokens else None
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        parts = [self.context(inputs["context_experts"], inputs["target_layer"])]  # (B, c*k*d + d)
+        parts = [self.context(inputs["context_experts"], inputs["target_layer"], inputs.get("context_weights"))]  # (B, width)
         if "token_context" in inputs:
-            parts.append(self.context.experts(inputs["token_context"]).flatten(1))  # (B, T*(c+1)*k*d)
+            table = self.context.experts if self.token_table is None else self.token_table
+            parts.append(table(inputs["token_context"]).flatten(1))  # (B, T*(c+1)*k*d)
         features = self.trunk(torch.cat(parts, dim=1))  # (B, width)
         logits, confidence = self.heads(features)
         if self.temporal is None:
@@ -100,7 +103,7 @@ class HybridPredictor(NeuralPredictor):
     @property
     def requires(self) -> tuple[str, ...]:
         extra = [column for key, (_, columns) in TOKEN_INPUTS.items() if self.section[key] for column in columns]
-        return (*NeuralPredictor.requires, *extra)
+        return (*context_columns(self.section), *extra)
 
     def data_geometry(self, train: WindowSet) -> dict:
         for key, (window_key, columns) in TOKEN_INPUTS.items():

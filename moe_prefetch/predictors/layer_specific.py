@@ -13,7 +13,7 @@ from torch import nn
 
 from moe_prefetch.config import doc
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.mlp import ContextMLP, MLPParams
+from moe_prefetch.predictors.mlp import ContextMLP, MLPParams, context_columns
 from moe_prefetch.predictors.neural import NeuralPredictor
 
 
@@ -25,9 +25,9 @@ class LayerSpecificParams(MLPParams):
 
 
 class LayerSpecific(nn.Module):
-    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float):
+    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots"):
         super().__init__()
-        self.body = ContextMLP(geometry, embedding_dim, hidden, dropout)
+        self.body = ContextMLP(geometry, embedding_dim, hidden, dropout, context_encoding)
         L, E, width = geometry["num_layers"], geometry["num_experts"], self.body.width
         bound = 1 / math.sqrt(width)  # nn.Linear's default initialisation, per head
         self.head_weight = nn.Parameter(torch.empty(L, width, E + 1).uniform_(-bound, bound))  # +1: confidence
@@ -46,3 +46,7 @@ class LayerSpecificPredictor(NeuralPredictor):
     arch = "layer_specific"
     config = LayerSpecificParams
     network = LayerSpecific
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return context_columns(self.section)

@@ -27,22 +27,40 @@ def expert_embedding(num_experts: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num_experts + 1, dim, padding_idx=num_experts)  # +1: the "no expert" row, kept at zero
 
 
-class FlatContext(nn.Module):
-    """Every context expert slot embedded and concatenated (keeps layer and best-first slot order), plus the
-    target layer's embedding: (B, c, k) ids and (B,) target -> (B, c*k*d + d)."""
+CONTEXT_ENCODINGS = ("slots", "weighted_set", "both")  # FlatContext's encodings (train.<arch>.context_encoding)
 
-    def __init__(self, num_experts: int, num_layers: int, dim: int):
+
+class FlatContext(nn.Module):
+    """The context layers' routed sets and the target layer's embedding, concatenated. `encoding`:
+      slots         every expert slot embedded (keeps layer and best-first slot order; no gate weights): c*k*d;
+      weighted_set  each context layer's gate-weighted sum of its experts' embeddings, from that layer's own table
+                    (the same expert at two depths means different things): order-invariant inside a layer, c*d;
+      both          the two concatenated.
+    (B, c, k) ids, (B,) target and, for weighted_set/both, (B, c, k) gate weights -> (B, width(...)). Slots with
+    no expert (index E) embed to zero whatever their weight."""
+
+    def __init__(self, num_experts: int, num_layers: int, dim: int, encoding: str = "slots", context_length: int = 0):
         super().__init__()
-        self.experts = expert_embedding(num_experts, dim)
+        self.encoding = encoding
+        if encoding != "weighted_set":
+            self.experts = expert_embedding(num_experts, dim)
+        if encoding != "slots":
+            self.set_experts = nn.ModuleList(expert_embedding(num_experts, dim) for _ in range(context_length))
         self.target = nn.Embedding(num_layers, dim)
 
-    def forward(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        flat = self.experts(context).flatten(1)  # (B, c*k*d)
-        return torch.cat([flat, self.target(target)], dim=1)  # (B, c*k*d + d)
+    def forward(self, context: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        parts = []
+        if self.encoding != "weighted_set":
+            parts.append(self.experts(context).flatten(1))  # (B, c*k*d)
+        if self.encoding != "slots":
+            parts += [(table(context[:, j]) * weights[:, j, :, None]).sum(dim=1) for j, table in enumerate(self.set_experts)]  # c x (B, d)
+        return torch.cat([*parts, self.target(target)], dim=1)
 
     @staticmethod
-    def width(context_length: int, top_k: int, dim: int) -> int:
-        return context_length * top_k * dim + dim
+    def width(context_length: int, top_k: int, dim: int, encoding: str = "slots") -> int:
+        slots = context_length * top_k * dim if encoding != "weighted_set" else 0
+        sets = context_length * dim if encoding != "slots" else 0
+        return slots + sets + dim
 
 
 class LayerTokens(nn.Module):

@@ -11,13 +11,14 @@ Parameter counts at E=16, k=2, c=3, 8 MoE layers (the prior research's variants,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from moe_prefetch.config import check_network, doc
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.layers import FlatContext, Heads, mlp_stack
+from moe_prefetch.predictors.layers import CONTEXT_ENCODINGS, FlatContext, Heads, mlp_stack
 from moe_prefetch.predictors.neural import NeuralPredictor
 
 
@@ -30,6 +31,10 @@ class MLPParams:
         "research's tiny ~17K = embedding_dim 16, hidden [128]; small ~39K = 32, [128, 64]; regularised ~208K = 48, "
         "[384, 192] with dropout 0.3.", factory=lambda: [512, 256])
     dropout: float = doc("Dropout after each hidden layer.", 0.0)
+    context_encoding: Literal[CONTEXT_ENCODINGS] = doc(
+        "How each context layer's routed set is embedded: slots (each best-first slot its own position), "
+        "weighted_set (the gate-weighted sum of the layer's expert embeddings: order-invariant, needs "
+        "windows.context_weights) or both (predictors/layers.py FlatContext).", "slots")
 
     def validate(self) -> None:
         check_network(self.prefix, self, ("embedding_dim",), ("hidden",))
@@ -38,21 +43,28 @@ class MLPParams:
 class ContextMLP(nn.Module):
     """FlatContext -> MLP trunk -> features (B, width); the trunk `mlp` and `layer_specific` share."""
 
-    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float):
+    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots"):
         super().__init__()
         g = geometry
-        self.context = FlatContext(g["num_experts"], g["num_layers"], embedding_dim)
-        width = FlatContext.width(g["context_length"], g["top_k"], embedding_dim)
+        self.context = FlatContext(g["num_experts"], g["num_layers"], embedding_dim, context_encoding, g["context_length"])
+        width = FlatContext.width(g["context_length"], g["top_k"], embedding_dim, context_encoding)
         self.trunk, self.width = mlp_stack(width, hidden, dropout)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.trunk(self.context(inputs["context_experts"], inputs["target_layer"]))  # (B, width)
+        context = self.context(inputs["context_experts"], inputs["target_layer"], inputs.get("context_weights"))
+        return self.trunk(context)  # (B, width)
+
+
+def context_columns(section: dict) -> tuple[str, ...]:
+    """The window columns a context encoding reads (Predictor.requires of the mlp family)."""
+    weighted = section.get("context_encoding", "slots") != "slots"
+    return ("context_experts", "context_weights") if weighted else ("context_experts",)
 
 
 class MLP(nn.Module):
-    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float):
+    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, context_encoding: str = "slots"):
         super().__init__()
-        self.body = ContextMLP(geometry, embedding_dim, hidden, dropout)
+        self.body = ContextMLP(geometry, embedding_dim, hidden, dropout, context_encoding)
         self.heads = Heads(self.body.width, geometry["num_experts"])
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +76,7 @@ class MLPPredictor(NeuralPredictor):
     arch = "mlp"
     config = MLPParams
     network = MLP
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return context_columns(self.section)

@@ -102,11 +102,19 @@ class NeuralPredictor(Predictor):
         return self.network(self.geometry, **self.section)
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-        """Model inputs for `rows`; -1 (no expert) becomes index E, an embedding reserved for padding."""
-        return {
+        """Model inputs for `rows`; -1 (no expert) becomes index E, an embedding reserved for padding. The context's
+        gate weights are included when the architecture reads them (`context_weights` in requires)."""
+        inputs = {
             "context_experts": expert_ids(windows.context_experts[rows], self.num_experts, device),  # (B, c, k)
             "target_layer": torch.from_numpy(windows.target_layer[rows].astype(np.int64)).to(device),  # (B,)
         }
+        if "context_weights" in self.requires:
+            if windows.context_weights is None:
+                raise PipelineError(f"context_weights: {self.arch} with context_encoding "
+                                    f"{self.section.get('context_encoding')} reads the context layers' gate weights; "
+                                    "windows need windows.context_weights: true, predict_experts needs routed_weights=")
+            inputs["context_weights"] = torch.from_numpy(windows.context_weights[rows].astype(np.float32)).to(device)  # (B, c, k)
+        return inputs
 
     @property
     def top1_weight(self) -> float:

@@ -20,7 +20,7 @@ from moe_prefetch.config import doc
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import register_arch
 from moe_prefetch.predictors.layers import FlatContext, Heads, mlp_stack
-from moe_prefetch.predictors.mlp import MLPParams
+from moe_prefetch.predictors.mlp import MLPParams, context_columns
 from moe_prefetch.predictors.neural import NeuralPredictor
 from moe_prefetch.windows.data import WindowSet
 
@@ -38,17 +38,18 @@ class TokenMLPParams(MLPParams):
 
 
 class TokenMLP(nn.Module):
-    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, token_embedding_dim: int):
+    def __init__(self, geometry: dict, embedding_dim: int, hidden: list[int], dropout: float, token_embedding_dim: int,
+                 context_encoding: str = "slots"):
         super().__init__()
         g = geometry
-        self.context = FlatContext(g["num_experts"], g["num_layers"], embedding_dim)
+        self.context = FlatContext(g["num_experts"], g["num_layers"], embedding_dim, context_encoding, g["context_length"])
         self.token = nn.Embedding(g["vocab_size"] + 1, token_embedding_dim)  # row vocab_size: unknown / none
-        width = FlatContext.width(g["context_length"], g["top_k"], embedding_dim) + token_embedding_dim
+        width = FlatContext.width(g["context_length"], g["top_k"], embedding_dim, context_encoding) + token_embedding_dim
         self.trunk, trunk_width = mlp_stack(width, hidden, dropout)
         self.heads = Heads(trunk_width, g["num_experts"])
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        context = self.context(inputs["context_experts"], inputs["target_layer"])  # (B, c*k*d + d)
+        context = self.context(inputs["context_experts"], inputs["target_layer"], inputs.get("context_weights"))  # (B, width)
         token = self.token(inputs["token_id"])  # (B, token_embedding_dim)
         return self.heads(self.trunk(torch.cat([context, token], dim=1)))  # (B, E), (B,)
 
@@ -57,7 +58,10 @@ class TokenMLP(nn.Module):
 class TokenMLPPredictor(NeuralPredictor):
     arch = "token_mlp"
     config = TokenMLPParams
-    requires = (*NeuralPredictor.requires, "token_id")
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (*context_columns(self.section), "token_id")
 
     def data_geometry(self, train: WindowSet) -> dict:
         if train.token_id is None:

@@ -3,7 +3,8 @@
 An adapter finds the MoE layers of a loaded model (true layer index, router module, the norm in front of it)
 and turns a router's forward output into what the experts module receives: the top-k expert ids and their
 weights, best-first. The base class is in `base.py`; the family adapters, registered by `config.model_type` in
-FAMILIES, are in `families.py` (its docstring lists how each family's dispatched weights are obtained).
+FAMILIES, are in `families.py` and (hybrid-recurrent and multimodal families) `hybrid_families.py`; their docstrings
+list how each family's dispatched weights are obtained.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from moe_prefetch.routing.families import (
     Qwen3MoeAdapter,
     SwitchTransformersAdapter,
 )
+from moe_prefetch.routing import hybrid_families  # noqa: F401  (registers the hybrid-recurrent and multimodal families in FAMILIES)
 
 __all__ = [
     "FAMILIES",

@@ -1,6 +1,6 @@
 """The adapter base class: finding a model's MoE layers and decoding a router's forward output.
 
-Re-exported by `moe_prefetch.routing`; family adapters live in `moe_prefetch.routing.families`.
+Re-exported by `moe_prefetch.routing`; family adapters live in `moe_prefetch.routing.families` and `.hybrid_families`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class RoutingAdapter:
     moe_attr = "mlp"  # name of the MoE block inside a decoder layer
     router_attr = "gate"  # name of the router inside the MoE block
     norm_attr = "post_attention_layernorm"  # the norm whose output is the MoE block's input
+    recurrent = False  # token mixers with a recurrent state (Mamba, linear attention): generate mode decodes per sequence
+    load_overrides: dict = {}  # config overrides for from_pretrained that drop modules a text collection never runs
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -81,6 +83,11 @@ class RoutingAdapter:
     @property
     def shared_experts(self) -> int:
         return 0
+
+    def causal_lm(self) -> nn.Module:
+        """The module whose forward maps input_ids to next-token logits: the model itself, unless a multimodal
+        wrapper has no text forward of its own (Qwen3-Omni-MoE: its thinker)."""
+        return self.model
 
     def forward_inputs(self, input_ids, attention_mask) -> dict:
         """Keyword arguments of the model forward that routes these tokens (encoder-decoders add decoder inputs)."""

@@ -25,6 +25,7 @@ class RoutingRecorder:
         self.residuals: dict[int, torch.Tensor] = {}
         self.handles = []
         self.projection = None
+        self.device_projections: dict[torch.device, torch.Tensor] = {}
         unnormed = [self.layer_name(index) for index, layer in enumerate(adapter.layers) if layer.pre_norm is None]
         if capture.lookahead and unnormed:  # checked before any hook is attached: a failed recorder leaves the model as it was
             raise PipelineError(f"collect.capture.lookahead: {capture.lookahead} needs the norm in front of every MoE layer, and "
@@ -32,7 +33,7 @@ class RoutingRecorder:
         for index, layer in enumerate(adapter.layers):
             self.handles.append(layer.router.register_forward_hook(self._keep(self.outputs, index, output=True)))
             if capture.hidden_states:
-                self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index)))
+                self.handles.append(layer.router.register_forward_pre_hook(self._keep(self.router_inputs, index, stored=self._stored_hidden)))
             if capture.lookahead:
                 self.handles.append(layer.pre_norm.register_forward_pre_hook(self._keep(self.residuals, index)))
         if capture.hidden_states and capture.hidden_dim:
@@ -52,12 +53,13 @@ class RoutingRecorder:
         return PipelineError(f"collect.model: {what}; the {family} adapter (moe_prefetch/routing/families.py) reads routing as "
                              f"transformers' own {family} modeling code routes, and this model's code does not")
 
-    def _keep(self, store: dict, index: int, output: bool = False):
+    def _keep(self, store: dict, index: int, output: bool = False, stored=None):
+        """A hook keeping its module's output (or first input) in `store[index]`, converted by `stored` if given."""
         def hook(_module, inputs, result=None):
             value = result if output else inputs[0]
             if index in store:  # a second call in one forward would mean we misread the model's routing
                 raise self.mismatch(f"the router of MoE {self.layer_name(index)} ran twice in one forward pass")
-            store[index] = value
+            store[index] = value if stored is None else stored(value)
 
         if output:
             return lambda module, inputs, result: hook(module, inputs, result)
@@ -99,13 +101,22 @@ class RoutingRecorder:
         self.reset()
         return out
 
+    @torch.no_grad()
+    def _stored_hidden(self, router_input: torch.Tensor) -> torch.Tensor:
+        """A router's input as stored, computed where it lives as the forward records it: projected to
+        capture.hidden_dim dims (when a projection is set) and cast to float16, (..., D) -> (..., d). Only this
+        float16 tensor is kept and later moved to the host, never the float32 full-width state (at Mixtral's width
+        a (B, S, L, D) float32 gather is GBs per batch)."""
+        if self.projection is None:
+            return router_input.to(torch.float16)
+        device = router_input.device
+        if device not in self.device_projections:  # one copy per device of a dispatched model, made once
+            self.device_projections[device] = self.projection.to(device)
+        return (router_input.float() @ self.device_projections[device]).to(torch.float16)  # (..., D) @ (D, d) -> (..., d)
+
     def hidden_state(self, index: int, batch: int, seq: int) -> torch.Tensor:
-        """(B, S, d) float16 on the host: the input of MoE layer `index`'s router as stored (projected to
-        capture.hidden_dim dims when a projection is set)."""
-        hidden = self.router_inputs[index].reshape(batch, seq, -1).float().cpu()
-        if self.projection is not None:
-            hidden = hidden @ self.projection  # (B, S, D) @ (D, d) -> (B, S, d)
-        return hidden.to(torch.float16)
+        """(B, S, d) float16 on the host: the input of MoE layer `index`'s router as stored (_stored_hidden)."""
+        return self.router_inputs[index].reshape(batch, seq, -1).cpu()
 
     def _lookahead(self, batch: int, seq: int) -> np.ndarray:
         """(B, S, L, H, k) int16: MoE layer l+h's router applied to layer l's residual stream, after l+h's norm;

@@ -168,6 +168,9 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
         "target_weights": traces.nested_array(weights[:, first:].reshape(n * G, k), pa.float32()),
         "prev_token_experts": traces.nested_array(previous.reshape(n * G, k), pa.int16()),
     }
+    if params.context_weights:
+        context_weights = np.take(weights, context_layers, axis=1)  # (n, G, c, k)
+        columns["context_weights"] = traces.nested_array(context_weights.reshape(n * G, c * k), pa.float32())
     if params.token_ids:
         columns["token_id"] = pa.array(np.repeat(table["token_id"].to_numpy(), G), type=pa.int32())
     if geometry.capture.lookahead >= h:
@@ -203,10 +206,10 @@ def temporal_extents(params: WindowsParams, manifest: traces.Manifest) -> dict:
 
 
 def summary_params(params: WindowsParams) -> dict:
-    """The windows params as recorded in summary.json; zero temporal extents and token_ids off are left out so
+    """The windows params as recorded in summary.json; zero temporal extents and token_ids / context_weights off are left out so
     that default windows stay byte-identical to those written before the keys existed."""
     recorded = as_dict(params)
-    for name in ("token_context", "token_horizon", "token_ids"):
+    for name in ("token_context", "token_horizon", "token_ids", "context_weights"):
         if not recorded[name]:
             del recorded[name]
     return recorded

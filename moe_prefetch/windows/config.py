@@ -40,6 +40,9 @@ class WindowsParams:
     token_ids: bool = doc(
         "Also store each window's tokenizer id (column token_id), which the `token` baseline keys on (the token id is "
         "the strongest signal an engine has, so the default run measures it).", True)
+    context_weights: bool = doc(
+        "Also store the context layers' gate weights (column context_weights, aligned with context_experts), which "
+        "predictors with context_encoding weighted_set or both read.", False)
 
     def validate(self) -> None:
         positive("windows", self, "context_length", "horizon")

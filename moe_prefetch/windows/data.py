@@ -31,6 +31,7 @@ the target. Example with c = 3, h = 2, T = 2, H = 2 (P = token context, C = cont
 | position              | int32                            | token position                                           |
 | target_layer          | int16                            | t, as an index into the manifest's MoE layers            |
 | context_experts       | fixed_size_list<int16, c*k>      | context, layer-major (oldest layer first), best-first    |
+| context_weights       | fixed_size_list<float32, c*k>    | optional (windows.context_weights): their gate weights   |
 | target_experts        | fixed_size_list<int16, k>        | target routed set, best-first (-1 = dropped)             |
 | target_weights        | fixed_size_list<float32, k>      | their gate weights                                       |
 | prev_token_experts    | fixed_size_list<int16, k>        | layer t's experts of the previous token (-1 at position 0)|
@@ -42,9 +43,10 @@ the target. Example with c = 3, h = 2, T = 2, H = 2 (P = token context, C = cont
 | hidden_state          | fixed_size_list<float16, D>      | optional (shards with hidden states): token i entering layer t-h |
 | generated             | bool                             | optional (traces with generated tokens): token i was generated, not prompt |
 
-The optional columns (and summary.json keys token_context, token_horizon, hidden_dim, params.token_ids) exist
-only when non-empty (token_id: when windows.token_ids is on, the default since stop 19), so windows written with them
-off are byte-identical to those written before they existed.
+The optional columns (and summary.json keys token_context, token_horizon, hidden_dim, params.token_ids,
+params.context_weights) exist only when non-empty (token_id: when windows.token_ids is on, the default since stop 19;
+context_weights: when windows.context_weights is on), so windows written with them off are byte-identical to those
+written before they existed.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class WindowSet:
     domains: list[str]
     sequence_ids: list[str]
     stale_gate_experts: np.ndarray | None = None  # (N, k) int16
+    context_weights: np.ndarray | None = None  # (N, c, k) float32: gate weights of context_experts (windows.context_weights)
     token_id: np.ndarray | None = None  # (N,) int32: tokenizer id of token i (windows.token_ids)
     generated: np.ndarray | None = None  # (N,) bool: the token was generated (present when any token was)
     token_context_experts: np.ndarray | None = None  # (N, T, c+1, k) int16: tokens i-T..i-1 x (context layers, t)
@@ -206,6 +209,7 @@ def windows_from_table(table: pa.Table, summary: dict) -> WindowSet:
         domains=domains,
         sequence_ids=sequence_ids,
         stale_gate_experts=_optional(table, "stale_gate_experts", k),
+        context_weights=_optional(table, "context_weights", c, k),
         token_id=table["token_id"].to_numpy() if "token_id" in table.column_names else None,
         token_context_experts=_optional(table, "token_context_experts", T, c + 1, k),
         next_token_experts=_optional(table, "next_token_experts", H, k),
