@@ -28,8 +28,10 @@ from readme_conclusions import conclusion_lines  # scripts/ is on sys.path when 
 README = Path("README.md")
 BASELINES = ("lookup", "lookup_interpolated", "top1_table", "cooccurrence", "token", "token_context", "frequency",
              "previous_token", "stale_gate", "random")
-PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "lookup", "lookup_gated", "stale_gate",
-                       "oracle", "oracle_belady")
+PREFETCH_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "predictor_expert_gated", "predictor_evict",
+                       "predicted_eviction",
+                       "lookup", "lookup_gated", "stale_gate", "oracle", "oracle_belady", "oracle_belady_lead1",
+                       "oracle_belady_lead2", "oracle_belady_lead4", "oracle_belady_next_token")
 
 
 def pct(value: float | None) -> str:
@@ -365,8 +367,11 @@ def profiles_section() -> str:
     from moe_prefetch.evaluation.config import COST_PROFILES
 
     rows = [[f"`{name}`", f"{p.expert_bytes:,.0f}", f"{p.bandwidth_gbps:g}", f"{p.expert_bytes / (p.bandwidth_gbps * 1e6):.2f}",
-             f"{p.layer_compute_ms:g}", p.derivation] for name, p in COST_PROFILES.items()]
-    return table(["profile", "expert bytes", "GB/s", "transfer ms", "layer compute ms", "derivation"], rows)
+             f"{p.layer_compute_ms:g}", f"{p.expert_compute_share:g}",
+             f"CPU, {p.cpu_expert_ms:g} ms" if p.miss_path == "cpu" else p.miss_path, p.derivation]
+            for name, p in COST_PROFILES.items()]
+    return table(["profile", "expert bytes", "GB/s", "transfer ms", "layer compute ms", "expert compute share", "misses",
+                  "derivation"], rows)
 
 
 def gpu_estimates_section() -> str:

@@ -164,6 +164,8 @@ POLICY_CASES = {
         (ZERO_USE_ROUTED, ZERO_USE_PREFETCH, {"hits": 3.0, "misses": 2.0, "wasted_prefetch_bytes": 2e6}),
     ],
     "random": [([[[e]] for e in REUSED_FIRST], None, _random_case())],
+    # Without scores `predicted` is LRU (test_predicted_eviction_by_hand gives it scores).
+    "predicted": [([[[e]] for e in REUSED_FIRST], None, {"hits": 2.0, "misses": 4.0})],
     "belady": [
         # 2 evicts 1 (never used again; 0 is used at the end) -> the last 0 hits: 3 misses.
         ([[[e]] for e in REUSED_FIRST], None, {"hits": 3.0, "misses": 3.0}),
@@ -524,6 +526,14 @@ STRATEGY_PLANS = {
     "oracle_belady": [[[1], [-1]], [[3], [-1]]],
     "predictor_gated": [[[1], [-1]], [[3], [-1]]],  # at depth m; the depth itself is tuned on val (below)
     "lookup_gated": [[[2], [-1]], [[0], [-1]]],
+    # Lead ceilings: position p = t * 2 + l prefetches position p + lead's experts, into the next step too.
+    "oracle_belady_lead1": [[[1], [2]], [[3], [-1]]],
+    "oracle_belady_lead2": [[[2], [3]], [[-1], [-1]]],
+    "oracle_belady_lead4": [[[-1], [-1]], [[-1], [-1]]],  # 4 positions ahead: past the last step
+    "oracle_belady_next_token": [[[2], [3]], [[-1], [-1]]],  # lead L = 2
+    "predicted_eviction": [[[-1], [-1]], [[-1], [-1]]],  # nothing prefetched; the predictor's scores evict
+    "predictor_evict": [[[1], [-1]], [[3], [-1]]],
+    "predictor_expert_gated": [[[1], [-1]], [[3], [-1]]],  # at depth m; each expert then passes the gate or not
 }
 
 
@@ -562,7 +572,8 @@ def test_strategies_in_registration_order_without_the_missing_inputs() -> None:
     assert "predictor_gated" not in simulate_strategies(inputs, params, capacity=1, batch_size=1)  # no val windows
     uncaptured = ReplayInputs(dataclasses.replace(REPLAY, stale_gate_experts=None), {}, m=1, horizon=1, num_target_layers=2)
     assert list(simulate_strategies(uncaptured, params, capacity=1, batch_size=1)) == [
-        "on_demand", "belady", "oracle", "oracle_belady", "ideal"]
+        "on_demand", "belady", "oracle", "oracle_belady", "oracle_belady_lead1", "oracle_belady_lead2",
+        "oracle_belady_lead4", "oracle_belady_next_token", "ideal"]
 
 
 def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
@@ -574,6 +585,9 @@ def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
     inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, val=val)
     result = simulate_strategies(inputs, params, capacity=1, batch_size=1)
     assert (result["predictor_gated"]["prefetch_depth"], result["lookup_gated"]["prefetch_depth"]) == (1, 0)
+    # The per-expert gate passes the always-right predictor's experts (calibrated P(used) = 1 on val).
+    assert result["predictor_expert_gated"]["prefetch_depth"] == 1
+    assert result["predictor_expert_gated"]["time_per_token_ms"] == result["predictor"]["time_per_token_ms"]
     assert result["predictor_gated"]["time_per_token_ms"] == result["predictor"]["time_per_token_ms"]
     assert result["predictor_gated"]["speedup_vs_on_demand"] > 1.0
     assert result["lookup_gated"]["time_per_token_ms"] == result["on_demand"]["time_per_token_ms"]
@@ -581,6 +595,20 @@ def test_gated_strategies_keep_the_depth_that_is_fastest_on_val() -> None:
     # A predictor that costs more than it saves is gated off too.
     costly = simulate_strategies(inputs, dataclasses.replace(params, predictor_ms=5.0), capacity=1, batch_size=1)
     assert costly["predictor_gated"]["prefetch_depth"] == 0 and costly["predictor"]["speedup_vs_on_demand"] < 1.0
+
+
+def test_predictor_probabilities_are_calibrated_on_val_and_aligned_with_the_plan() -> None:
+    # On val (= REPLAY) the one-hot predictor's score 1 is always used and 0 never: calibrated P(used) is the score.
+    # Replayed layer 0 is never predicted (h = 1, target layers only): NaN; layer 1 holds each token's target.
+    val = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2)
+    inputs = ReplayInputs(REPLAY, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, val=val)
+    steps = DecodeSteps(inputs, batch_size=1)
+    strategy = PREFETCH_STRATEGIES["predictor_expert_gated"]
+    args = strategy.replay_args(inputs, steps, strategy.plan(inputs, steps, 1))
+    use = args["use_scores"]  # (steps, L, E)
+    assert np.isnan(use[:, 0]).all() and use[:, 1].tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
+    assert np.array_equal(args["prefetch_probs"], [[[1.0], [np.nan]], [[1.0], [np.nan]]], equal_nan=True)
+    assert PREFETCH_STRATEGIES["predictor_evict"].replay_args(inputs, steps, None)["use_scores"] is use
 
 
 def test_speedup_intervals_resample_whole_documents() -> None:

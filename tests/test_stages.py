@@ -233,9 +233,14 @@ def test_cache_ceilings_hold_on_the_tiny_run(tiny):
     for name in strategies:  # decode batch 1: every strategy's speedup carries its document-bootstrap interval
         low, high = cache[name]["speedup_ci95"]
         assert low - 1e-9 <= cache[name]["speedup_vs_on_demand"] <= high + 1e-9
-    # The gates: never more than 1% slower than on-demand LRU, in any profile or regime.
+    # The gates (every strategy registered gated=True): never more than 1% slower than on-demand LRU, in any profile
+    # or regime.
+    from moe_prefetch.evaluation.replay import PREFETCH_STRATEGIES
+
+    gated = [name for name, strategy in PREFETCH_STRATEGIES.items() if strategy.gated]
+    assert {"predictor_gated", "lookup_gated", "predictor_expert_gated"} <= set(gated)
     for row in [cache, *tiny.metrics["cache_by_profile"].values(), *tiny.metrics["cache_by_regime"].values()]:
-        for name in ("predictor_gated", "lookup_gated"):
+        for name in gated:
             speedup = row[name]["speedup_vs_on_demand"] if name in row else row[f"{name}_speedup_vs_on_demand"]
             assert speedup >= 0.99, (name, speedup)
 

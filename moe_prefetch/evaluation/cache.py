@@ -1,67 +1,111 @@
 """Expert-cache prefetch simulator: replays routed experts step by step, MoE layer by layer, on a discrete-event
-timeline with one compute stream and one transfer link.
+timeline with one compute stream and `links` transfer links (the timeline lives in timeline.py).
 
 Inputs: routed (T, L, w) int, the experts used per step and layer (-1 = none; w is any width, e.g. a batch passes
 the union of its tokens' experts padded with -1; repeats count once), and prefetch (T, L, m) int or None:
-prefetch[t, l] lists experts predicted for layer l + horizon, best first, issued when layer l runs at step t
-(entries whose target layer is >= L are ignored).
+prefetch[t, l] lists experts, best first, issued when layer l runs at step t, for the target position
+t * L + l + lead. lead = None (the default) targets layer l + horizon of the same step, and entries whose target
+layer is >= L are ignored; an int lead (>= 1) may pass L: the target is then layer (l + lead) % L of step
+t + (l + lead) // L (lead = L: the next token's same layer), and targets past the last step are ignored. Optional,
+for the predictor-guided rules: use_scores (T, L, E) float, use_scores[t, l, e] = the scorer's P(layer l of step t
+uses e) (NaN = none), issued with the prediction of that target, at position t * L + l - lead' (lead' = lead, or
+horizon); prefetch_probs (T, L, m) float, the P(used) of each entry of prefetch (NaN = none).
 
-Caches: one pool per layer of `capacity` experts (per_layer) or one pool of `capacity` (layer, expert) pairs.
-Prefetched experts go into the same pools; all pools start empty. Eviction follows the policy (policies.py); a
+Caches: one pool per layer of `capacity` experts (per_layer) or one pool of `capacity` (layer, expert) pairs; all
+pools start empty. prefetch_into = cache: prefetched experts go into the same pools. prefetch_into = staging (and
+a prefetch plan given): each pool gives min(staging_slots, capacity - 1) of its slots to a staging buffer that only
+prefetches enter (a full one drops its oldest staged expert not listed with the new one); a staged expert is a
+hit like a cached one and, when used, is promoted into the cache (evicting by policy; it stays staged if nothing
+can go). A replay without prefetch keeps every slot in the cache. Eviction follows the policy (policies.py); a
 victim is never a protected key, and if every resident key is protected, none is evicted.
+Scores (use_scores given): the policies, the prefetch guard and the gate see, for layer l, the scores of the
+latest step whose issue position has passed (the prediction step of that position, see 3), never a later one;
+before any is issued, none (NaN). `predicted` eviction evicts the lowest such score (policies.py).
 
-The link moves one expert at a time, taking transfer_ms each. Demand loads have priority over prefetches:
-  - A prefetch is queued when issued and starts only when the link is free and no demand load is waiting, in
+The links move one expert at a time each, taking transfer_ms; an expert goes on the link that frees up first
+(the lowest index among ties). Demand loads have priority over prefetches:
+  - A prefetch is queued when issued and starts only when a link is free and no demand load is waiting, in
     issue order (a queued prefetch therefore never delays a demand load; a started one may, see pre-emption).
-    Its target pool's slot is taken (by eviction) when it starts, not when it is issued.
-  - Pre-emption (chunk_bytes > 0): a demand load arriving while a prefetch is in flight waits only until the
-    prefetch's next chunk boundary; the prefetch resumes after the demand loads. chunk_bytes = 0: it waits for the
-    whole transfer.
-  - Cancellation: when layer l runs, every prefetch for layer l still queued is withdrawn. A withdrawn expert that
-    layer l routes is demand-loaded (a miss); the others are `cancelled` and move no bytes.
+    Its slot (cache or staging) is taken (by eviction) when it starts, not when it is issued.
+  - Pre-emption (chunk_bytes > 0): a demand load arriving while a prefetch is in flight on its link waits only
+    until the prefetch's next chunk boundary; the prefetch resumes after the demand loads. chunk_bytes = 0: it
+    waits for the whole transfer.
+  - Cancellation: when the target position runs, every prefetch for it still queued is withdrawn. A withdrawn
+    expert that the layer routes is a miss; the others are `cancelled` and move no bytes.
 When layer l of step t starts at clock c:
-  1. Uses: each routed expert already resident is a hit: on time if its transfer has ended by c, else late, and
-     the layer waits for its arrival (late_wait_ms). Hits update the policy first, so a miss cannot evict them.
-  2. Misses: demand-loaded at c, after the in-flight transfer (or its chunk), never overlapped with compute
-     (stall), then inserted. A demand load never evicts an expert routed at this same (t, l), nor the expert in
-     flight; if nothing else can go, the expert is used without being cached.
+  1. Uses: each routed expert already resident (cached or staged) is a hit: on time if its transfer has ended by
+     c, else late, and the layer waits for its arrival (late_wait_ms). Hits update the policy first, so a miss
+     cannot evict them.
+  2. Misses: miss_path = transfer: demand-loaded at c, after the in-flight transfer (or its chunk) of the link
+     each takes, never overlapped with compute (stall), then inserted. A demand load never evicts an expert
+     routed at this same (t, l), nor an expert in flight; if nothing else can go, the expert is used without
+     being cached. miss_path = cpu (Fiddler-style): each missing expert is computed on the CPU, cpu_expert_ms
+     each one after another, in parallel with the GPU's compute of the layer (see 5); nothing moves (the
+     activations crossing the link are negligible) and nothing is cached. On that path a resident expert still
+     in flight whose arrival is more than cpu_expert_ms after c is computed on the CPU too (a miss; its transfer
+     still lands) instead of waited for.
   3. Prediction: when the strategy has a predictor cost (predictor_ms), it runs on the compute stream once the
-     layer's experts are ready, delaying this layer's compute; the prefetch is issued when it ends.
-  4. Prefetch: the experts listed at (t, l) that the target pool neither holds nor has queued are queued. When one
-     starts, it may not evict an expert listed with it, nor (shared pool) one routed at the layer then running;
-     one that finds no evictable slot is `dropped` (no bytes). Listed experts already resident keep their state.
-     overlap_prefetch = false: prefetches are issued after compute and the step waits until they have all arrived.
-  5. Compute: layer_compute_ms.
-Counters: on-time and late hits, misses (demand loads), prefetches started, cancelled, dropped and pre-empted;
-step_ms (T,): the time each step adds to the clock.
+     layer's experts are ready, delaying this layer's compute; the prefetch is issued when it ends. The scores
+     issued at this position become visible here (after this layer's misses).
+  4. Prefetch: the experts listed at (t, l) that the target pool neither holds nor has queued are queued (with
+     prefetch_probs, only those the gate G passes). When one starts, it may not evict an expert listed with it,
+     nor one routed at the layer then running if that layer shares its pool (a shared pool, or a lead reaching the
+     same layer of a later step), nor (prefetch_into = cache with use_scores) a cached
+     expert whose score is higher than its own (an unknown score guards nothing); one that finds no evictable
+     slot is `dropped` (no bytes). Listed experts already resident keep their state. overlap_prefetch = false:
+     prefetches are issued after compute and the step waits until they have all arrived.
+  5. Compute: layer_compute_ms x ((1 - s) + s x distinct / k), distinct = the distinct experts the layer runs,
+     s = expert_compute_share (the share of a batch-1 layer's compute that reads its k experts' weights), k =
+     experts_per_token (routed experts per token); s = 0: layer_compute_ms whatever the batch. With misses on
+     the CPU: max(the same with only the resident experts, misses x cpu_expert_ms).
+Gate G (prefetch_probs given), for a listed expert with P(used) p, at issue time i with lead h (layers):
+  queued iff p x saving > (1 - p) x cost, where
+  saving = max(0, miss - lateness): miss = transfer_ms (cpu_expert_ms on the CPU path) is what a hit avoids;
+    lateness = max(0, arrival - (i + h x layer_compute_ms)), arrival = i + backlog / links + transfer_ms, backlog =
+    the links' remaining busy time after i plus transfer_ms per prefetch queued ahead;
+  cost = the wait it can impose on a demand load (chunk_ms, or transfer_ms without pre-emption) + the eviction
+    loss: the victim's (the policy's pick now; staging: the oldest staged) score x miss, an unknown score counting
+    as 1 and a free slot as 0. p = NaN or 0: never queued (`gated_out`).
+Counters: on-time and late hits, misses (demand loads or CPU experts), prefetches started, cancelled, dropped,
+gated out and pre-empted; step_ms (T,): the time each step adds to the clock.
 Prefetched experts evicted before their first use, or never used by the end, are wasted (their bytes moved).
-time_ms ends when the last layer finishes computing; stall_ms = time_ms - compute time (predictor time included).
+time_ms ends when the last layer finishes computing; compute_ms sums step 5 with every expert resident;
+stall_ms = time_ms - compute_ms (predictor time and CPU time beyond the GPU's included).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from moe_prefetch.evaluation.policies import EVICTION_POLICIES, EvictionPolicy, FutureUses, PoolFuture
+from moe_prefetch.evaluation.policies import EVICTION_POLICIES, FutureUses, IssuedScores, PoolFuture, PoolScores
+from moe_prefetch.evaluation.timeline import Pool, Replay, Timing
 
-__all__ = ["EVICTION_POLICIES", "CacheConfig", "CostModel", "ideal_time_ms", "ideal_share", "oracle_prefetch",
-           "simulate", "speedup"]
+__all__ = ["EVICTION_POLICIES", "MISS_PATHS", "PREFETCH_TARGETS", "CacheConfig", "CostModel", "ideal_time_ms",
+           "ideal_share", "oracle_prefetch", "simulate", "speedup"]
+
+MISS_PATHS = ("transfer", "cpu")  # where a missing expert is computed: moved to the GPU, or computed on the CPU
+PREFETCH_TARGETS = ("cache", "staging")  # where prefetched experts land
 
 
 @dataclass
 class CostModel:
-    """Transfer and compute costs: expert size, link bandwidth (GB/s = 1e9 B/s), compute per layer, and the
-    pre-emption granularity of a prefetch in flight (0 = none)."""
+    """Transfer and compute costs: expert size, link bandwidth (GB/s = 1e9 B/s) and parallel links, compute per
+    layer and the share of it that reads the experts' weights (batch compute scaling), the pre-emption granularity
+    of a prefetch in flight (0 = none), and where a missing expert is computed (MISS_PATHS; `cpu`: cpu_expert_ms
+    each)."""
 
     expert_bytes: float
     bandwidth_gbps: float
     layer_compute_ms: float
     overlap_prefetch: bool = True
     chunk_bytes: float = 0.0
+    links: int = 1
+    expert_compute_share: float = 0.0
+    miss_path: str = "transfer"
+    cpu_expert_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes < 0 or self.bandwidth_gbps <= 0 or self.layer_compute_ms < 0 or self.chunk_bytes < 0:
@@ -69,10 +113,18 @@ class CostModel:
                 f"need expert_bytes >= 0, bandwidth_gbps > 0, layer_compute_ms >= 0, chunk_bytes >= 0; got "
                 f"{self.expert_bytes}, {self.bandwidth_gbps}, {self.layer_compute_ms}, {self.chunk_bytes}"
             )
+        if isinstance(self.links, bool) or not isinstance(self.links, (int, np.integer)) or self.links < 1:
+            raise ValueError(f"links must be an int >= 1, got {self.links!r}")
+        if not 0.0 <= self.expert_compute_share <= 1.0:
+            raise ValueError(f"expert_compute_share must be in [0, 1], got {self.expert_compute_share}")
+        if self.miss_path not in MISS_PATHS:
+            raise ValueError(f"miss_path {self.miss_path!r} is not one of {', '.join(MISS_PATHS)}")
+        if self.cpu_expert_ms < 0 or (self.miss_path == "cpu" and self.cpu_expert_ms <= 0):
+            raise ValueError(f"cpu_expert_ms must be > 0 on the cpu miss path (>= 0 otherwise), got {self.cpu_expert_ms}")
 
     @property
     def transfer_ms(self) -> float:
-        """Milliseconds to move one expert over the link."""
+        """Milliseconds to move one expert over a link."""
         return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
 
     @property
@@ -83,265 +135,127 @@ class CostModel:
 
 @dataclass
 class CacheConfig:
-    """Experts held (per layer if per_layer, else in total), the eviction policy (a name in EVICTION_POLICIES) and
-    the seed of the seeded policies."""
+    """Experts held (per layer if per_layer, else in total), the eviction policy (a name in EVICTION_POLICIES), the
+    seed of the seeded policies, and where prefetches land (PREFETCH_TARGETS; `staging`: staging_slots of the
+    capacity, per pool, hold only prefetches)."""
 
     capacity: int
     per_layer: bool = True
     policy: str = "lru"
     seed: int = 0
+    prefetch_into: str = "cache"
+    staging_slots: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1:
             raise ValueError(f"cache capacity must be an int >= 1, got {self.capacity!r}")
         if self.policy not in EVICTION_POLICIES:
             raise ValueError(f"cache policy {self.policy!r} is not one of {EVICTION_POLICIES.names()}")
+        if self.prefetch_into not in PREFETCH_TARGETS:
+            raise ValueError(f"prefetch_into {self.prefetch_into!r} is not one of {', '.join(PREFETCH_TARGETS)}")
+        if self.prefetch_into == "staging" and (isinstance(self.staging_slots, bool) or self.staging_slots < 1):
+            raise ValueError(f"staging_slots must be an int >= 1 when prefetching into staging, got {self.staging_slots!r}")
+
+    def staging(self, prefetching: bool) -> int:
+        """Staging slots per pool: min(staging_slots, capacity - 1) when prefetches land in staging, else 0."""
+        return min(self.staging_slots, self.capacity - 1) if prefetching and self.prefetch_into == "staging" else 0
 
 
-class _Pool:
-    """One cache pool: resident keys, the policy's eviction state, and prefetch bookkeeping."""
-
-    def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
-        self.capacity = capacity
-        self.policy = policy
-        self.resident: set[int] = set()
-        self.queued: set[int] = set()  # keys with a prefetch queued, not started
-        self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
-        self.arrival_ms: dict[int, float] = {}  # prefetched keys not used yet -> time their transfer ends
-        self.wasted = 0  # prefetched keys evicted before their first use
-
-    def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
-        """Insert a non-resident key, evicting by policy outside `protected`; False if nothing can go."""
-        if len(self.resident) >= self.capacity:
-            victim = self.policy.victim(protected)
-            if victim is None:
-                return False
-            self._evict(victim)
-        self.resident.add(key)
-        self.policy.on_insert(key, tick, is_use)
-        return True
-
-    def _evict(self, key: int) -> None:
-        """Remove a key, counting it as wasted if it was prefetched and never used."""
-        self.resident.remove(key)
-        self.policy.on_evict(key)
-        if key in self.unused_prefetch:
-            self.unused_prefetch.discard(key)
-            self.wasted += 1
-        self.arrival_ms.pop(key, None)
-
-
-@dataclass
-class _Prefetch:
-    """One prefetch on the link: queued at `issue_ms` for layer `target`, then in flight from start_ms to end_ms."""
-
-    pool: _Pool
-    key: int
-    target: int
-    issue_ms: float
-    listed: dict[int, None]  # the keys issued with it (it may not evict them)
-    start_ms: float = math.nan
-    end_ms: float = math.nan
-
-
-@dataclass
-class _Counters:
-    on_time_hits: int = 0
-    late_hits: int = 0
-    late_wait_ms: float = 0.0
-    prefetched: int = 0
-    prefetch_hits: int = 0
-    cancelled: int = 0
-    dropped: int = 0
-    preempted: int = 0
-    predictor_ms: float = 0.0
-    misses_by_layer: list[int] = field(default_factory=list)
-
-
-def _check_inputs(routed: np.ndarray, prefetch: np.ndarray | None, horizon: int) -> None:
-    """Raise ValueError on bad shapes, ids below -1 or a horizon below 1."""
+def _check_inputs(routed: np.ndarray, prefetch: np.ndarray | None, horizon: int, lead: int | None,
+                  use_scores: np.ndarray | None, prefetch_probs: np.ndarray | None) -> None:
+    """Raise ValueError on bad shapes, ids below -1 or a horizon or lead below 1."""
     if routed.ndim != 3:
         raise ValueError(f"routed must be (T, L, k), got shape {routed.shape}")
     if routed.size and routed.min() < -1:
         raise ValueError("routed expert ids must be >= -1")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if lead is not None and lead < 1:
+        raise ValueError(f"lead must be >= 1 (or None), got {lead}")
     if prefetch is not None:
         if prefetch.ndim != 3 or prefetch.shape[:2] != routed.shape[:2]:
             raise ValueError(f"prefetch shape {prefetch.shape} must be (T, L, m) with (T, L) = {routed.shape[:2]}")
         if prefetch.size and prefetch.min() < -1:
             raise ValueError("prefetch expert ids must be >= -1")
-
-
-class _Replay:
-    """Clock, link and counters of one replay; run_layer applies steps 1-5 of the module docstring."""
-
-    def __init__(self, pools: list[_Pool], offsets: list[int], shared: bool, cost: CostModel, predictor_ms: float,
-                 future: FutureUses) -> None:
-        self.pools, self.offsets, self.shared = pools, offsets, shared
-        self.transfer_ms, self.chunk_ms = cost.transfer_ms, cost.chunk_ms
-        self.compute_ms, self.overlap, self.predictor_ms = cost.layer_compute_ms, cost.overlap_prefetch, predictor_ms
-        self.future = future
-        self.clock = 0.0
-        self.link_free = 0.0  # when the link finishes the transfer in flight (or the last demand load)
-        self.in_flight: _Prefetch | None = None  # the last prefetch started (in flight while its end_ms > clock)
-        self.queue: list[_Prefetch] = []  # prefetches not started, in issue order
-        self.running: dict[int, None] = {}  # keys of the layer computing now (a shared pool protects them)
-        self.tick = 0  # event counter handed to the eviction policy (recency)
-        self.counts = _Counters(misses_by_layer=[0] * len(pools))
-
-    def run_layer(self, layer: int, routed_row: list[int], target: int | None, prefetch_row: list[int]) -> None:
-        """Run one layer of one step; queue prefetch_row for layer `target` unless target is None."""
-        offset = self.offsets[layer]
-        # A dict keeps first-seen order and doubles as the protected set (O(1) membership).
-        keys = dict.fromkeys(e + offset for e in routed_row if e >= 0)
-        self._start_prefetches(self.clock)
-        self._use(self.pools[layer], layer, keys)
-        self.running = keys
-        if target is not None:
-            if self.predictor_ms:
-                self.clock += self.predictor_ms  # 3. the predictor runs on the compute stream
-                self.counts.predictor_ms += self.predictor_ms
-            issue_ms = self.clock if self.overlap else self.clock + self.compute_ms
-            self._issue(target, prefetch_row, issue_ms)
-        self.clock += self.compute_ms  # 5. compute
-        if not self.overlap:
-            self._start_prefetches(math.inf)
-            self.clock = max(self.clock, self.link_free)
-
-    def _start_prefetches(self, now: float) -> None:
-        """Start, in issue order, every queued prefetch the link can begin before `now` (a demand load at `now`
-        goes first)."""
-        while self.queue:
-            prefetch = self.queue[0]
-            start = max(self.link_free, prefetch.issue_ms)
-            if start >= now:
-                return
-            self.queue.pop(0)
-            pool = prefetch.pool
-            pool.queued.discard(prefetch.key)
-            if prefetch.key in pool.resident:  # demand-loaded meanwhile (shared pool): nothing to move
-                self.counts.cancelled += 1
-                continue
-            guard = prefetch.listed | self.running if self.shared else prefetch.listed
-            self.tick += 1
-            if not pool.insert(prefetch.key, self.tick, guard, is_use=False):
-                self.counts.dropped += 1
-                continue
-            prefetch.start_ms, prefetch.end_ms = start, start + self.transfer_ms
-            pool.arrival_ms[prefetch.key] = prefetch.end_ms
-            pool.unused_prefetch.add(prefetch.key)
-            self.link_free = prefetch.end_ms
-            self.in_flight = prefetch
-            self.counts.prefetched += 1
-
-    def _use(self, pool: _Pool, layer: int, keys: dict[int, None]) -> None:
-        """Withdraw this layer's queued prefetches, then 1. hits (waiting for late ones), 2. demand loads."""
-        counts, now = self.counts, self.clock
-        withdrawn = [prefetch for prefetch in self.queue if prefetch.target == layer]
-        if withdrawn:
-            self.queue = [prefetch for prefetch in self.queue if prefetch.target != layer]
-            for prefetch in withdrawn:
-                pool.queued.discard(prefetch.key)
-                counts.cancelled += prefetch.key not in keys  # a routed one becomes a demand load below
-        self.future.now += 1
-        ready = now
-        missing = []
-        for key in keys:  # hits first, so a miss cannot evict a hit of this same step
-            if key not in pool.resident:
-                missing.append(key)
-                continue
-            self.tick += 1
-            pool.policy.on_use(key, self.tick)
-            if key in pool.unused_prefetch:
-                pool.unused_prefetch.discard(key)
-                counts.prefetch_hits += 1
-            arrival = pool.arrival_ms.pop(key, now)
-            if arrival > now:
-                counts.late_hits += 1
-                counts.late_wait_ms += arrival - now
-                ready = max(ready, arrival)
-            else:
-                counts.on_time_hits += 1
-        if missing:
-            ready = max(ready, self._demand_load(pool, layer, keys, missing, now))
-        self.clock = ready
-
-    def _demand_load(self, pool: _Pool, layer: int, keys: dict[int, None], missing: list[int], now: float) -> float:
-        """Load `missing` at `now` ahead of every queued prefetch (pre-empting the one in flight at a chunk boundary
-        when it is not needed now); returns when the last one arrives."""
-        start = max(now, self.link_free)
-        in_flight = self.in_flight if self.in_flight is not None and self.in_flight.end_ms > now else None
-        preempt = in_flight is not None and self.chunk_ms > 0 and in_flight.key not in keys
-        if preempt:
-            chunks_done = math.ceil((now - in_flight.start_ms) / self.chunk_ms - 1e-9)
-            start = max(now, min(in_flight.end_ms, in_flight.start_ms + chunks_done * self.chunk_ms))
-        end = start + len(missing) * self.transfer_ms
-        self.link_free = end
-        if preempt and in_flight.end_ms > start:
-            in_flight.end_ms = end + (in_flight.end_ms - start)  # the rest of the prefetch after the demand loads
-            in_flight.pool.arrival_ms[in_flight.key] = self.link_free = in_flight.end_ms
-            self.counts.preempted += 1
-        self.counts.misses_by_layer[layer] += len(missing)
-        protected = keys if in_flight is None or in_flight.pool is not pool else keys | {in_flight.key: None}
-        for key in missing:
-            self.tick += 1
-            pool.insert(key, self.tick, protected, is_use=True)
-        return end
-
-    def _issue(self, target: int, prefetch_row: list[int], issue_ms: float) -> None:
-        """4. queue the listed experts the target pool neither holds nor has queued."""
-        pool, offset = self.pools[target], self.offsets[target]
-        listed = dict.fromkeys(e + offset for e in prefetch_row if e >= 0)
-        for key in listed:
-            if key not in pool.resident and key not in pool.queued:
-                pool.queued.add(key)
-                self.queue.append(_Prefetch(pool, key, target, issue_ms, listed))
+    if use_scores is not None and (use_scores.ndim != 3 or use_scores.shape[:2] != routed.shape[:2]):
+        raise ValueError(f"use_scores shape {use_scores.shape} must be (T, L, E) with (T, L) = {routed.shape[:2]}")
+    if prefetch_probs is not None and (prefetch is None or prefetch_probs.shape != prefetch.shape):
+        raise ValueError(f"prefetch_probs shape {prefetch_probs.shape} must equal the prefetch plan's "
+                         f"{None if prefetch is None else prefetch.shape}")
 
 
 def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig, cost: CostModel, horizon: int,
-             predictor_ms: float = 0.0) -> dict[str, float | list[int]]:
+             predictor_ms: float = 0.0, *, lead: int | None = None, use_scores: np.ndarray | None = None,
+             prefetch_probs: np.ndarray | None = None, experts_per_token: int | None = None) -> dict[str, float | list[int]]:
     """Replay `routed` with optional `prefetch` through the cache; see the module docstring for rules.
-    `predictor_ms`: the predictor's time on the compute stream per layer that issues a prefetch."""
+    `predictor_ms`: the predictor's time on the compute stream per layer that issues a prefetch; `lead`: the
+    prefetch's lead in layers, possibly into later steps (None: horizon, within the step); `use_scores` (T, L, E)
+    and `prefetch_probs` (T, L, m): the predictor's probabilities for the predicted eviction, the prefetch guard and
+    the gate; `experts_per_token`: k of the batch compute scaling (None: routed's width)."""
     routed = np.asarray(routed, dtype=np.int64)
     prefetch = None if prefetch is None else np.asarray(prefetch, dtype=np.int64)
-    _check_inputs(routed, prefetch, horizon)
+    use_scores = None if use_scores is None else np.asarray(use_scores, dtype=np.float64)
+    prefetch_probs = None if prefetch_probs is None else np.asarray(prefetch_probs, dtype=np.float64)
+    _check_inputs(routed, prefetch, horizon, lead, use_scores, prefetch_probs)
     if predictor_ms < 0:
         raise ValueError(f"predictor_ms must be >= 0, got {predictor_ms}")
-    steps, layers, _ = routed.shape
+    steps, layers, width = routed.shape
+    k = width if experts_per_token is None else experts_per_token
+    if k < 1:
+        raise ValueError(f"experts_per_token must be >= 1, got {k}")
     # (layer, expert) as layer * stride + expert: the keys of a shared pool, and of the future uses in both modes.
     stride = 1 + max(int(routed.max(initial=-1)), -1 if prefetch is None else int(prefetch.max(initial=-1)))
     layer_keys = [layer * stride for layer in range(layers)]
     offsets = [0] * layers if cache.per_layer else layer_keys
     future = FutureUses(routed, layer_keys)
+    issued = None if use_scores is None else IssuedScores(use_scores, horizon if lead is None else lead)
     policy = EVICTION_POLICIES[cache.policy]
-    distinct = [_Pool(cache.capacity, policy(cache.capacity, PoolFuture(future, layer_keys[pool] if cache.per_layer else 0),
-                                             cache.seed + pool))
-                for pool in range(layers if cache.per_layer else 1)]
+    staging = cache.staging(prefetch is not None)
+    distinct = []
+    for pool in range(layers if cache.per_layer else 1):
+        scores = None if issued is None else PoolScores(issued, pool if cache.per_layer else None, stride)
+        pool_future = PoolFuture(future, layer_keys[pool] if cache.per_layer else 0)
+        state = policy(cache.capacity - staging, pool_future, cache.seed + pool, scores)
+        distinct.append(Pool(cache.capacity - staging, state, staging, scores))
     pools = distinct if cache.per_layer else distinct * layers
-    replay = _Replay(pools, offsets, not cache.per_layer, cost, predictor_ms, future)
+    timing = Timing(cost.transfer_ms, cost.chunk_ms, cost.layer_compute_ms, cost.overlap_prefetch, predictor_ms,
+                    cost.links, cost.expert_compute_share, k, cost.cpu_expert_ms if cost.miss_path == "cpu" else None,
+                    staging > 0)
+    replay = Replay(pools, offsets, not cache.per_layer, timing, future, issued)
     routed_rows = routed.tolist()  # Python lists: per-element numpy indexing would dominate the loop
     prefetch_rows = prefetch.tolist() if prefetch is not None else None
+    probs_rows = prefetch_probs.tolist() if prefetch_probs is not None else None
     no_prefetch: list[int] = []
+    positions = steps * layers
     step_end_ms = np.zeros(steps)
     for step in range(steps):
         for layer in range(layers):
-            target = layer + horizon if prefetch_rows is not None and layer + horizon < layers else None
+            position = step * layers + layer
+            if prefetch_rows is None:
+                target = None
+            elif lead is None:
+                target = position + horizon if layer + horizon < layers else None
+            else:
+                target = position + lead if position + lead < positions else None
             prefetch_row = prefetch_rows[step][layer] if target is not None else no_prefetch
-            replay.run_layer(layer, routed_rows[step][layer], target, prefetch_row)
+            probs_row = probs_rows[step][layer] if probs_rows is not None and target is not None else None
+            replay.run_layer(position, layer, routed_rows[step][layer], target, prefetch_row, probs_row)
         step_end_ms[step] = replay.clock
     return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(step_end_ms, prepend=0.0)}
 
 
-def _summary(replay: _Replay, distinct_pools: list[_Pool], steps: int, cost: CostModel) -> dict[str, float | list[int]]:
+def _summary(replay: Replay, distinct_pools: list[Pool], steps: int, cost: CostModel) -> dict[str, float | list[int]]:
     """Assemble the result dict from the replay's counters."""
     counts = replay.counts
     # Prefetches still unused when the replay ends were never used: they are wasted too.
     wasted = sum(pool.wasted + len(pool.unused_prefetch) for pool in distinct_pools)
     misses = sum(counts.misses_by_layer)
+    loaded = misses - counts.cpu_experts  # demand loads (CPU experts move nothing)
     hits = counts.on_time_hits + counts.late_hits
     uses = hits + misses
-    compute_total = steps * len(counts.misses_by_layer) * cost.layer_compute_ms
+    # Without batch scaling or the CPU path every layer computes layer_compute_ms: the product, as before, not a sum.
+    compute_total = counts.compute_ms if replay.counted else (
+        steps * len(counts.misses_by_layer) * cost.layer_compute_ms)
     clock = replay.clock
     return {
         "hit_rate": counts.on_time_hits / uses if uses else math.nan,
@@ -352,13 +266,15 @@ def _summary(replay: _Replay, distinct_pools: list[_Pool], steps: int, cost: Cos
         "late_wait_ms": counts.late_wait_ms,
         "misses": float(misses),
         "misses_by_layer": counts.misses_by_layer,
+        "cpu_experts": float(counts.cpu_experts),
         "prefetched": float(counts.prefetched),
         "prefetch_hits": float(counts.prefetch_hits),
         "cancelled": float(counts.cancelled),
         "dropped": float(counts.dropped),
+        "gated_out": float(counts.gated_out),
         "preempted": float(counts.preempted),
-        "bytes_moved": (misses + counts.prefetched) * cost.expert_bytes,
-        "demand_bytes": misses * cost.expert_bytes,
+        "bytes_moved": (loaded + counts.prefetched) * cost.expert_bytes,
+        "demand_bytes": loaded * cost.expert_bytes,
         "prefetch_bytes": counts.prefetched * cost.expert_bytes,
         "wasted_prefetch_bytes": wasted * cost.expert_bytes,
         "predictor_ms": counts.predictor_ms,
@@ -370,20 +286,29 @@ def _summary(replay: _Replay, distinct_pools: list[_Pool], steps: int, cost: Cos
 
 
 def ideal_time_ms(belady_demand: dict, cost: CostModel) -> float:
-    """The floor no strategy can beat with this cache: max(compute, Belady's demand loads x transfer time). Belady's
-    MIN needs the fewest loads of any policy, prefetching or not, and they share one link; compute cannot shrink."""
-    return max(belady_demand["compute_ms"], belady_demand["misses"] * cost.transfer_ms)
+    """The floor no strategy can beat with this cache: max(compute, Belady's demand loads x transfer time / links).
+    Belady's MIN needs the fewest loads of any policy, prefetching or not, and they share the links; compute cannot
+    shrink. On the cpu miss path nothing need move: the floor is the compute with every expert resident (a floor
+    while an expert computes slower on the CPU than on the GPU, cpu_expert_ms >= layer_compute_ms x s / k)."""
+    if cost.miss_path == "cpu":
+        return belady_demand["compute_ms"]
+    return max(belady_demand["compute_ms"], belady_demand["misses"] * cost.transfer_ms / cost.links)
 
 
-def oracle_prefetch(routed: np.ndarray, horizon: int, m: int) -> np.ndarray:
-    """Perfect-knowledge prefetch (T, L, m): prefetch[t, l] = routed[t, l + horizon] cut/padded with -1 to m."""
+def oracle_prefetch(routed: np.ndarray, horizon: int, m: int, wrap: bool = False) -> np.ndarray:
+    """Perfect-knowledge prefetch (T, L, m): prefetch[t, l] = routed[t, l + horizon] cut/padded with -1 to m; with
+    `wrap`, the experts of position t * L + l + horizon (later steps included, as simulate's `lead`)."""
     routed = np.asarray(routed, dtype=np.int64)
     if routed.ndim != 3 or horizon < 1 or m < 1:
         raise ValueError(f"need routed (T, L, k), horizon >= 1, m >= 1; got {routed.shape}, {horizon}, {m}")
     steps, layers, width = routed.shape
     prefetch = np.full((steps, layers, m), -1, dtype=np.int64)  # (T, L, m)
     kept = min(m, width)  # routed is best-first, so a short prefetch keeps the highest-weight experts
-    if horizon < layers:
+    if wrap:
+        flat_routed, flat_prefetch = routed.reshape(steps * layers, width), prefetch.reshape(steps * layers, m)
+        if horizon < steps * layers:
+            flat_prefetch[: steps * layers - horizon, :kept] = flat_routed[horizon:, :kept]
+    elif horizon < layers:
         prefetch[:, : layers - horizon, :kept] = routed[:, horizon:, :kept]
     return prefetch
 

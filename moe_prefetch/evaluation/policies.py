@@ -9,6 +9,10 @@ eviction, and asked for the next victim outside a protected set:
   belady  evicts the key whose next use lies farthest in the future (never used again first; ties to the lower key):
           Belady's MIN, optimal for demand loading, so it is the ceiling of any online policy. It reads the future
           from `FutureUses`, built from the replayed trace itself.
+  predicted  evicts the key with the lowest predicted probability of use at its layer's next run (`PoolScores`:
+          the latest scores issued for that layer, see `IssuedScores`); when any candidate's score is unknown (NaN,
+          or no scores issued yet for its layer), or among equal scores, the least recently used goes. Without
+          scores (simulate's use_scores = None) it is LRU.
 """
 
 from __future__ import annotations
@@ -57,12 +61,49 @@ class PoolFuture:
         return self.future.next_use(key + self.offset)
 
 
+class IssuedScores:
+    """The scorer's probabilities of use, revealed as the replay issues them. `scores` (steps, L, E) float:
+    scores[t, l, e] = P(layer l of step t uses e), issued at position t * L + l - lead (lead = the prefetch's lead in
+    layers), i.e. when that layer runs and after its prediction step (a demand load at that same position does not
+    see it yet). `visible` is the last position whose prediction step has passed (-1 before the replay; positions
+    below 0 are issued before it starts). For layer l the policy sees the scores of the latest step whose issue
+    position is <= visible; NaN where none is issued yet or the scorer gives none."""
+
+    def __init__(self, scores: np.ndarray, lead: int) -> None:
+        self.steps, self.layers, self.experts = scores.shape
+        self.rows = np.asarray(scores, dtype=np.float64).reshape(self.steps * self.layers, self.experts).tolist()
+        self.lead = lead
+        self.visible = -1
+
+    def score(self, layer: int, expert: int) -> float:
+        """The latest issued P(use) of `expert` at `layer` (NaN if none is issued yet or the expert is out of range)."""
+        step = min((self.visible - layer + self.lead) // self.layers, self.steps - 1)
+        if step < 0 or expert >= self.experts:
+            return math.nan
+        return self.rows[step * self.layers + layer][expert]
+
+
+class PoolScores:
+    """The issued scores as one pool keys them: a per-layer pool (`layer` given) holds bare expert ids, a shared pool
+    holds layer * stride + expert."""
+
+    def __init__(self, issued: IssuedScores, layer: int | None, stride: int) -> None:
+        self.issued, self.layer, self.stride = issued, layer, stride
+
+    def score(self, key: int) -> float:
+        if self.layer is not None:
+            return self.issued.score(self.layer, key)
+        return self.issued.score(key // self.stride, key % self.stride)
+
+
 class EvictionPolicy:
     """The eviction state of one pool of at most `capacity` resident keys. The pool tells it of every insertion,
     use and eviction (`tick`: the replay's event counter, increasing) and asks it for the next victim. `future` (the
-    trace's uses) and `seed` are given to every policy; only the offline and the seeded ones read them."""
+    trace's uses), `seed` and `scores` (the issued predictions, or None) are given to every policy; only the offline,
+    the seeded and the predicted ones read them."""
 
-    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0,
+                 scores: PoolScores | None = None) -> None:
         self.capacity = capacity
 
     def on_insert(self, key: int, tick: int, is_use: bool) -> None:
@@ -74,8 +115,8 @@ class EvictionPolicy:
         raise NotImplementedError
 
     def victim(self, protected: Container[int]) -> int | None:
-        """The resident key to evict next outside `protected` (the pool evicts it before asking again), or None if
-        every resident key is protected."""
+        """The resident key to evict next outside `protected`, or None if every resident key is protected. A query:
+        the pool evicts it next (on_evict) or keeps it (the prefetch gate only asks)."""
         raise NotImplementedError
 
     def on_evict(self, key: int) -> None:
@@ -89,7 +130,8 @@ EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("cache policy")
 class _ResidentOrder(EvictionPolicy):
     """Keeps the resident keys in an ordered dict (oldest insertion or use first) for the policies that scan it."""
 
-    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0,
+                 scores: PoolScores | None = None) -> None:
         super().__init__(capacity)
         self.order: OrderedDict[int, None] = OrderedDict()
 
@@ -118,7 +160,8 @@ class LRUPolicy(_ResidentOrder):
 class LFUPolicy(EvictionPolicy):
     """Fewest uses since insertion first (a prefetch inserts with zero uses), ties to the least recent."""
 
-    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0,
+                 scores: PoolScores | None = None) -> None:
         super().__init__(capacity)
         self.uses: dict[int, int] = {}  # uses since insertion, per resident key
         self.last_tick: dict[int, int] = {}  # tick of last use or insertion (tie-break)
@@ -153,6 +196,7 @@ class LFUPolicy(EvictionPolicy):
                 held.append(entry)
                 continue
             victim = key
+            held.append(entry)  # a query: the pool evicts the victim next (on_evict), or keeps it (the gate asked)
             break
         for entry in held:
             heapq.heappush(self.heap, entry)
@@ -166,7 +210,8 @@ class LFUPolicy(EvictionPolicy):
 class RandomPolicy(_ResidentOrder):
     """A resident key drawn uniformly (seeded): the policy any other must beat."""
 
-    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0,
+                 scores: PoolScores | None = None) -> None:
         super().__init__(capacity)
         self.rng = random.Random(seed)
 
@@ -179,7 +224,8 @@ class RandomPolicy(_ResidentOrder):
 class BeladyPolicy(_ResidentOrder):
     """The key used again farthest in the future (offline optimal for demand loading; needs the future trace)."""
 
-    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0) -> None:
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0,
+                 scores: PoolScores | None = None) -> None:
         super().__init__(capacity)
         if future is None:
             raise ValueError("the belady policy needs the future uses of the replayed trace")
@@ -188,3 +234,25 @@ class BeladyPolicy(_ResidentOrder):
     def victim(self, protected: Container[int]) -> int | None:
         candidates = self.candidates(protected)
         return max(candidates, key=lambda key: (self.future.next_use(key), -key)) if candidates else None
+
+
+@EVICTION_POLICIES.register("predicted")
+class PredictedPolicy(_ResidentOrder):
+    """The key least likely to be used at its layer's next run by the latest issued scores; LRU among equal scores,
+    and LRU outright when a candidate's score is unknown or there are no scores."""
+
+    def __init__(self, capacity: int, future: PoolFuture | None = None, seed: int = 0,
+                 scores: PoolScores | None = None) -> None:
+        super().__init__(capacity)
+        self.scores = scores
+
+    def victim(self, protected: Container[int]) -> int | None:
+        candidates = self.candidates(protected)  # least recent first
+        if not candidates:
+            return None
+        if self.scores is None:
+            return candidates[0]
+        scored = [(self.scores.score(key), rank) for rank, key in enumerate(candidates)]
+        if any(math.isnan(score) for score, _ in scored):
+            return candidates[0]
+        return candidates[min(scored)[1]]  # lowest score, then the least recent

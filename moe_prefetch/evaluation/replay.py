@@ -37,6 +37,7 @@ from moe_prefetch.evaluation.cache import (
 )
 from moe_prefetch.evaluation.config import CacheParams
 from moe_prefetch.evaluation.intervals import percentile_interval, pooled_ratios
+from moe_prefetch.evaluation.replay_probabilities import predictor_gate, predictor_scores
 from moe_prefetch.registry import Registry
 from moe_prefetch.windows.data import WindowSet
 
@@ -179,6 +180,8 @@ class PrefetchStrategy:
     charged: bool = False  # pays evaluate.cache.predictor_ms per prefetching layer
     gated: bool = False  # depth tuned on the val replay of the same cache and costs (0 = no prefetch)
     learned: bool = False  # prefetches from a scorer's windows: layers 0..c-2 issue evaluate.cache.fallback
+    # simulate()'s extra keyword arguments (lead, use_scores, prefetch_probs) from (inputs, steps, plan); None = none
+    replay_args: Callable[[ReplayInputs, DecodeSteps, np.ndarray | None], dict] | None = None
 
 
 def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -> PrefetchStrategy:
@@ -221,6 +224,41 @@ PREFETCH_STRATEGIES.add("oracle_belady", PrefetchStrategy(
     policy="belady"))
 
 
+def _perfect_lead(lead: int | None) -> PrefetchStrategy:
+    """Perfect prefetch `lead` layers ahead across steps (None: a step's L layers, the next token's same layer), with
+    Belady eviction."""
+    ahead = "the next token's same layer (lead L)" if lead is None else f"{lead} layer{'s' if lead > 1 else ''} ahead"
+    return PrefetchStrategy(
+        f"Perfect prefetch of the experts {ahead}, into later steps too, with Belady eviction: a lead ceiling.",
+        lambda inputs, steps, depth: oracle_prefetch(steps.routed, lead or steps.routed.shape[1], steps.routed.shape[2],
+                                                     wrap=True),
+        policy="belady", replay_args=lambda inputs, steps, plan: {"lead": lead or steps.routed.shape[1]})
+
+
+for _lead in (1, 2, 4):
+    PREFETCH_STRATEGIES.add(f"oracle_belady_lead{_lead}", _perfect_lead(_lead))
+PREFETCH_STRATEGIES.add("oracle_belady_next_token", _perfect_lead(None))
+
+
+def _needs_val(inputs: ReplayInputs) -> bool:
+    """The predictor's calibrated strategies need its scorer and the val windows to fit the calibration on."""
+    return "predictor" in inputs.scorers and inputs.val is not None
+
+
+PREFETCH_STRATEGIES.add("predicted_eviction", PrefetchStrategy(
+    "No prefetch (an empty plan, so the predictor is charged as when it prefetches), `predicted` eviction by the "
+    "predictor's calibrated scores: what predicted eviction alone buys.",
+    lambda inputs, steps, depth: np.full((*steps.routed.shape[:2], 1), -1, dtype=np.int64), _needs_val,
+    policy="predicted", charged=True, replay_args=predictor_scores))
+PREFETCH_STRATEGIES.add("predictor_evict", dataclasses.replace(
+    _scored("predictor", "The predictor's top-m, and `predicted` eviction by its calibrated scores.", charged=True),
+    policy="predicted", available=_needs_val, replay_args=predictor_scores))
+PREFETCH_STRATEGIES.add("predictor_expert_gated", dataclasses.replace(
+    _scored("predictor", "The predictor's top-d, each expert queued only when the gate's expected saving beats its "
+                         "cost (calibrated P(used)); d tuned on val like predictor_gated.", charged=True, gated=True),
+    replay_args=predictor_gate))
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """The cyclic garbage collector off: a replay allocates millions of short-lived acyclic objects, and the
@@ -242,16 +280,39 @@ class Simulations:
 
     def __init__(self, steps: DecodeSteps, cost: CostModel, horizon: int):
         self.steps, self.cost, self.horizon = steps, cost, horizon
+        self.experts_per_token = steps.routed.shape[2] // steps.batch_size  # k of the batch compute scaling
         self._done: dict[tuple, dict] = {}
 
-    def run(self, plan: np.ndarray | None, cache: CacheConfig, predictor_ms: float = 0.0) -> dict:
-        plan_key = None if plan is None else (plan.shape, hashlib.blake2b(np.ascontiguousarray(plan, dtype=np.int64).tobytes(),
-                                                                          digest_size=16).digest())
-        key = (plan_key, dataclasses.astuple(cache), predictor_ms if plan is not None else 0.0)
+    def run(self, plan: np.ndarray | None, cache: CacheConfig, predictor_ms: float = 0.0, extra: dict | None = None) -> dict:
+        """simulate() with `extra` keyword arguments (a strategy's replay_args: lead, use_scores, prefetch_probs)."""
+        extra = extra or {}
+        extra_key = tuple((name, _array_key(value) if isinstance(value, np.ndarray) else value)
+                          for name, value in sorted(extra.items()))
+        key = (_array_key(plan), dataclasses.astuple(cache), predictor_ms if plan is not None else 0.0, extra_key)
         if key not in self._done:
             with _gc_paused():
-                self._done[key] = simulate(self.steps.routed, plan, cache, self.cost, self.horizon, predictor_ms)
+                self._done[key] = simulate(self.steps.routed, plan, cache, self.cost, self.horizon, predictor_ms,
+                                           experts_per_token=self.experts_per_token, **extra)
         return self._done[key]
+
+
+def _array_key(array: np.ndarray | None) -> tuple | None:
+    """An array by its shape, dtype and a digest of its bytes (None stays None)."""
+    if array is None:
+        return None
+    contiguous = np.ascontiguousarray(array)
+    return contiguous.shape, contiguous.dtype.str, hashlib.blake2b(contiguous.tobytes(), digest_size=16).digest()
+
+
+def _cache_config(params: CacheParams, capacity: int, strategy: PrefetchStrategy) -> CacheConfig:
+    """The configured cache of `capacity` with the strategy's own policy if it names one."""
+    return CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
+                       seed=params.seed, prefetch_into=params.prefetch_into, staging_slots=params.staging_slots)
+
+
+def _extra(strategy: PrefetchStrategy, inputs: ReplayInputs, steps: DecodeSteps, plan: np.ndarray | None) -> dict:
+    """The strategy's extra simulate() arguments for this plan (none unless it has replay_args)."""
+    return strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
 
 
 def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, runs: Simulations, params: CacheParams,
@@ -262,7 +323,9 @@ def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, runs: Simulation
     every gated strategy, so d = 0 runs once)."""
     no_prefetch_ms = runs.run(None, cache)["time_ms"]
     charge = params.predictor_ms if strategy.charged else 0.0
-    times = {depth: runs.run(strategy.plan(val, runs.steps, depth), cache, charge)["time_ms"] for depth in range(1, val.m + 1)}
+    plans = {depth: strategy.plan(val, runs.steps, depth) for depth in range(1, val.m + 1)}
+    times = {depth: runs.run(plan, cache, charge, _extra(strategy, val, runs.steps, plan))["time_ms"]
+             for depth, plan in plans.items()}
     best = min(times, key=lambda depth: (times[depth], depth))
     return best if times[best] <= (1.0 - params.gate_margin) * no_prefetch_ms else 0
 
@@ -289,8 +352,7 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
     results, depths, fallbacks = {}, {}, {}
     for name, strategy in PREFETCH_STRATEGIES.items():
         if strategy.available(inputs):
-            cache = CacheConfig(capacity=capacity, per_layer=params.per_layer, policy=strategy.policy or params.policy,
-                                seed=params.seed)
+            cache = _cache_config(params, capacity, strategy)
             depth = inputs.m
             if strategy.gated:
                 val_runs = val_runs or Simulations(DecodeSteps(inputs.val, batch_size), cost, inputs.horizon)
@@ -298,7 +360,8 @@ def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int
             plan = strategy.plan(inputs, steps, depth)
             if strategy.learned:
                 fallbacks[name] = steps.fallback_prefetches(plan)
-            results[name] = runs.run(plan, cache, params.predictor_ms if strategy.charged else 0.0)
+            results[name] = runs.run(plan, cache, params.predictor_ms if strategy.charged else 0.0,
+                                     _extra(strategy, inputs, steps, plan))
     base, ideal = results["on_demand"]["time_ms"], ideal_time_ms(results["belady"], cost)
     intervals = _speedup_intervals(inputs, results) if batch_size == 1 and inputs.documents is not None else {}
     summary = {}

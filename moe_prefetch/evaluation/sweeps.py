@@ -74,7 +74,9 @@ def _rank_before_fork(inputs: dict[str, ReplayInputs]) -> None:
                 steps = DecodeSteps(windows, 1)
                 for _, strategy in PREFETCH_STRATEGIES.items():
                     if strategy.available(replay_inputs):
-                        strategy.plan(windows, steps, windows.m)
+                        plan = strategy.plan(windows, steps, windows.m)
+                        if strategy.replay_args:  # the calibrated probabilities read the scorer too
+                            strategy.replay_args(windows, steps, plan)
 
 
 class Replays:
