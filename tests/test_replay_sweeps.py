@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from conftest import assert_error
-from test_evaluation_cache import REPLAY, REPLAY_SCORERS
+from test_evaluation_cache import REPLAY, REPLAY_SCORERS, _windows
 
 from moe_prefetch.evaluation import replay as replay_module
 from moe_prefetch.evaluation.config import COST_PROFILES, CacheParams
@@ -192,3 +192,28 @@ def test_break_even_is_where_the_speedup_crosses_one():
     for row in report["by_regime"]:
         assert row["predictor_precision"] == 1.0 and row["lookup_precision"] == 0.0  # always right, always wrong
         assert row["breakeven_precision"] is None or 0.0 <= row["breakeven_precision"] <= 1.0
+
+
+def test_a_batch_prefetches_by_the_members_summed_probability():
+    """by_summed_score by hand: expert 5, listed by both members (0.3 + 0.3), goes before expert 2 (0.5 once), which
+    goes before 7 (0.4); a repeat is listed once; an empty row stays empty."""
+    plan = np.array([[[2, 5, 5, 7], [-1, -1, -1, -1]]])  # (steps 1, layers 2, 2 members x m 2)
+    scores = np.array([[[0.5, 0.3, 0.3, 0.4], [0.0, 0.0, 0.0, 0.0]]])
+    np.testing.assert_array_equal(replay_module.by_summed_score(plan, scores), [[[5, 2, 7, -1], [-1, -1, -1, -1]]])
+
+
+def test_decode_steps_order_a_batch_plan_by_summed_score_and_leave_batch_one_alone():
+    # two sequences of two tokens x target layers 1, 2; random scores, so the members' lists interleave
+    two = _windows([0] * 8, [0, 1, 2, 3, 1, 2, 3, 0], [0] * 8, [0] * 8, [0, 0, 0, 0, 1, 1, 1, 1], [1, 2] * 4)
+    random_scores = np.random.default_rng(0).random((8, 4)).astype(np.float32)
+    inputs = ReplayInputs(two, {"predictor": lambda w: (random_scores[: len(w)], None)}, m=2, horizon=1, num_target_layers=2)
+    experts, scores = inputs.predicted("predictor"), inputs.predicted_scores("predictor")
+    single = DecodeSteps(inputs, 1)
+    np.testing.assert_array_equal(single.issue(experts, scores=scores), single.issue(experts))
+    batch = DecodeSteps(inputs, 2)
+    plain, ranked = batch.issue(experts), batch.issue(experts, scores=scores)
+    summed = batch._issued(scores, with_fallback=False, fill=0.0)
+    np.testing.assert_array_equal(ranked, replay_module.by_summed_score(plain, summed))
+    assert not np.array_equal(ranked, plain)  # the random scores do reorder some batch's list
+    for row_plain, row_ranked in zip(plain.reshape(-1, plain.shape[2]), ranked.reshape(-1, ranked.shape[2])):
+        assert set(row_plain[row_plain >= 0]) == set(row_ranked[row_ranked >= 0])  # the same experts, reordered

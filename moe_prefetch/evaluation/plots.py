@@ -19,14 +19,22 @@ from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccum
 STYLE = {"predictor": "-o", "lookup": "--s", "frequency": ":^", "random": ":x", "previous_token": "-.d", "stale_gate": "--v",
          "on_demand": ":x", "oracle": "-*", "perfect": "--", "belady": "-.+", "oracle_belady": "-P", "ideal": "--",
          "lookup_interpolated": "-s", "top1_table": ":s", "cooccurrence": "-.o", "token": "-^", "token_context": "-.^",
-         "predictor_gated": "--o", "lookup_gated": "--s"}
+         "predictor_gated": "--o", "lookup_gated": "--s", "predictor_expert_gated": "--D", "predictor_evict": "-.o",
+         "predicted_eviction": ":P", "oracle_belady_lead1": "-1", "oracle_belady_lead2": "-2", "oracle_belady_lead4": "-3",
+         "oracle_belady_next_token": "-X"}
 # A series keeps its colour in every figure; a name without one takes the tab10 colours left over.
 COLORS = {"predictor": "tab:blue", "lookup": "tab:red", "frequency": "tab:green", "random": "tab:gray",
           "previous_token": "tab:purple", "stale_gate": "tab:brown", "on_demand": "tab:olive", "oracle": "tab:orange",
           "perfect": "black", "belady": "tab:pink", "oracle_belady": "tab:cyan", "ideal": "black",
           "lookup_interpolated": "darkred", "top1_table": "salmon", "cooccurrence": "teal", "token": "goldenrod",
           "token_context": "darkgoldenrod",
-          "predictor_gated": "navy", "lookup_gated": "darkred"}
+          "predictor_gated": "navy", "lookup_gated": "darkred", "predictor_expert_gated": "darkviolet",
+          "predictor_evict": "deepskyblue", "predicted_eviction": "magenta", "oracle_belady_lead1": "turquoise",
+          "oracle_belady_lead2": "darkcyan", "oracle_belady_lead4": "cadetblue", "oracle_belady_next_token": "slategray"}
+# The per-profile panels show these (when the run has them): the baseline, what eviction alone buys, each learned
+# strategy family's best form, the prefetch ceilings and the floor; every strategy stays in the panels' JSON data.
+PANEL_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "predictor_expert_gated", "predictor_evict",
+                    "oracle_belady", "oracle_belady_next_token", "ideal")
 SPARE_COLORS = [color for color in TABLEAU_COLORS if color not in COLORS.values()] or ["tab:blue", "tab:orange", "tab:green"]
 MAX_VALUE_TICKS = 12  # integer x: a tick at each value up to this many values, else integer ticks only
 
@@ -194,4 +202,5 @@ def write_cache_plots(directory: Path, report: dict) -> None:
         tokens = config["profile_sweep_tokens"]
         _panels(directory / f"cache_speedup_by_{axis}_profiles.png",
                 f"Speedup over on-demand LRU vs {AXES[axis].split(' (')[0]}, per cost profile ({tokens:,} test tokens)",
-                AXES[axis], "speedup (x)", {name: _series(rows, axis, "speedup_vs_on_demand") for name, rows in sweeps.items()})
+                AXES[axis], "speedup (x)", {name: {strategy: line for strategy, line in _series(rows, axis, "speedup_vs_on_demand").items()
+                                                   if strategy in PANEL_STRATEGIES} for name, rows in sweeps.items()})

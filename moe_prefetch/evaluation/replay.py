@@ -57,20 +57,34 @@ def top_m(scores: np.ndarray, m: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :m]
 
 
-def batched_steps(per_token: np.ndarray, sequence: np.ndarray, batch_size: int) -> np.ndarray:
+def batched_steps(per_token: np.ndarray, sequence: np.ndarray, batch_size: int, fill: float = -1) -> np.ndarray:
     """(tokens, T, w) per-token arrays -> (steps, T, batch_size * w): groups of `batch_size` consecutive
-    sequences decode together; step p holds position p of every member (-1 where a member has ended)."""
+    sequences decode together; step p holds position p of every member (`fill` where a member has ended)."""
     starts = np.flatnonzero(np.r_[True, sequence[1:] != sequence[:-1]])
     ends = np.r_[starts[1:], len(sequence)]
     steps = []
     for group in range(0, len(starts), batch_size):
         members = list(zip(starts[group : group + batch_size], ends[group : group + batch_size]))
         length = max(end - start for start, end in members)
-        block = np.full((length, per_token.shape[1], batch_size, per_token.shape[2]), -1, dtype=np.int64)
+        dtype = np.int64 if per_token.dtype.kind in "iu" else per_token.dtype  # ids as int64, scores as they are
+        block = np.full((length, per_token.shape[1], batch_size, per_token.shape[2]), fill, dtype=dtype)
         for slot, (start, end) in enumerate(members):
             block[: end - start, :, slot] = per_token[start:end]
         steps.append(block.reshape(length, per_token.shape[1], -1))
     return np.concatenate(steps)
+
+
+def by_summed_score(plan: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(steps, L, w) expert ids (-1 = none) with their (steps, L, w) scores -> each row's distinct experts ordered by
+    their scores summed over the row (ties: first listed first), -1 after them."""
+    ordered = np.full_like(plan, -1)
+    for step, layer in zip(*np.nonzero((plan >= 0).any(axis=2))):
+        row, weight = plan[step, layer], scores[step, layer]
+        experts, first, codes = np.unique(row[row >= 0], return_index=True, return_inverse=True)
+        total = np.bincount(codes, weights=weight[row >= 0], minlength=len(experts))
+        order = np.lexsort((first, -total))  # the highest sum first, then the earliest listed
+        ordered[step, layer, : len(experts)] = experts[order]
+    return ordered
 
 
 class ReplayInputs:
@@ -92,13 +106,20 @@ class ReplayInputs:
         self.documents, self.document_weights = documents, document_weights
         self.tokens = len(windows) // num_target_layers
         self.routed_layers = num_target_layers if token_routing is None else token_routing.shape[1]  # layers replayed
-        self._predicted: dict[str, np.ndarray] = {}
+        self._predicted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def predicted(self, scorer: str) -> np.ndarray:
         """(N, m) experts with `scorer`'s m highest scores per window, best first."""
         if scorer not in self._predicted:
-            self._predicted[scorer] = top_m(self.scorers[scorer](self.windows)[0], self.m)
-        return self._predicted[scorer]
+            scores = self.scorers[scorer](self.windows)[0]  # (N, E)
+            experts = top_m(scores, self.m)  # (N, m)
+            self._predicted[scorer] = experts, np.take_along_axis(scores, experts, axis=1)
+        return self._predicted[scorer][0]
+
+    def predicted_scores(self, scorer: str) -> np.ndarray:
+        """(N, m) `scorer`'s scores of the experts predicted() lists, in the same order."""
+        self.predicted(scorer)
+        return self._predicted[scorer][1]
 
 
 class DecodeSteps:
@@ -115,24 +136,33 @@ class DecodeSteps:
             per_token = inputs.windows.target_experts.reshape(inputs.tokens, inputs.num_target_layers, -1)
         self.routed = batched_steps(per_token, self.sequence, batch_size)
 
-    def issue(self, experts: np.ndarray, with_fallback: bool = False) -> np.ndarray:
+    def issue(self, experts: np.ndarray, with_fallback: bool = False, scores: np.ndarray | None = None) -> np.ndarray:
         """Per-window experts (N, m) for each window's target layer -> the prefetch plan (steps, layers,
         batch_size * m): prefetch[t, l] lists the experts for layer l + h. `with_fallback`: layers 0..c-2 issue the
-        inputs' fallback (cut to the same m), when it has one."""
+        inputs' fallback (cut to the same m), when it has one. `scores` (N, m), the predicted probabilities of
+        `experts`: a batch's list is then ordered by each expert's probability summed over the batch's members (the
+        order is the link's priority; the fallback's entries, unscored, keep their order after the scored ones)."""
+        plan = self._issued(experts, with_fallback)
+        if scores is None or self.batch_size == 1:
+            return plan
+        return by_summed_score(plan, self._issued(scores.astype(np.float64), with_fallback=False, fill=0.0))
+
+    def _issued(self, experts: np.ndarray, with_fallback: bool, fill: float = -1) -> np.ndarray:
+        """issue()'s layout of any per-window (N, m) array, `fill` where nothing is issued."""
         T, h = self.inputs.num_target_layers, self.inputs.horizon
         per_token = experts.reshape(self.inputs.tokens, T, -1)  # (tokens, T, m)
         if self.inputs.token_routing is not None:
             # Target layer c-1+h+i is predicted when its last context layer c-1+i runs; layers before c-1 (no full
             # context yet) issue the fallback or nothing, and layers after L-1-h nothing.
             c = self.fallback_layers + 1
-            issued = np.full((self.inputs.tokens, self.routed.shape[1], per_token.shape[2]), -1, dtype=np.int64)
+            issued = np.full((self.inputs.tokens, self.routed.shape[1], per_token.shape[2]), fill, dtype=per_token.dtype)
             issued[:, c - 1 : c - 1 + T] = per_token
             if with_fallback and self.inputs.fallback is not None:
                 issued[:, : c - 1] = self.inputs.fallback[:, :, : per_token.shape[2]]  # (tokens, c-1, m)
         else:  # target layers only: shift the per-target-layer predictions back by h
-            issued = np.full_like(per_token, -1)
+            issued = np.full_like(per_token, fill)
             issued[:, : T - h] = per_token[:, h:]
-        return batched_steps(issued, self.sequence, self.batch_size)
+        return batched_steps(issued, self.sequence, self.batch_size, fill)
 
     @property
     def fallback_layers(self) -> int:
@@ -188,7 +218,8 @@ def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -
     """The strategy prefetching `scorer`'s top-depth (available when the run has that scorer, and val windows when
     gated)."""
     return PrefetchStrategy(
-        doc, lambda inputs, steps, depth: steps.issue(inputs.predicted(scorer)[:, :depth], with_fallback=True) if depth else None,
+        doc, lambda inputs, steps, depth: steps.issue(inputs.predicted(scorer)[:, :depth], with_fallback=True,
+                                                      scores=inputs.predicted_scores(scorer)[:, :depth]) if depth else None,
         lambda inputs: scorer in inputs.scorers and (not gated or inputs.val is not None), charged=charged, gated=gated,
         learned=True)
 
