@@ -34,7 +34,7 @@ from moe_prefetch.routing import FAMILIES, adapter_for
 from moe_prefetch.routing.hybrid_families import HYBRID_ADAPTERS
 from moe_prefetch.routing.recorder import RoutingRecorder
 from test_collect import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from test_routing_families import assert_same_routing, received_routing, where
+from test_routing_families import ExpertsCalls, assert_same_routing
 
 VOCAB = 64
 ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
@@ -148,24 +148,6 @@ def build(family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 def prompts() -> list[list[int]]:
     generator = torch.Generator().manual_seed(3)
     return [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-
-
-class ExpertsCalls:
-    """Forward pre-hooks on every experts module: per (stack, layer), the per-token routing of each call, in order."""
-
-    def __init__(self, model: nn.Module):
-        self.calls: dict[tuple[str, int], list[list[dict[int, float]]]] = {}
-        self.handles = [module.register_forward_pre_hook(self._hook(where(name)), with_kwargs=True)
-                        for name, module in model.named_modules() if type(module).__name__.endswith("Experts")]
-
-    def _hook(self, key):
-        def hook(_module, args, kwargs):
-            self.calls.setdefault(key, []).append(received_routing(args, kwargs))
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def recorded(model: nn.Module, capture: CaptureParams, mode: str, token_lists: list[list[int]]):

@@ -219,33 +219,68 @@ def received_routing(args: tuple, kwargs: dict) -> list[dict[int, float]]:
 
 def prescaled_routing(routed_in: torch.Tensor, hidden: torch.Tensor) -> list[dict[int, float]]:
     """Per token {expert: weight} of Llama 4's experts module, which gets each token once per expert (E * T, D),
-    pre-scaled by its weight (exactly 0 for an expert not chosen): the weight is the ratio to the block's input
-    (T, D), read in the model's dtype (the product was rounded to it)."""
-    tokens = hidden.reshape(-1, hidden.shape[-1]).double()  # (T, D)
-    scaled = routed_in.reshape(-1, *tokens.shape).double()  # (E, T, D)
-    ratio = (scaled * tokens).sum(-1) / (tokens * tokens).sum(-1)  # (E, T)
-    ratio = ratio.to(routed_in.dtype).float()
+    pre-scaled by its weight (exactly 0 for an expert not chosen): the weight is the one value of the model's dtype
+    whose product with the block's input (T, D), rounded to that dtype, is exactly what the experts module got."""
+    tokens = hidden.reshape(-1, hidden.shape[-1])  # (T, D)
+    scaled = routed_in.reshape(-1, *tokens.shape)  # (E, T, D)
+    ratio = (scaled.double() * tokens.double()).sum(-1) / tokens.double().square().sum(-1)  # (E, T)
     nonzero = scaled.abs().sum(-1) > 0  # (E, T)
-    return [{int(e): float(ratio[e, t]) for e in torch.nonzero(nonzero[:, t]).flatten()} for t in range(tokens.shape[0])]
+    return [{int(e): exact_weight(ratio[e, t].to(routed_in.dtype), tokens[t], scaled[e, t]) for e in torch.nonzero(nonzero[:, t]).flatten()}
+            for t in range(tokens.shape[0])]
+
+
+def exact_weight(estimate: torch.Tensor, token: torch.Tensor, scaled: torch.Tensor, ulps: int = 3) -> float:
+    """The weight w within `ulps` steps of `estimate` (in its dtype) with token * w == scaled exactly; the least-squares
+    estimate alone can be an ulp off in bfloat16, whose products round coarsely (Llama 4's weights near 1)."""
+    candidates = [estimate]
+    for direction in (torch.tensor(float("inf"), dtype=estimate.dtype), torch.tensor(float("-inf"), dtype=estimate.dtype)):
+        value = estimate
+        for _ in range(ulps):
+            value = torch.nextafter(value, direction)
+            candidates.append(value)
+    exact = sorted({float(w) for w in candidates if torch.equal(token * w, scaled)})
+    assert len(exact) == 1, f"pre-scaled experts input: weight {float(estimate)} is not read unambiguously (fits: {exact})"
+    return exact[0]
+
+
+class ExpertsCalls:
+    """Forward pre-hooks on every experts module: per (stack, layer), the per-token routing of each call, in order.
+
+    Llama 4's experts module gets no ids or weights, only each token once per expert, pre-scaled by its weight: a
+    pre-hook on its MoE block (`...TextMoe`) keeps that call's input to read the weights from (`prescaled_routing`)."""
+
+    def __init__(self, model: nn.Module):
+        self.calls: dict[tuple[str, int], list[list[dict[int, float]]]] = {}
+        self.block_inputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if type(module).__name__.endswith("TextMoe"):
+                self.handles.append(module.register_forward_pre_hook(self._keep_block_input(where(name + "."))))
+            if type(module).__name__.endswith("Experts"):
+                self.handles.append(module.register_forward_pre_hook(self._hook(where(name)), with_kwargs=True))
+
+    def _keep_block_input(self, key):
+        def hook(_module, args):
+            self.block_inputs[key] = args[0]
+        return hook
+
+    def _hook(self, key):
+        def hook(_module, args, kwargs):
+            routing = (prescaled_routing(args[0], self.block_inputs[key]) if len(args) + len(kwargs) == 1
+                       else received_routing(args, kwargs))
+            self.calls.setdefault(key, []).append(routing)
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def run(model: nn.Module, capture: CaptureParams, experts_hooks: bool = True):
     """One forward exactly as collect does; returns (adapter, recorded arrays, {(stack, layer): per-token routing})."""
     adapter = adapter_for(model)
     recorder = RoutingRecorder(adapter, capture, projection_seed=0)
-    received: dict[tuple[str, int], list] = {}
-    block_inputs: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    if experts_hooks:
-        for name, module in model.named_modules():
-            if type(module).__name__.endswith("TextMoe"):  # Llama 4's block: its input scales the experts' input
-                handles.append(module.register_forward_pre_hook(lambda _m, args, key=where(name + "."): block_inputs.__setitem__(key, args[0])))
-            if type(module).__name__.endswith("Experts"):
-                def hook(_module, args, kwargs, key=where(name)):
-                    assert key not in received
-                    received[key] = (prescaled_routing(args[0], block_inputs[key]) if len(args) + len(kwargs) == 1
-                                     else received_routing(args, kwargs))
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    calls = ExpertsCalls(model) if experts_hooks else None
     ids, mask = batch()
     try:
         with torch.no_grad():
@@ -253,8 +288,11 @@ def run(model: nn.Module, capture: CaptureParams, experts_hooks: bool = True):
         arrays = recorder.take(*ids.shape)
     finally:
         recorder.remove()
-        for handle in handles:
-            handle.remove()
+        if calls is not None:
+            calls.remove()
+    received = {}
+    for key, routings in (calls.calls.items() if calls is not None else ()):
+        (received[key],) = routings  # one forward: one call per experts module
     return adapter, arrays, received
 
 
