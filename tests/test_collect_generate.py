@@ -19,7 +19,8 @@ from moe_prefetch.collect.config import CaptureParams
 from moe_prefetch.routing import adapter_for
 from moe_prefetch.routing.recorder import RoutingRecorder
 from test_collect import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from test_routing_families import CASES, ExpertsCalls, assert_same_routing, build
+from experts_received import ExpertsCalls, assert_same_routing
+from test_routing_families import CASES, build
 
 DECODER_ONLY = [family for family in CASES if family != "switch_transformers"]
 # sliding window (4) shorter than prompt + generation: generate_rows decodes these one sequence at a time

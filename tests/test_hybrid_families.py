@@ -34,7 +34,8 @@ from moe_prefetch.routing import FAMILIES, adapter_for
 from moe_prefetch.routing.hybrid_families import HYBRID_ADAPTERS
 from moe_prefetch.routing.recorder import RoutingRecorder
 from test_collect import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from test_routing_families import ExpertsCalls, _llama4_text, assert_same_routing
+from experts_received import ExpertsCalls, assert_same_routing
+from test_routing_families import _llama4_text
 
 VOCAB = 64
 ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
@@ -84,7 +85,8 @@ CASES = {
         text_config=dict(**ATTN, head_dim=8, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
                          num_experts_per_tok=2, mlp_only_layers=[1], rope_parameters=MROPE), vision_config=VISION),
         "Qwen3VLMoeForConditionalGeneration", [0, 2], 2, 0),
-    # tests/test_routing_families.py's llama4_text decoder (layer 1 dense) inside the multimodal wrapper
+    # tests/test_routing_families.py's llama4_text decoder (layer 1 dense) inside the multimodal wrapper; casting it to
+    # bfloat16 drops the vision rotary table's imaginary part (a torch warning): text-only runs never read it
     "llama4": (lambda: transformers.Llama4Config(text_config=_llama4_text().to_dict(), vision_config=LLAMA4_VISION),
                "Llama4ForConditionalGeneration", [0, 2], 1, 0),
     # the talker (speech output) is off, as a text collection loads it
