@@ -397,7 +397,7 @@ def families_section() -> str:
     unsupported = table(["transformers family", "why not supported"], [[f"`{family}`", reason] for family, reason in sorted(UNSUPPORTED.items())])
     return (f"Supported ({len(FAMILIES)} model types; each is tested on a tiny random-init config in float32 and bfloat16, "
             "against what its experts module receives, and its look-ahead against a hand-run of the later router; the "
-            "decoder-only ones also in generate mode, float32):\n\n" + supported + f"\n\nEvery other routed MoE family of transformers {transformers.__version__} "
+            "decoder-only ones also in generate mode (prefill and every decode step), float32 and bfloat16):\n\n" + supported + f"\n\nEvery other routed MoE family of transformers {transformers.__version__} "
             f"({len(UNSUPPORTED)}; `moe_prefetch/routing/unsupported.py`):\n\n" + unsupported)
 
 

@@ -1,5 +1,5 @@
 """Hybrid-recurrent (Qwen3-Next, Qwen3.5-MoE, Jamba, GraniteMoeHybrid, Kimi-Linear) and multimodal (Qwen3-VL-MoE,
-Qwen3-Omni-MoE) families: the routing collect records is what each experts module received.
+Qwen3-Omni-MoE, Llama 4) families: the routing collect records is what each experts module received.
 
 Tiny random models of each family run through collect's batch entry points (`forward_rows`, `generate_rows`) on a
 right-padded batch. Independently of the adapter, a forward pre-hook on every experts module captures the
@@ -34,13 +34,16 @@ from moe_prefetch.routing import FAMILIES, adapter_for
 from moe_prefetch.routing.hybrid_families import HYBRID_ADAPTERS
 from moe_prefetch.routing.recorder import RoutingRecorder
 from test_collect import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from test_routing_families import assert_same_routing, received_routing, where
+from experts_received import ExpertsCalls, assert_same_routing
+from test_routing_families import _llama4_text
 
 VOCAB = 64
 ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
 LINEAR_ATTN = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                    linear_num_value_heads=4)
 MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}  # 4 = head_dim / 2
+LLAMA4_VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16, patch_size=8,
+                     vision_output_dim=16, projector_input_dim=16, projector_output_dim=32)
 VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=4, num_position_embeddings=16)
 
 
@@ -82,6 +85,10 @@ CASES = {
         text_config=dict(**ATTN, head_dim=8, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
                          num_experts_per_tok=2, mlp_only_layers=[1], rope_parameters=MROPE), vision_config=VISION),
         "Qwen3VLMoeForConditionalGeneration", [0, 2], 2, 0),
+    # tests/test_routing_families.py's llama4_text decoder (layer 1 dense) inside the multimodal wrapper; casting it to
+    # bfloat16 drops the vision rotary table's imaginary part (a torch warning): text-only runs never read it
+    "llama4": (lambda: transformers.Llama4Config(text_config=_llama4_text().to_dict(), vision_config=LLAMA4_VISION),
+               "Llama4ForConditionalGeneration", [0, 2], 1, 0),
     # the talker (speech output) is off, as a text collection loads it
     "qwen3_omni_moe": (lambda: transformers.Qwen3OmniMoeConfig(thinker_config=_qwen3_omni_thinker(), enable_audio_output=False),
                        "Qwen3OmniMoeForConditionalGeneration", [0, 1], 2, 0),
@@ -120,6 +127,8 @@ def text_decoder(model: nn.Module, family: str) -> nn.Module:
         return model.thinker.model.language_model
     if family == "qwen3_omni_moe_thinker":
         return model.model.language_model
+    if family == "llama4":
+        return model.language_model.model
     return model.model
 
 
@@ -130,7 +139,20 @@ def norm_and_router(model: nn.Module, family: str, index: int) -> tuple[nn.Modul
         return layer.pre_ff_layernorm, layer.feed_forward.router
     if family == "granitemoehybrid":
         return layer.post_attention_layernorm, layer.block_sparse_moe.router
+    if family == "llama4":
+        return layer.post_attention_layernorm, layer.feed_forward.router
     return layer.post_attention_layernorm, layer.mlp.gate
+
+
+def router_choice(router: nn.Module, family: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (T, k), experts (T, k)) the router picks for tokens (T, D), from its own output: Llama 4's router
+    returns (scores (T, E), 0 off the top-k; logits (T, E)), the others (logits, weights, experts)."""
+    if family == "llama4":
+        scores, logits = router(tokens)
+        chosen = torch.topk(logits, router.top_k, dim=-1).indices
+        return scores.gather(-1, chosen), chosen
+    _, weights, chosen = router(tokens)
+    return weights, chosen
 
 
 _MODELS: dict[str, nn.Module] = {}
@@ -148,24 +170,6 @@ def build(family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 def prompts() -> list[list[int]]:
     generator = torch.Generator().manual_seed(3)
     return [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-
-
-class ExpertsCalls:
-    """Forward pre-hooks on every experts module: per (stack, layer), the per-token routing of each call, in order."""
-
-    def __init__(self, model: nn.Module):
-        self.calls: dict[tuple[str, int], list[list[dict[int, float]]]] = {}
-        self.handles = [module.register_forward_pre_hook(self._hook(where(name)), with_kwargs=True)
-                        for name, module in model.named_modules() if type(module).__name__.endswith("Experts")]
-
-    def _hook(self, key):
-        def hook(_module, args, kwargs):
-            self.calls.setdefault(key, []).append(received_routing(args, kwargs))
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def recorded(model: nn.Module, capture: CaptureParams, mode: str, token_lists: list[list[int]]):
@@ -296,7 +300,7 @@ def test_lookahead_is_the_later_router_on_the_earlier_residual(family):
                 continue
             norm, router = norm_and_router(model, family, expected_layers[position + h])
             with torch.no_grad():
-                _, weights, chosen = router(norm(residuals[index]).reshape(-1, residuals[index].shape[-1]))
+                weights, chosen = router_choice(router, family, norm(residuals[index]).reshape(-1, residuals[index].shape[-1]))
             real = [row * width + t for row, ids in enumerate(token_lists) for t in range(len(ids))]
             # best-first by the router's weights, ties to the lower expert id
             want = [[e for _, e in sorted(zip(weights[t].tolist(), chosen[t].tolist()), key=lambda p: (-p[0], p[1]))] for t in real]
@@ -324,6 +328,21 @@ def test_collect_loads_a_multimodal_checkpoint_with_its_text_decoder(tmp_path):
     loaded = load_model(str(tmp_path / "omni"), "float32", "cpu")
     assert not hasattr(loaded, "talker") and not hasattr(loaded, "code2wav")
     assert [layer.layer_index for layer in adapter_for(loaded).layers] == CASES["qwen3_omni_moe"][2]
+
+
+def test_collect_loads_a_llama4_checkpoint_as_its_text_decoder(tmp_path):
+    """load_model builds a multimodal Llama 4 checkpoint as the text-only Llama4ForCausalLM (llama4_text, the first
+    Auto class that maps its config), whose routing is that of the saved wrapper's text decoder."""
+    model = build("llama4")
+    model.save_pretrained(tmp_path / "llama4")
+    loaded = load_model(str(tmp_path / "llama4"), "float32", "cpu")
+    assert type(loaded) is transformers.Llama4ForCausalLM and adapter_for(loaded).family == "llama4_text"
+    token_lists = prompts()
+    _, want, _ = recorded(model, CaptureParams(), "generate", token_lists)
+    _, got, _ = recorded(loaded, CaptureParams(), "generate", token_lists)
+    for row in range(len(token_lists)):
+        assert np.array_equal(got[row]["token_id"], want[row]["token_id"])
+        assert np.array_equal(got[row]["experts"], want[row]["experts"]) and np.array_equal(got[row]["weights"], want[row]["weights"])
 
 
 def test_collect_generate_of_a_recurrent_model_routes_each_sequence_as_alone(tmp_path):

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from moe_prefetch.collect.config import CaptureParams
-from test_routing_families import assert_same_routing, build, run
+from experts_received import assert_same_routing
+from test_routing_families import build, run
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_phimoe_slot_zero_is_the_routers_argmax(dtype):

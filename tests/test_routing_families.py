@@ -9,7 +9,6 @@ included) must match, experts as sets and weights per expert, in float32 and bfl
 from __future__ import annotations
 
 import copy
-import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +23,7 @@ from moe_prefetch.routing import FAMILIES, adapter_for
 from moe_prefetch.routing.hybrid_families import HYBRID_ADAPTERS
 from moe_prefetch.routing.recorder import RoutingRecorder
 from conftest import spread_routers
+from experts_received import ExpertsCalls, assert_same_routing
 
 VOCAB = 64
 ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
@@ -200,52 +200,11 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def where(name: str) -> tuple[str, int]:
-    """(stack, layer index) from a module path such as model.layers.2.mlp.experts or encoder.block.3.layer.1.mlp.experts."""
-    found = re.search(r"(?:(encoder|decoder)\.block|layers|blocks)\.(\d+)\.", name)
-    return found.group(1) or "decoder", int(found.group(2))
-
-
-def received_routing(args: tuple, kwargs: dict) -> list[dict[int, float]]:
-    """Per token {expert: weight} as the experts module received it (standard (hidden, ids, weights) call, or
-    Switch's (hidden, one-hot dispatch mask (T, 1, E), weights (T, 1)))."""
-    values = list(args) + list(kwargs.values())
-    _, ids, weights = values[:3]
-    weights = weights.float()
-    if ids.dim() == 3:  # Switch: every expert whose mask bit is set runs on the token, scaled by weights[t]
-        return [{int(e): float(weights[t, 0]) for e in torch.nonzero(ids[t, 0]).flatten()} for t in range(ids.shape[0])]
-    return [{int(e): float(w) for e, w in zip(ids[t], weights[t])} for t in range(ids.shape[0])]
-
-
-def prescaled_routing(routed_in: torch.Tensor, hidden: torch.Tensor) -> list[dict[int, float]]:
-    """Per token {expert: weight} of Llama 4's experts module, which gets each token once per expert (E * T, D),
-    pre-scaled by its weight (exactly 0 for an expert not chosen): the weight is the ratio to the block's input
-    (T, D), read in the model's dtype (the product was rounded to it)."""
-    tokens = hidden.reshape(-1, hidden.shape[-1]).double()  # (T, D)
-    scaled = routed_in.reshape(-1, *tokens.shape).double()  # (E, T, D)
-    ratio = (scaled * tokens).sum(-1) / (tokens * tokens).sum(-1)  # (E, T)
-    ratio = ratio.to(routed_in.dtype).float()
-    nonzero = scaled.abs().sum(-1) > 0  # (E, T)
-    return [{int(e): float(ratio[e, t]) for e in torch.nonzero(nonzero[:, t]).flatten()} for t in range(tokens.shape[0])]
-
-
 def run(model: nn.Module, capture: CaptureParams, experts_hooks: bool = True):
     """One forward exactly as collect does; returns (adapter, recorded arrays, {(stack, layer): per-token routing})."""
     adapter = adapter_for(model)
     recorder = RoutingRecorder(adapter, capture, projection_seed=0)
-    received: dict[tuple[str, int], list] = {}
-    block_inputs: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    if experts_hooks:
-        for name, module in model.named_modules():
-            if type(module).__name__.endswith("TextMoe"):  # Llama 4's block: its input scales the experts' input
-                handles.append(module.register_forward_pre_hook(lambda _m, args, key=where(name + "."): block_inputs.__setitem__(key, args[0])))
-            if type(module).__name__.endswith("Experts"):
-                def hook(_module, args, kwargs, key=where(name)):
-                    assert key not in received
-                    received[key] = (prescaled_routing(args[0], block_inputs[key]) if len(args) + len(kwargs) == 1
-                                     else received_routing(args, kwargs))
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    calls = ExpertsCalls(model) if experts_hooks else None
     ids, mask = batch()
     try:
         with torch.no_grad():
@@ -253,21 +212,12 @@ def run(model: nn.Module, capture: CaptureParams, experts_hooks: bool = True):
         arrays = recorder.take(*ids.shape)
     finally:
         recorder.remove()
-        for handle in handles:
-            handle.remove()
+        if calls is not None:
+            calls.remove()
+    received = {}
+    for key, routings in (calls.calls.items() if calls is not None else ()):
+        (received[key],) = routings  # one forward: one call per experts module
     return adapter, arrays, received
-
-
-def assert_same_routing(recorded_experts: np.ndarray, recorded_weights: np.ndarray, received: list[dict[int, float]], label: str):
-    assert recorded_experts.shape[0] == len(received)
-    for t, truth in enumerate(received):
-        ids, weights = recorded_experts[t].tolist(), recorded_weights[t]
-        assert all(w == 0 for e, w in zip(ids, weights) if e == -1), f"{label} token {t}: a no-expert slot has weight"
-        recorded = {e: float(w) for e, w in zip(ids, weights) if e != -1}
-        assert set(recorded) == set(truth), f"{label} token {t}: recorded experts {ids}, experts module got {sorted(truth)}"
-        for expert, weight in truth.items():
-            np.testing.assert_allclose(recorded[expert], weight, rtol=1e-5, atol=0, err_msg=f"{label} token {t} expert {expert}")
-        assert list(weights) == sorted(weights, reverse=True), f"{label} token {t}: not best-first"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

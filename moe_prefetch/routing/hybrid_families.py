@@ -16,6 +16,9 @@ differs from the base adapter:
                    iff norm_topk_prob). The wrapper has no forward of its own: text runs through `thinker`. The
                    talker (speech generation) has MoE layers too; it is not recorded (collect runs text only).
                    qwen3_omni_moe_thinker is the thinker loaded on its own.
+- llama4           Llama4ForConditionalGeneration: the llama4_text decoder (sigmoid of the top-k logits, experts fed
+                   pre-scaled tokens) under `language_model.model`. collect's load_model builds a llama4 checkpoint
+                   as the text-only Llama4ForCausalLM (llama4_text); this adapter reads the multimodal model itself.
 - jamba            softmax -> top-k, not renormalised, cast to the hidden dtype; router at
                    `feed_forward.router` behind `pre_ff_layernorm`; Mamba and attention mixers; dense layers
                    (expert_layer_period / offset) are skipped.
@@ -41,6 +44,7 @@ from moe_prefetch.routing.families import (
     GraniteMoeAdapter,
     Qwen2MoeAdapter,
 )
+from moe_prefetch.routing.recent_families import Llama4TextAdapter
 
 
 class Qwen3NextAdapter(Qwen2MoeAdapter):
@@ -84,6 +88,14 @@ class Qwen3OmniMoeAdapter(MultimodalTextDecoder):
         return getattr(self.model, "thinker", self.model)  # the wrapper itself has no forward; its thinker reads text
 
 
+class Llama4Adapter(MultimodalTextDecoder, Llama4TextAdapter):
+    family = "llama4"
+
+    def decoder_layers(self) -> nn.ModuleList:
+        # the wrapper's `language_model` is a whole Llama4ForCausalLM (head included), whose layers sit under `model`
+        return self.model.language_model.model.layers
+
+
 class Qwen3OmniMoeThinkerAdapter(Qwen3OmniMoeAdapter):
     """A thinker loaded on its own (Qwen3OmniMoeThinkerForConditionalGeneration, AutoModelForImageTextToText)."""
 
@@ -117,6 +129,6 @@ class KimiLinearAdapter(DeepseekV3Adapter):
 
 
 HYBRID_ADAPTERS = (Qwen3NextAdapter, Qwen3_5MoeAdapter, Qwen3_5MoeTextAdapter, Qwen3VLMoeAdapter, Qwen3OmniMoeAdapter,
-                   Qwen3OmniMoeThinkerAdapter, JambaAdapter, GraniteMoeHybridAdapter, KimiLinearAdapter)
+                   Qwen3OmniMoeThinkerAdapter, Llama4Adapter, JambaAdapter, GraniteMoeHybridAdapter, KimiLinearAdapter)
 for _adapter in HYBRID_ADAPTERS:
     FAMILIES.add(_adapter.family, _adapter)
