@@ -221,6 +221,19 @@ run_stage(stages.collect.main)
 """
 
 
+def test_a_finished_run_is_collected_anew_not_resumed(tmp_path, forward, capsys):
+    """`dvc repro -f collect` (or a dependency outside the plan digest) re-runs a finished collect: every chunk is
+    written again, none "kept from an interrupted run", with the same rows."""
+    out = tmp_path / "traces"
+    collect(tiny_params("collect", **SMALL), out)
+    first = {path.name: path.stat().st_mtime_ns for path in out.glob("chunk-*")}
+    capsys.readouterr()
+    collect(tiny_params("collect", **SMALL), out)
+    assert "0 kept from an interrupted run" in capsys.readouterr().out
+    assert all(path.stat().st_mtime_ns != first[path.name] for path in out.glob("chunk-*")) and len(first) >= 1
+    assert chunks(out).equals(forward)
+
+
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, forward, forward_dir):
     write_yaml(tmp_path)  # 2 chunks
     out = tmp_path / "traces"

@@ -146,10 +146,13 @@ def plan_digest(params: CollectParams, planned: list[PlannedSequence], model_fin
 
 
 def prepare_output(out: Path, digest: str, is_main: bool) -> None:
-    """Keep finished chunks of an interrupted run with the same plan; otherwise start from an empty directory."""
+    """Keep finished chunks of an interrupted run with the same plan; otherwise start from an empty directory. A run
+    that finished (its meta.json written) is never resumed: DVC runs collect again only when it must (`dvc repro -f
+    collect`, or a dependency the plan digest does not cover changed), and then every chunk is collected anew."""
     plan_file = out / PLAN_NAME
     if is_main:
-        same = plan_file.exists() and json.loads(plan_file.read_text()).get("digest") == digest
+        interrupted = not (out / traces.META_NAME).exists()
+        same = interrupted and plan_file.exists() and json.loads(plan_file.read_text()).get("digest") == digest
         if not same and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
