@@ -244,6 +244,15 @@ def test_transition_table_sums_each_routed_experts_scaled_row_by_hand() -> None:
     torch.testing.assert_close(transitions(context, target)[0], expected)
 
 
+def test_the_transition_table_trains_at_its_own_learning_rate() -> None:
+    predictor = make("mlp", mlp={"transitions": True, "transitions_lr_scale": 15.0})
+    network, table = predictor.parameter_groups(0.002)
+    assert network["lr"] == 0.002 and table["lr"] == pytest.approx(0.03)
+    assert {id(p) for p in table["params"]} == {id(p) for p in predictor.module.transitions.parameters()}
+    assert len(network["params"]) + len(table["params"]) == len(list(predictor.module.parameters()))
+    assert [group["lr"] for group in make("mlp").parameter_groups(0.002)] == [0.002]  # no table: one group
+
+
 @pytest.mark.parametrize("arch", ["token_mlp", "layer_specific"])
 def test_transitions_learn_and_round_trip(arch, tmp_path) -> None:
     size, overrides = FIT.get(arch, (3000, {}))

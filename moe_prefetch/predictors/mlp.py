@@ -38,6 +38,9 @@ class MLPParams:
     transitions: bool = doc(
         "Add a learned first-order transition table to the logits: per (target layer, context layer, routed expert) "
         "a row of expert logits, summed over the context (predictors/layers.py ExpertTransitions).", False)
+    transitions_lr_scale: float = doc(
+        "The transition table's learning rate over train.lr: each of its rows is updated only by the windows whose "
+        "context routes that expert, far fewer than the network's shared weights see.", 15.0)
 
     def validate(self) -> None:
         check_network(self.prefix, self, ("embedding_dim",), ("hidden",))

@@ -99,7 +99,14 @@ class NeuralPredictor(Predictor):
     def build_module(self) -> nn.Module | None:
         """The model for self.geometry; None while it needs a size only the data tells (see data_geometry). By
         default `network(geometry, **section)`: a network whose arguments are its config's fields."""
-        return self.network(self.geometry, **self.section)
+        return self.network(self.geometry, **self.network_args)
+
+    OPTIMISER_FIELDS = ("transitions_lr_scale",)  # section fields the optimiser reads, not the network
+
+    @property
+    def network_args(self) -> dict:
+        """The section's fields the network is built from (all but OPTIMISER_FIELDS)."""
+        return {name: value for name, value in self.section.items() if name not in self.OPTIMISER_FIELDS}
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         """Model inputs for `rows`; -1 (no expert) becomes index E, an embedding reserved for padding. The context's
@@ -115,6 +122,17 @@ class NeuralPredictor(Predictor):
                                     "windows need windows.context_weights: true, predict_experts needs routed_weights=")
             inputs["context_weights"] = torch.from_numpy(windows.context_weights[rows].astype(np.float32)).to(device)  # (B, c, k)
         return inputs
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The optimiser's parameter groups at base learning rate `lr`: a `transitions` table (the mlp family's
+        ExpertTransitions) at lr * train.<arch>.transitions_lr_scale, everything else at lr. The schedule scales
+        every group alike."""
+        table = getattr(self.module, "transitions", None)
+        if table is None:
+            return [{"params": list(self.module.parameters()), "lr": lr}]
+        own = {id(parameter) for parameter in table.parameters()}
+        rest = [parameter for parameter in self.module.parameters() if id(parameter) not in own]
+        return [{"params": rest, "lr": lr}, {"params": list(table.parameters()), "lr": lr * self.section["transitions_lr_scale"]}]
 
     @property
     def top1_weight(self) -> float:
@@ -160,7 +178,7 @@ class NeuralPredictor(Predictor):
         if p["max_train_windows"] and len(train) > p["max_train_windows"]:
             train = train.subset(np.sort(generator.choice(len(train), p["max_train_windows"], replace=False)))
         steps_per_epoch = math.ceil(len(train) / p["batch_size"])
-        optimizer = torch.optim.AdamW(self.module.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        optimizer = torch.optim.AdamW(self.parameter_groups(p["lr"]), lr=p["lr"], weight_decay=p["weight_decay"])
         model, optimizer = accelerator.prepare(self.module, optimizer)
         total = steps_per_epoch * p["epochs"]
         warmup = max(1, min(200, total // 20))

@@ -73,7 +73,7 @@ class TokenMLPPredictor(NeuralPredictor):
     def build_module(self) -> nn.Module | None:
         if not self.geometry.get("vocab_size"):
             return None  # the vocabulary is known once fit sees the windows (or the checkpoint's geometry has it)
-        return TokenMLP(self.geometry, **self.section)
+        return TokenMLP(self.geometry, **self.network_args)
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         if windows.token_id is None:
