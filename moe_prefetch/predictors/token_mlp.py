@@ -30,6 +30,10 @@ class TokenMLPParams(MLPParams):
     prefix = "train.token_mlp"
     token_embedding_dim: int = doc("Width of the token id's embedding.", 64)
     hidden: list = doc("Hidden layer widths (GELU).", factory=lambda: [512, 256])
+    transitions: bool = doc(
+        "Add the learned first-order transition table to the logits (predictors/layers.py ExpertTransitions). On by "
+        "default: with it the default predictor reaches the known optimum of 64-expert top-6 synthetic routing "
+        "(benchmarks/bench_known_optimum.py), at a cost within the intervals on the 16-expert default data.", True)
 
     def validate(self) -> None:
         super().validate()
