@@ -215,6 +215,16 @@ def test_dvclive_logs(tiny):
 
 # --- evaluate ------------------------------------------------------------------------------------------------
 
+def test_cache_summary_is_the_main_tables_on_demand_belady_fastest_predictor_strategy_and_ideal(tiny):
+    cache, summary = tiny.metrics["cache"], tiny.metrics["cache_summary"]
+    charged = ("predictor", "predictor_gated", "predicted_eviction", "predictor_evict", "predictor_expert_gated")
+    best = max((name for name in charged if name in cache), key=lambda name: cache[name]["speedup_vs_on_demand"])
+    assert summary["best_predictor_strategy"] == best and summary["profile"] == cache["config"]["profile"]
+    for label, name in (("on_demand", "on_demand"), ("belady", "belady"), ("best_predictor", best), ("ideal", "ideal")):
+        assert summary[f"{label}_time_per_token_ms"] == cache[name]["time_per_token_ms"]
+        assert summary[f"{label}_speedup"] == cache[name]["speedup_vs_on_demand"]
+
+
 def test_cache_ceilings_hold_on_the_tiny_run(tiny):
     # Belady's on-time hit rate >= LRU's at every capacity (no prefetch either way); the ideal is a floor under every
     # strategy, in the main table and in every cost profile and regime.

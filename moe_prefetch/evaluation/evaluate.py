@@ -37,6 +37,7 @@ from moe_prefetch.evaluation.config import EvaluateParams
 from moe_prefetch.evaluation.intervals import bootstrap_report
 from moe_prefetch.evaluation.metrics import CalibrationAccumulator, RankingAccumulator
 from moe_prefetch.evaluation.plots import write_cache_plots, write_plots
+from moe_prefetch.evaluation.replay import PREFETCH_STRATEGIES
 from moe_prefetch.evaluation.sweeps import REPLAY_PROCESSES, start_cache_report
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.tables import context_keys
@@ -197,6 +198,19 @@ def headline(metrics: dict) -> dict:
     }}
 
 
+def cache_summary(cache: dict) -> dict:
+    """The replay at the configured cache in a few numbers for `dvc metrics diff`: time per token and speedup over
+    on-demand of on-demand LRU, Belady eviction alone, the fastest strategy driven by the trained predictor (the ones
+    charged its inference time) and the ideal floor, with the cost profile's name."""
+    predictor_driven = [name for name, strategy in PREFETCH_STRATEGIES.items() if strategy.charged and name in cache]
+    best = max(predictor_driven, key=lambda name: cache[name]["speedup_vs_on_demand"])
+    summary = {"profile": cache["config"]["profile"], "best_predictor_strategy": best}
+    for label, name in (("on_demand", "on_demand"), ("belady", "belady"), ("best_predictor", best), ("ideal", "ideal")):
+        summary[f"{label}_time_per_token_ms"] = cache[name]["time_per_token_ms"]
+        summary[f"{label}_speedup"] = cache[name]["speedup_vs_on_demand"]
+    return summary
+
+
 def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predictor_dir: Path, plots_dir: Path) -> dict:
     summary = read_summary(windows_dir)
     c, L = summary["context_length"], summary["num_layers"]
@@ -246,6 +260,7 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
     report = cache_report()
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
+    metrics["cache_summary"] = cache_summary(report["cache"])
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)
     write_cache_plots(plots_dir, report)
