@@ -17,6 +17,7 @@ from moe_prefetch.errors import PipelineError
 from moe_prefetch.params import as_dict, parse_section
 from moe_prefetch.predictors import ARCHITECTURES, Predictor, load_predictor
 from moe_prefetch.predictors.hybrid import HybridPredictor
+from moe_prefetch.predictors.layers import FlatContext
 from moe_prefetch.predictors.neural import NeuralPredictor
 from moe_prefetch.windows.data import WindowSet
 
@@ -209,20 +210,27 @@ def test_hidden_plus_routing_reads_the_routing_context_too(tmp_path) -> None:
     assert accuracy[0] < 0.25 and accuracy[8] > 0.9, accuracy
 
 
-@pytest.mark.parametrize("arch", ["mlp", "token_mlp", "layer_specific", "hybrid"])
-@pytest.mark.parametrize("encoding", ["weighted_set", "both"])
-def test_weighted_set_context_encodings_learn_and_round_trip(arch, encoding, tmp_path) -> None:
-    predictor = make(arch, **{arch: {**SMALL[arch], "context_encoding": encoding}})
-    assert predictor.requires[:2] == ("context_experts", "context_weights")
+def fits_and_round_trips(arch: str, section: dict, tmp_path, **train) -> Predictor:
+    """`arch` with `section` over its SMALL sizes (and `train` overrides) learns the synthetic mapping (top-1 >= 0.95)
+    and scores the same after save/load."""
     size, overrides = FIT.get(arch, (3000, {}))
-    # reading the heavier expert off a weighted sum, then the modular mapping with the token id, takes token_mlp longer
-    epochs = {"epochs": 10, "patience": 10} if arch == "token_mlp" else {}
-    predictor = make(arch, **overrides, **epochs, **{arch: {**SMALL[arch], "context_encoding": encoding}})
+    predictor = make(arch, **{**overrides, **train}, **{arch: {**SMALL[arch], **section}})
     predictor.fit(windows_for(predictor, size, 0), windows_for(predictor, 500, 1), lambda row: None)
     held_out = windows_for(predictor, 1000, 2)
     assert top1(predictor, held_out) >= 0.95
     predictor.save(tmp_path)
     np.testing.assert_array_equal(load_predictor(tmp_path).score(held_out)[0], predictor.score(held_out)[0])
+    return predictor
+
+
+@pytest.mark.parametrize("arch", ["mlp", "token_mlp", "layer_specific", "hybrid"])
+@pytest.mark.parametrize("encoding", ["weighted_set", "both"])
+def test_weighted_set_context_encodings_learn_and_round_trip(arch, encoding, tmp_path) -> None:
+    # reading the heavier expert off a weighted sum, then the modular mapping with the token id, takes token_mlp longer
+    epochs = {"epochs": 10, "patience": 10} if arch == "token_mlp" else {}
+    predictor = fits_and_round_trips(arch, {"context_encoding": encoding}, tmp_path, **epochs)
+    assert predictor.requires[:2] == ("context_experts", "context_weights")
+    assert [module.encoding for module in predictor.module.modules() if isinstance(module, FlatContext)] == [encoding]
 
 
 def test_transition_table_sums_each_routed_experts_scaled_row_by_hand() -> None:
@@ -253,15 +261,9 @@ def test_the_transition_table_trains_at_its_own_learning_rate() -> None:
     assert [group["lr"] for group in make("mlp").parameter_groups(0.002)] == [0.002]  # no table: one group
 
 
-@pytest.mark.parametrize("arch", ["token_mlp", "layer_specific"])
+@pytest.mark.parametrize("arch", ["mlp", "layer_specific", "hybrid"])  # token_mlp has its table by default
 def test_transitions_learn_and_round_trip(arch, tmp_path) -> None:
-    size, overrides = FIT.get(arch, (3000, {}))
-    predictor = make(arch, **overrides, **{arch: {**SMALL[arch], "transitions": True}})
-    predictor.fit(windows_for(predictor, size, 0), windows_for(predictor, 500, 1), lambda row: None)
-    held_out = windows_for(predictor, 1000, 2)
-    assert top1(predictor, held_out) >= 0.95
-    predictor.save(tmp_path)
-    np.testing.assert_array_equal(load_predictor(tmp_path).score(held_out)[0], predictor.score(held_out)[0])
+    assert fits_and_round_trips(arch, {"transitions": True}, tmp_path).module.transitions is not None
 
 
 def test_weighted_set_ignores_slot_order_inside_a_layer_and_reads_the_weights() -> None:

@@ -117,7 +117,8 @@ class HybridPredictor(NeuralPredictor):
 
     def build_module(self) -> nn.Module:
         s = self.section
-        return Hybrid(self.geometry, s["embedding_dim"], s["hidden"], s["dropout"], s["temporal_tokens"], s["token_context"])
+        return Hybrid(self.geometry, s["embedding_dim"], s["hidden"], s["dropout"], s["temporal_tokens"], s["token_context"],
+                      s["context_encoding"], s["transitions"])
 
     def batch(self, windows: WindowSet, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         inputs = super().batch(windows, rows, device)
