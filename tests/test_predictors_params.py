@@ -33,7 +33,7 @@ PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
     ({"ensemble": {"members": ["mlp", "mlp"]}}, r"^train.ensemble.members: lists an architecture twice"),
     ({"ensemble": {"members": ["mlp"]}}, r"^train.ensemble.members: must list at least 2 architectures"),
     ({"ensemble": {"holdout_fraction": 1.0}}, r"^train.ensemble.holdout_fraction: must be in \(0, 1\)"),
-    ({"mlp": {"width": 3}}, r"^train.mlp.width: unknown key; accepted: dropout, embedding_dim, hidden"),
+    ({"mlp": {"width": 3}}, r"^train.mlp.width: unknown key; accepted: context_encoding, dropout, embedding_dim, hidden, transitions, transitions_lr_scale"),
 ])
 def test_bad_train_params_are_one_line_errors(raw, message) -> None:
     with pytest.raises(PipelineError, match=message) as error:
