@@ -217,3 +217,16 @@ def test_decode_steps_order_a_batch_plan_by_summed_score_and_leave_batch_one_alo
     assert not np.array_equal(ranked, plain)  # the random scores do reorder some batch's list
     for row_plain, row_ranked in zip(plain.reshape(-1, plain.shape[2]), ranked.reshape(-1, ranked.shape[2])):
         assert set(row_plain[row_plain >= 0]) == set(row_ranked[row_ranked >= 0])  # the same experts, reordered
+
+
+def test_the_regime_sweep_replays_the_per_profile_sweeps_tokens():
+    # Two sequences of 2 tokens; the sweeps take the first one (2 tokens). The regime rows are then those of a run on
+    # that sequence alone, while the configured cache replays both.
+    both = _windows([0] * 8, [0, 1, 2, 3, 1, 0, 3, 2], [0] * 8, [3, 0, 1, 1, 0, 1, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1],
+                    [1, 2] * 4)
+    first = both.subset(np.arange(4))
+    swept = cache_report(both, REPLAY_SCORERS, _params(profile_sweep_tokens=2), SUMMARY, val=both)
+    alone = cache_report(first, REPLAY_SCORERS, _params(profile_sweep_tokens=0), SUMMARY, val=first)
+    assert swept["cache"]["config"]["replayed_tokens"] == 4 and swept["cache"]["config"]["profile_sweep_tokens"] == 2
+    assert _json(swept["by_regime"]) == _json(alone["by_regime"])
+    assert _json(swept["cache"]) != _json(alone["cache"])

@@ -8,7 +8,7 @@ speedup over on-demand crosses 1.0, linearly interpolated between the grid's nei
 does not slow decoding, None when even q = 1 does not speed it up). The same uniform draws serve every q, so a
 higher q only turns wrong listings right. Next to it, each learned strategy's measured precision: the share of the
 experts its plan lists that the target layer routes. Replayed at decode batch 1 on the per-profile sweeps' tokens
-(evaluate.cache.profile_sweep_tokens); a regime row gets breakeven_precision, synthetic_q<100 q>_speedup and
+(evaluate.cache.profile_sweep_tokens), like the regime sweep's strategies; a regime row gets breakeven_precision, synthetic_q<100 q>_speedup and
 <strategy>_precision.
 """
 

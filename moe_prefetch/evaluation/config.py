@@ -137,8 +137,8 @@ class CacheParams:
     max_tokens: int = doc("Replay at most this many test tokens (whole sequences, in order) to bound run time.", 4000)
     profile_sweep_tokens: int = doc(
         "Test tokens (whole sequences, in order; val likewise for the gates) of the capacity and decode batch-size "
-        "sweeps of every cost profile (plots cache_*_by_*_profiles.png), fewer than max_tokens to bound run time; "
-        "0 = no per-profile sweeps.", 1000)
+        "sweeps of every cost profile (plots cache_*_by_*_profiles.png) and of the regime sweep, fewer than "
+        "max_tokens to bound run time; 0 = no per-profile sweeps, the regime sweep on the max_tokens replay.", 1000)
     capacity_sweep: list = doc("Capacities of the hit-rate/speedup vs capacity plots, in capacity_sweep_unit.",
                                factory=lambda: [1, 2, 4, 8, 12])
     capacity_sweep_unit: str = doc(

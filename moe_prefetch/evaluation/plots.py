@@ -178,7 +178,9 @@ def write_cache_plots(directory: Path, report: dict) -> None:
     _dump(directory / "cache_by_batch.json", report["by_batch"])
     _dump(directory / "cache_by_regime.json", by_regime)
     ratios = [row["transfer_over_compute"] for row in by_regime]
-    _figure(directory / "cache_speedup_by_regime.png", f"Speedup over on-demand LRU by regime\n({where}; expert bytes scaled)",
+    regime_tokens = config["profile_sweep_tokens"] or config["replayed_tokens"]  # the regime sweep's replay
+    _figure(directory / "cache_speedup_by_regime.png",
+            f"Speedup over on-demand LRU by regime\n({config['profile']}, {regime_tokens:,} tokens; expert bytes scaled)",
             "transfer time per expert / layer compute time (log)", SPEEDUP_LABEL,
             {key[: -len(SPEEDUP)]: (ratios, [row[key] for row in by_regime]) for key in by_regime[0] if key.endswith(SPEEDUP)},
             log_x=True)
@@ -186,7 +188,7 @@ def write_cache_plots(directory: Path, report: dict) -> None:
                   if key.endswith("_precision") and key != "breakeven_precision"}
     _figure(directory / "cache_breakeven_precision_by_regime.png",
             f"Break-even prefetch precision by regime (prefetch pays above it)\n({config['profile']} compute and link, "
-            f"{config['profile_sweep_tokens'] or config['replayed_tokens']:,} test tokens)",
+            f"{regime_tokens:,} test tokens)",
             "transfer time per expert / layer compute time (log)", "prefetch precision (share of listed experts used)",
             {"break-even": (ratios, [row["breakeven_precision"] for row in by_regime]),
              **{f"{name} (measured)": series for name, series in precisions.items()}}, log_x=True)

@@ -199,7 +199,7 @@ def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: Ca
     costs = params.costs()
     for ratio in params.regime_sweep:  # the profile's bandwidth and compute, expert bytes scaled to the ratio
         regime = dataclasses.replace(params, expert_bytes=ratio * costs.layer_compute_ms * costs.bandwidth_gbps * 1e6)
-        configurations[f"regime/{ratio}"] = [Configuration(capacity, batch, regime)]
+        configurations[f"regime/{ratio}"] = [Configuration(capacity, batch, regime, sweep or "test")]
         configurations[f"breakeven/{ratio}"] = [BreakEven(capacity, regime, summary["num_experts"],
                                                           sweep or "test")]
     replays = Replays(inputs, [configuration for group in configurations.values() for configuration in group], processes)
@@ -213,9 +213,9 @@ def cache_report(test: WindowSet, scorers: dict[str, Callable], params: CachePar
     """The simulator summary at the configured cache (`cache`), every cost profile's speedups at that cache
     (`by_profile`), the rows of the capacity and decode batch-size sweeps of the configured profile (`by_capacity`,
     `by_batch`) and of every profile on the first evaluate.cache.profile_sweep_tokens tokens (`by_profile_capacity`,
-    `by_profile_batch`: profile -> rows), and of the regime sweep (`by_regime`: transfer time per expert = ratio x
-    layer compute time, the profile's compute, with the break-even prefetch precision of
-    moe_prefetch/evaluation/breakeven.py on the sweeps' tokens). `routing` (the shards' RoutingTable): replay every
+    `by_profile_batch`: profile -> rows), and of the regime sweep on the same tokens (`by_regime`: transfer time per
+    expert = ratio x layer compute time, the profile's compute, with the break-even prefetch precision of
+    moe_prefetch/evaluation/breakeven.py). `routing` (the shards' RoutingTable): replay every
     MoE layer, the fallback fit on `train`."""
     return start_cache_report(test, scorers, params, summary, val, documents, bootstrap, routing, train, processes)()
 
