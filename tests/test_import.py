@@ -240,12 +240,13 @@ def test_imported_routing_replays_every_layer_under_every_policy_and_the_capacit
     scorers = {"predictor": load_predictor(tmp_path / "predictor").score,
                **baseline_scorers(train_windows, summary, np.random.default_rng(0), val)}
     routing = read_routing(shards)
-    for policy in EVICTION_POLICIES:
+    for number, policy in enumerate(EVICTION_POLICIES):
+        rule = ("frequency", "token")[number % 2]  # each fallback rule that reads the shards' train routing
         params = dataclasses.replace(tiny_params("evaluate").cache, policy=policy, capacity_sweep=[0.125, 0.25, 0.5, 1.0],
-                                     capacity_sweep_unit="fraction", fallback="frequency", profile_sweep_tokens=0)
+                                     capacity_sweep_unit="fraction", fallback=rule, profile_sweep_tokens=0)
         report = cache_report(test, scorers, params, summary, val, routing=routing, train=train_windows)
         cache = report["cache"]
-        assert cache["config"]["replayed_layers"] == len(LAYERS) and cache["config"]["fallback"] == "frequency"
+        assert cache["config"]["replayed_layers"] == len(LAYERS) and cache["config"]["fallback"] == rule
         assert [row["capacity"] for row in report["by_capacity"]] == [1, 2, 4, 8], policy
         for row in report["by_capacity"]:
             assert row["belady_hit_rate"] >= row["on_demand_hit_rate"] - 1e-12, (policy, row["capacity"])

@@ -111,7 +111,7 @@ def test_capacity_as_a_fraction_of_the_pools_experts():
     ({"capacity_sweep_unit": "percent"}, ("evaluate.cache.capacity_sweep_unit", "percent", "experts, fraction")),
     ({"capacity_sweep_unit": "fraction", "capacity_sweep": [2]}, ("evaluate.cache.capacity_sweep", "[2]", "(0, 1]")),
     ({"capacity_sweep": [0.5]}, ("evaluate.cache.capacity_sweep", "integers >= 1")),
-    ({"fallback": "stale"}, ("evaluate.cache.fallback", "stale", "frequency, none, stale_gate")),
+    ({"fallback": "stale"}, ("evaluate.cache.fallback", "stale", "frequency, none, stale_gate, token")),
     ({"profile_sweep_tokens": -1}, ("evaluate.cache.profile_sweep_tokens", "-1")),
 ])
 def test_bad_sizes_and_fallbacks_are_one_line_errors(changes, fragments):
@@ -139,6 +139,17 @@ def test_stale_gate_fallback_reads_the_look_ahead_capture_or_says_it_is_missing(
     assert plan.tolist() == [[[3], [0]]]  # layer 0's look-ahead for layer 1, layer 1's for layer 2
     assert_error(lambda: fallback_plan("stale_gate", FallbackInputs(1, TRAIN_EXPERTS, None, 3, 1, 1)),
                  "evaluate.cache.fallback", "stale_gate", "lookahead 0", "none, frequency")
+
+
+def test_token_fallback_lists_the_experts_routed_after_the_same_token_id():
+    # Train token ids 7, 7, 4 (TRAIN_EXPERTS' rows). c = 3, h = 1: layer 0 issues for layer 1, layer 1 for layer 2.
+    # Token 7 routed 2, 2 at layer 1 and 1, 1 at layer 2; token 4 routed 3 and 0. Token 9 was never seen: the
+    # frequency rule's lists (layer 1: 2, 3; layer 2: 1, 0). m = 2: the second slot is the frequency back-off.
+    inputs = FallbackInputs(3, TRAIN_EXPERTS, None, context_length=3, horizon=1, m=2, token_ids=np.array([4, 7, 9]),
+                            train_token_ids=np.array([7, 7, 4]))
+    assert fallback_plan("token", inputs).tolist() == [[[3, 2], [0, 1]], [[2, 3], [1, 0]], [[2, 3], [1, 0]]]
+    assert_error(lambda: fallback_plan("token", FallbackInputs(1, TRAIN_EXPERTS, None, 3, 1, 1)),
+                 "evaluate.cache.fallback", "token", "token ids", "none, frequency")
 
 
 def test_learned_strategies_issue_the_fallback_at_the_layers_before_their_context():

@@ -146,8 +146,9 @@ class CacheParams:
         "experts")
     fallback: str = doc(
         f"What the learned strategies prefetch for layers h..c-2+h, issued at layers 0..c-2 where no predictor has "
-        f"its context yet: {' | '.join(FALLBACK_RULES)} (moe_prefetch/evaluation/fallback.py). none by default: "
-        f"frequency made every learned strategy slower in every cost profile of the default run.", "none")
+        f"its context yet: {' | '.join(FALLBACK_RULES)} (moe_prefetch/evaluation/fallback.py). token by default: "
+        f"on the default run it made the predictor's strategies faster in every cost profile where prefetching pays "
+        f"(README, Fallback), frequency made them slower in every profile.", "token")
     decode_batch_sweep: list = doc("Decode batch sizes of the hit-rate/speedup vs batch size plot.", factory=lambda: [1, 4, 16])
     regime_sweep: list = doc(
         "Transfer time per expert over layer compute time, for the speedup-by-regime plot (the profile's compute "

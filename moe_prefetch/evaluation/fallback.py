@@ -8,6 +8,8 @@ experts for layer l+h (layers 0..h-1 cannot be prefetched within a step by any s
               ties to the lower id), the same for every token.
   stale_gate  layer l+h's router applied to layer l's hidden state (the shards' look-ahead capture, when it
               holds lookahead >= h), per token.
+  token       layer l+h's m most frequent experts over the train tokens with the same token id (known before
+              the step's first layer runs), ties and unseen ids by the frequency rule's counts, then the lower id.
 
 Every rule returns (tokens, c-1, m) expert ids, best first, -1 = none (FALLBACK_RULES).
 """
@@ -34,22 +36,46 @@ class FallbackInputs:
     context_length: int
     horizon: int
     m: int
+    token_ids: np.ndarray | None = None  # (tokens,) the replayed tokens' ids (rule token)
+    train_token_ids: np.ndarray | None = None  # (train tokens,) the train tokens' ids (rule token)
 
 
 def _none(inputs: FallbackInputs) -> None:
     return None
 
 
+def _layer_counts(inputs: FallbackInputs, target: int) -> np.ndarray:
+    """(E,) how often each expert is routed at MoE layer `target` over the train tokens (every top-k slot)."""
+    num_experts = int(inputs.train_experts.max(initial=0)) + 1
+    experts = inputs.train_experts[:, target].ravel()
+    return np.bincount(experts[experts >= 0], minlength=num_experts)
+
+
 def _frequency(inputs: FallbackInputs) -> np.ndarray:
     c, h, m = inputs.context_length, inputs.horizon, inputs.m
-    num_experts = int(inputs.train_experts.max(initial=0)) + 1
-    rows = []
-    for target in range(h, c - 1 + h):
-        experts = inputs.train_experts[:, target].ravel()
-        counts = np.bincount(experts[experts >= 0], minlength=num_experts)
-        rows.append(np.argsort(-counts, kind="stable")[:m])  # ties to the lower id
+    rows = [np.argsort(-_layer_counts(inputs, target), kind="stable")[:m] for target in range(h, c - 1 + h)]  # ties to the lower id
     per_layer = np.asarray(rows, dtype=np.int64).reshape(c - 1, -1)  # (c-1, m)
     return np.broadcast_to(per_layer, (inputs.tokens, *per_layer.shape)).copy()
+
+
+def _token(inputs: FallbackInputs) -> np.ndarray:
+    if inputs.token_ids is None or inputs.train_token_ids is None:
+        raise PipelineError("evaluate.cache.fallback: token needs the shards' token ids of the replayed and the train "
+                            "tokens; accepted here: none, frequency")
+    c, h, m = inputs.context_length, inputs.horizon, inputs.m
+    vocabulary, train_code = np.unique(inputs.train_token_ids, return_inverse=True)  # the train split's distinct ids
+    slot = np.searchsorted(vocabulary, inputs.token_ids).clip(max=max(len(vocabulary) - 1, 0))
+    seen = len(vocabulary) > 0 and vocabulary[slot] == inputs.token_ids  # (tokens,)
+    per_layer = []
+    for target in range(h, c - 1 + h):
+        overall = _layer_counts(inputs, target)  # (E,)
+        experts = inputs.train_experts[:, target]  # (train tokens, k)
+        routed = experts >= 0
+        by_token = np.zeros((len(vocabulary) + 1, len(overall)), dtype=np.int64)  # the last row: unseen ids
+        np.add.at(by_token, (np.broadcast_to(train_code[:, None], experts.shape)[routed], experts[routed]), 1)
+        score = by_token[np.where(seen, slot, len(vocabulary))] * (overall.sum() + 1) + overall  # (tokens, E)
+        per_layer.append(np.argsort(-score, axis=1, kind="stable")[:, :m])  # ties to the lower id
+    return np.stack(per_layer, axis=1).astype(np.int64)  # (tokens, c-1, m)
 
 
 def _stale_gate(inputs: FallbackInputs) -> np.ndarray:
@@ -66,6 +92,7 @@ FALLBACK_RULES: Registry[Callable[[FallbackInputs], np.ndarray | None]] = Regist
 FALLBACK_RULES.add("none", _none)
 FALLBACK_RULES.add("frequency", _frequency)
 FALLBACK_RULES.add("stale_gate", _stale_gate)
+FALLBACK_RULES.add("token", _token)
 
 
 def fallback_plan(rule: str, inputs: FallbackInputs) -> np.ndarray | None:

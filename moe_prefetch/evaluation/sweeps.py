@@ -134,13 +134,15 @@ def _fallbacks(params: CacheParams, summary: dict, routing, lookup: TokenRouting
         return [None] * len(windows)
     if train is None:
         raise ValueError("the fallback needs the train windows")
-    train_experts = lookup.of(train)  # (train tokens, L, k)
+    train_rows = lookup.rows(train)
+    train_experts = routing.experts[train_rows].astype(np.int64)  # (train tokens, L, k)
     plans = []
     for split in windows:
         rows = lookup.rows(split)
         lookahead = None if routing.lookahead_experts is None else routing.lookahead_experts[rows]
         plans.append(fallback_plan(params.fallback, FallbackInputs(len(rows), train_experts, lookahead,
-                                                                  summary["context_length"], summary["horizon"], m)))
+                                                                  summary["context_length"], summary["horizon"], m,
+                                                                  routing.token_id[rows], routing.token_id[train_rows])))
     return plans
 
 
