@@ -4,6 +4,7 @@ metrics/evaluate.json of a finished experiment from `dvc exp show --json`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -23,9 +24,13 @@ def timed_run(run: list[str]) -> float:
 
 
 def experiment_metrics(name: str) -> dict:
-    """metrics/evaluate.json of the finished experiment `name`, from `dvc exp show --json`."""
-    data = update_readme.experiments_by_name().get(name)
-    metrics = (data or {}).get("metrics", {}).get("metrics/evaluate.json", {}).get("data")
-    if metrics is None:
+    """metrics/evaluate.json of the finished experiment `name`: the file as committed in the experiment's commit
+    (`dvc exp show --json` names it), since `dvc exp show` leaves out the list-valued metrics, every `_ci95`
+    interval among them."""
+    entry = update_readme.experiment_revs().get(name)
+    if entry is None or (entry.get("data") or {}).get("metrics", {}).get("metrics/evaluate.json") is None:
         raise SystemExit(f"no finished experiment named {name} with metrics/evaluate.json in `dvc exp show`; run without --no-run")
-    return metrics
+    shown = subprocess.run(["git", "show", f"{entry['rev']}:metrics/evaluate.json"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"experiment {name} ({entry['rev']}): no metrics/evaluate.json in its commit: {shown.stderr.strip()}")
+    return json.loads(shown.stdout)
