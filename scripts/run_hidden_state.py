@@ -133,7 +133,7 @@ def variant_section(summary: dict) -> str:
         "Predictor hidden_mlp on the hidden state entering layer l (the model's full width), the stale gate (layer "
         "l+h's router on that same hidden state) and the best baseline reading the routing history only, on the same "
         "test windows; intervals in brackets are 95% document-bootstrap intervals. The paired columns are evaluate's "
-        "`predictor_minus_best_baseline_top1` (paired over the resampled documents): under hidden_mlp - stale gate "
+        "`predictor_minus_best_baseline_top1` (paired over the resampled documents), which is hidden_mlp - stale gate "
         "where the stale gate is that best baseline. Wall time: one `dvc exp run` on the shared 2-core machine.",
         table(["h", "hidden_mlp top-1", "stale gate top-1", "best routing baseline top-1", "hidden_mlp recall@k",
                "stale gate recall@k", "best routing baseline recall@k", "hidden_mlp - stale gate top-1 (paired, points)",
