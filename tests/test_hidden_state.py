@@ -108,3 +108,22 @@ def test_no_run_summarises_finished_experiments_and_keeps_other_variants(tmp_pat
     assert again["variants"]["hidden-h"]["horizons"]["2"]["wall_seconds"] == 420.0
     with pytest.raises(SystemExit):
         main("--horizons", "1", "--wall-seconds", "4=10")
+
+
+def test_experiment_metrics_reads_the_file_of_the_experiments_commit_with_its_intervals(monkeypatch):
+    """`dvc exp show --json` drops list-valued metrics (every _ci95); the summary reads the committed file instead.
+    Here the 'experiment' is this repository's HEAD, whose metrics/evaluate.json is the default run's."""
+    import experiments
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    shown = {"done": {"rev": head, "data": {"metrics": {"metrics/evaluate.json": {"data": {"test_windows": 1}}}}},
+             "failed": {"rev": head, "data": {"metrics": {}}}}
+    monkeypatch.setattr(experiments.update_readme, "experiment_revs", lambda: shown)
+    monkeypatch.chdir(ROOT)
+    committed = json.loads(subprocess.run(["git", "show", "HEAD:metrics/evaluate.json"], cwd=ROOT, capture_output=True,
+                                          text=True, check=True).stdout)
+    assert experiments.experiment_metrics("done") == committed and "top1_ci95" in committed["predictor"]
+    for name in ("failed", "absent"):
+        with pytest.raises(SystemExit, match=f"no finished experiment named {name}"):
+            experiments.experiment_metrics(name)
