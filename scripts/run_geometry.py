@@ -20,10 +20,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import update_readme
+from experiments import exp_run_command, experiment_metrics, timed_run
 from update_readme import pct, pct_interval, table
 
 EXPERIMENT = "geometry-64x6"
@@ -41,8 +41,7 @@ TRACKED_OUTPUTS = ("params.yaml", "dvc.lock", "metrics", "plots", "dvclive")  # 
 
 def command(extra: tuple[str, ...] = (), temp: bool = True) -> list[str]:
     """The `dvc exp run` of the experiment: OVERRIDES, then the `extra` KEY=VALUE overrides."""
-    return ["dvc", "exp", "run", *(["--temp"] if temp else []), "-n", EXPERIMENT,
-            *(arg for o in (*OVERRIDES, *extra) for arg in ("-S", o))]
+    return exp_run_command(EXPERIMENT, (*OVERRIDES, *extra), temp)
 
 
 def summary_of(metrics: dict, wall_seconds: float | None, run: list[str] | None = None) -> dict:
@@ -65,15 +64,6 @@ def summary_of(metrics: dict, wall_seconds: float | None, run: list[str] | None 
         "cache": {"config": cache["config"],
                   **{s: {key: cache[s][key] for key in CACHE_KEYS if key in cache[s]} for s in STRATEGIES if s in cache}},
     }
-
-
-def experiment_metrics(name: str) -> dict:
-    """metrics/evaluate.json of the finished experiment `name`, from `dvc exp show --json`."""
-    data = update_readme.experiments_by_name().get(name)
-    metrics = (data or {}).get("metrics", {}).get("metrics/evaluate.json", {}).get("data")
-    if metrics is None:
-        raise SystemExit(f"no finished experiment named {name} with metrics/evaluate.json in `dvc exp show`; run without --no-run")
-    return metrics
 
 
 def geometry_section(summary: dict, default: dict) -> str:
@@ -122,9 +112,7 @@ def main() -> None:
     run = command(tuple(args.set), temp=not args.workspace)
     wall_seconds = None
     if not args.no_run:
-        started = time.monotonic()
-        subprocess.run(run, check=True)
-        wall_seconds = time.monotonic() - started
+        wall_seconds = timed_run(run)
     if args.workspace and not args.no_run:
         metrics = json.loads(Path("metrics/evaluate.json").read_text())
         subprocess.run(["git", "checkout", "HEAD", "--", *TRACKED_OUTPUTS], check=True)

@@ -5,6 +5,7 @@ Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
   results      metrics/evaluate.json (written by dvc repro)
   families     moe_prefetch/routing (FAMILIES and unsupported.UNSUPPORTED)
   geometry     metrics/geometry.json (written by scripts/run_geometry.py) next to metrics/evaluate.json
+  hidden-state metrics/hidden_state.json (written by scripts/run_hidden_state.py)
   archs, hidden, domain-split   experiments, with --archs / --hidden / --domain-split (dvc exp show --json)
   gpu-estimates   moe_prefetch/gpu_estimates.py at params.yaml's collect section
 
@@ -425,6 +426,9 @@ def main() -> None:
     from run_geometry import SUMMARY, geometry_section  # imports this module: only once it is fully defined
 
     new = render(new, "geometry", geometry_section(json.loads(SUMMARY.read_text()), metrics))
+    import run_hidden_state
+
+    new = render(new, "hidden-state", run_hidden_state.hidden_state_section(json.loads(run_hidden_state.SUMMARY.read_text())))
     new = render(new, "cost-profiles", profiles_section())
     new = render(new, "gpu-estimates", gpu_estimates_section())
     new = render(new, "families", families_section())

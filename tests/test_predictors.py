@@ -317,3 +317,32 @@ def test_ensemble_members_are_saved_under_prefixes(fitted, tmp_path) -> None:
     keys = set(predictor.state())
     assert "mix_logits" in keys and any(k.startswith("member0.lookup.") for k in keys) and any(k.startswith("member1.mlp.") for k in keys)
     assert any(key.startswith("mlp/") for row in rows for key in row) and "ensemble_weight/mlp" in rows[-1]
+
+
+def test_hidden_mlp_with_the_stale_gate_input_learns_to_correct_it(tmp_path) -> None:
+    """Hidden states pure noise, the stale gate's top-k a consistent shift of the target's routed set (top-1 + 3):
+    hidden_mlp alone stays near chance, with stale_gate_input it learns the correction, and scores the same after
+    save/load."""
+    E = GEOMETRY["num_experts"]
+
+    def with_stale_gate(windows: WindowSet, seed: int) -> WindowSet:
+        noise = np.random.default_rng(seed).normal(0, 1, (len(windows), 16)).astype(np.float16)
+        return dataclasses.replace(windows, hidden_state=noise, stale_gate_experts=((windows.target_experts + 3) % E).astype(np.int16))
+
+    train, val, test = (with_stale_gate(synthetic(n, seed), seed) for n, seed in ((3000, 0), (500, 1), (500, 2)))
+    accuracy = {}
+    for stale in (False, True):
+        predictor = make("hidden_mlp", lr=0.03, hidden_mlp={"dropout": 0.0, "stale_gate_input": stale})
+        assert ("stale_gate_experts" in predictor.requires) is stale
+        predictor.fit(train, val, lambda row: None)
+        accuracy[stale] = top1(predictor, test)
+        predictor.save(tmp_path / str(stale))
+        np.testing.assert_array_equal(load_predictor(tmp_path / str(stale)).score(test)[0], predictor.score(test)[0])
+    assert accuracy[False] < 0.25 and accuracy[True] > 0.9, accuracy
+
+
+def test_hidden_mlp_stale_gate_input_without_the_column_is_a_one_line_error() -> None:
+    windows = synthetic(200, 0, ("context_experts", "hidden_state"))
+    with pytest.raises(PipelineError, match=r"^train.hidden_mlp.stale_gate_input: these windows carry no stale_gate_experts; set "
+                                            r"collect.capture.lookahead >= windows.horizon[^\n]*$"):
+        make("hidden_mlp", hidden_mlp={"stale_gate_input": True}).fit(windows, windows, lambda row: None)
