@@ -6,7 +6,7 @@ Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
   families     moe_prefetch/routing (FAMILIES and unsupported.UNSUPPORTED)
   geometry     metrics/geometry.json (written by scripts/run_geometry.py) next to metrics/evaluate.json
   hidden-state metrics/hidden_state.json (written by scripts/run_hidden_state.py)
-  archs, hidden, domain-split   experiments, with --archs / --hidden / --domain-split (dvc exp show --json)
+  archs, domain-split           experiments, with --archs / --domain-split (dvc exp show --json)
   gpu-estimates   moe_prefetch/gpu_estimates.py at params.yaml's collect section
 
     python scripts/update_readme.py            # rewrite README.md
@@ -212,41 +212,6 @@ def finished_by_horizon(prefix: str) -> dict[int, dict]:
     return runs
 
 
-def hidden_section(prefix: str, routing_prefix: str | None) -> str:
-    """hidden_mlp vs the stale gate at each horizon, from experiments named `<prefix><h>` (and hidden+routing
-    from `<routing_prefix><h>`, when given)."""
-    runs = finished_by_horizon(prefix)
-    routing = finished_by_horizon(routing_prefix) if routing_prefix else {}
-    rows = []
-    for h, data in sorted(runs.items()):
-        m = data["metrics"]["metrics/evaluate.json"]["data"]
-        p, stale, lookup = m["predictor"], m["baselines"]["stale_gate"], m["baselines"]["lookup"]
-        row = [str(h), pct(p["recall_at_k"]), pct(stale["recall_at_k"]), f"{100 * (p['recall_at_k'] - stale['recall_at_k']):+.1f}",
-               pct(p["top1"]), pct(stale["top1"]), pct(lookup["recall_at_k"]), f"{m['test_windows']:,}"]
-        if routing_prefix:
-            both = routing[h]["metrics"]["metrics/evaluate.json"]["data"] if h in routing else None
-            same = both is not None and both["test_windows"] == m["test_windows"]
-            row[6:6] = [pct(both["predictor"]["recall_at_k"]) if same else "-", pct(both["predictor"]["top1"]) if same else "-"]
-        rows.append(row)
-    params = runs[min(runs)]["params"]["params.yaml"]["data"]
-    routing_dim = routing[min(routing)]["params"]["params.yaml"]["data"]["train"]["hidden_mlp"]["routing_embedding_dim"] if routing else 0
-    capture = params["collect"]["capture"]
-    width = f"a {capture['hidden_dim']}-dim projection" if capture["hidden_dim"] else "the model's full width"
-    command = f"python scripts/update_readme.py --hidden {prefix}" + (f" --hidden-routing {routing_prefix}" if routing_prefix else "")
-    return "\n\n".join([
-        f"Experiments `{prefix}<h>`: `dvc exp run -n {prefix}<h> -S collect.capture.hidden_states=true "
-        f"-S collect.capture.lookahead={capture['lookahead']} -S windows.context_length={params['windows']['context_length']} "
-        f"-S windows.horizon=<h> -S train.arch=hidden_mlp` (hidden states stored at {width}); the table is written by "
-        f"`{command}` from `dvc exp show --json`. Both read the same thing: the hidden "
-        "state of token i entering MoE layer l. The stale gate applies layer l+h's own router to it; hidden_mlp is trained "
-        "to map it to layer l+h's routing. Same test windows per row; lookup (routing history only) for reference."
-        + (f" hidden+routing: the same with `-S train.hidden_mlp.routing_embedding_dim={routing_dim}` (experiments "
-           f"`{routing_prefix}<h>`): the context layers' routed experts join the hidden state." if routing_prefix else ""),
-        table(["h", "hidden_mlp recall@k", "stale gate recall@k", "difference (points)", "hidden_mlp top-1", "stale gate top-1",
-               *(["hidden+routing recall@k", "hidden+routing top-1"] if routing_prefix else []), "lookup recall@k", "test windows"], rows),
-    ])
-
-
 @functools.cache
 def experiment_revs() -> dict[str, dict]:
     """name -> the first rev entry (`rev`, `data`: params, metrics) of every experiment `dvc exp show --json`
@@ -413,8 +378,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
     parser.add_argument("--archs", metavar="PREFIX", help="also rewrite the architecture table from experiments named PREFIX<arch>")
-    parser.add_argument("--hidden", metavar="PREFIX", help="also rewrite the hidden_mlp vs stale gate table from experiments PREFIX<h>")
-    parser.add_argument("--hidden-routing", metavar="PREFIX", help="with --hidden: add hidden+routing from experiments PREFIX<h>")
     parser.add_argument("--domain-split", metavar="EXPERIMENT", help="also rewrite the domain-split section from this experiment")
     parser.add_argument("--horizons", metavar="PREFIX", help="also rewrite the per-horizon predictor table from experiments PREFIX<h>")
     args = parser.parse_args()
@@ -438,8 +401,6 @@ def main() -> None:
         new = render(new, "domain-split", domain_split_section(args.domain_split, metrics))
     if args.horizons:
         new = render(new, "horizons", horizons_section(args.horizons, metrics))
-    if args.hidden:
-        new = render(new, "hidden", hidden_section(args.hidden, args.hidden_routing))
     if args.check:
         sys.exit(0 if new == text else 1)
     README.write_text(new)
