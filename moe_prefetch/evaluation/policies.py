@@ -45,20 +45,32 @@ class FutureUses:
 
     def next_use(self, key: int) -> float:
         """The first position after `now` at which `key` is used (inf if never again)."""
-        uses = self.positions.get(key, ())
-        index = bisect.bisect_right(uses, self.now)
-        return uses[index] if index < len(uses) else math.inf
+        return next_after(self.positions.get(key, ()), self.now)
+
+
+def next_after(uses: list[int], now: int) -> float:
+    """The first of the sorted positions `uses` after `now` (inf if none)."""
+    index = bisect.bisect_right(uses, now)
+    return uses[index] if index < len(uses) else math.inf
 
 
 class PoolFuture:
-    """The future uses as one pool keys them: its key + `offset` in `future` (a per-layer pool holds bare expert ids,
-    so pool l reads layer l's uses only)."""
+    """The future uses as one pool keys them: `positions` maps its keys (key + `offset` in `future`: a per-layer
+    pool holds bare expert ids, so pool l reads layer l's uses only) to their sorted positions."""
 
     def __init__(self, future: FutureUses, offset: int) -> None:
         self.future, self.offset = future, offset
+        # Keys below offset belong to earlier layers; those of later layers land at stride and above, ids this pool
+        # never holds.
+        self.positions = {key - offset: uses for key, uses in future.positions.items() if key >= offset}
+
+    @property
+    def now(self) -> int:
+        """The position the replay is at."""
+        return self.future.now
 
     def next_use(self, key: int) -> float:
-        return self.future.next_use(key + self.offset)
+        return next_after(self.positions.get(key, ()), self.future.now)
 
 
 class IssuedScores:
@@ -153,7 +165,10 @@ class LRUPolicy(_ResidentOrder):
     """Least recently inserted or used first."""
 
     def victim(self, protected: Container[int]) -> int | None:
-        return next((key for key in self.order if key not in protected), None)  # O(|protected|) skips
+        for key in self.order:  # O(|protected|) skips
+            if key not in protected:
+                return key
+        return None
 
 
 @EVICTION_POLICIES.register("lfu")
@@ -232,8 +247,14 @@ class BeladyPolicy(_ResidentOrder):
         self.future = future
 
     def victim(self, protected: Container[int]) -> int | None:
-        candidates = self.candidates(protected)
-        return max(candidates, key=lambda key: (self.future.next_use(key), -key)) if candidates else None
+        positions, now = self.future.positions, self.future.now
+        victim, farthest = None, None
+        for key in self.order:
+            if key not in protected:
+                use = (next_after(positions.get(key, ()), now), -key)  # the farthest next use, then the lower key
+                if farthest is None or use > farthest:
+                    victim, farthest = key, use
+        return victim
 
 
 @EVICTION_POLICIES.register("predicted")

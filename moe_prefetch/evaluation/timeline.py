@@ -31,20 +31,16 @@ class Pool:
     def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
         """Insert a non-resident key into the cache, evicting by policy outside `protected`; False if nothing can
         go."""
-        if len(self.resident) - len(self.staged) >= self.capacity:
+        resident = self.resident
+        if len(resident) - len(self.staged) >= self.capacity:
             victim = self.policy.victim(protected)
             if victim is None:
                 return False
-            self._evict(victim)
-        self.resident.add(key)
+            self.policy.on_evict(victim)
+            self._leave(victim)
+        resident.add(key)
         self.policy.on_insert(key, tick, is_use)
         return True
-
-    def _evict(self, key: int) -> None:
-        """Remove a cached key (the policy's victim)."""
-        self.resident.remove(key)
-        self.policy.on_evict(key)
-        self._forget(key)
 
     def stage(self, key: int, protected: Container[int]) -> bool:
         """Put a prefetched key into a staging slot, evicting the oldest staged key outside `protected`; False if
@@ -54,8 +50,7 @@ class Pool:
             if victim is None:
                 return False
             del self.staged[victim]
-            self.resident.remove(victim)
-            self._forget(victim)
+            self._leave(victim)
         self.staged[key] = None
         self.resident.add(key)
         return True
@@ -69,18 +64,21 @@ class Pool:
             if victim is None:
                 self.staged[key] = None
                 return
-            self._evict(victim)
+            self.policy.on_evict(victim)
+            self._leave(victim)
         self.policy.on_insert(key, tick, True)
 
-    def _forget(self, key: int) -> None:
-        """Bookkeeping of a key that left the pool (cache or staging): wasted if it was prefetched and never used."""
+    def _leave(self, key: int) -> None:
+        """A key leaves the pool (evicted from the cache or the staging slots): wasted if it was prefetched and
+        never used."""
+        self.resident.remove(key)
         if key in self.unused_prefetch:
             self.unused_prefetch.discard(key)
             self.wasted += 1
         self.arrival_ms.pop(key, None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Prefetch:
     """One prefetch on the link: queued at `issue_ms` for position `target` (step * L + layer), then in flight from
     start_ms to end_ms."""
@@ -128,13 +126,15 @@ class Timing:
 
 
 class Replay:
-    """Clock, links and counters of one replay; run_layer applies steps 1-5 of cache.py's module docstring."""
+    """Clock, links and counters of one replay; run_layer applies steps 1-5 of cache.py's module docstring. Keys are
+    pool keys throughout (an expert id in a per-layer pool, layer * stride + expert in a shared one; -1 = none)."""
 
-    def __init__(self, pools: list[Pool], offsets: list[int], shared: bool, timing: Timing, future: FutureUses,
+    def __init__(self, pools: list[Pool], shared: bool, timing: Timing, future: FutureUses,
                  issued: IssuedScores | None = None) -> None:
-        self.pools, self.offsets, self.shared, self.timing = pools, offsets, shared, timing
+        self.pools, self.shared, self.timing = pools, shared, timing
         self.transfer_ms, self.chunk_ms = timing.transfer_ms, timing.chunk_ms
         self.compute_ms, self.overlap, self.predictor_ms = timing.compute_ms, timing.overlap, timing.predictor_ms
+        self.cpu_expert_ms, self.staging = timing.cpu_expert_ms, timing.staging
         # Layers computing layer_compute_ms whatever they run need no per-layer sum (cache.py takes the product).
         self.counted = timing.expert_compute_share > 0.0 or timing.cpu_expert_ms is not None
         # A miss costs the layer its transfer (demand load) or its CPU time: what a prefetch hit saves.
@@ -142,6 +142,7 @@ class Replay:
         self.future, self.issued = future, issued
         self.clock = 0.0
         self.links = range(timing.links)
+        self.single_link = timing.links == 1
         self.link_free = [0.0] * timing.links  # when each link finishes its transfer in flight (or demand loads)
         self.in_flight: list[Prefetch | None] = [None] * timing.links  # each link's last prefetch started
         self.queue: list[Prefetch] = []  # prefetches not started, in issue order
@@ -150,16 +151,22 @@ class Replay:
         self.tick = 0  # event counter handed to the eviction policy (recency)
         self.counts = Counters(misses_by_layer=[0] * len(pools))
 
-    def run_layer(self, position: int, layer: int, routed_row: list[int], target: int | None,
-                  prefetch_row: list[int], probs_row: list[float] | None = None) -> None:
-        """Run layer `layer` (at `position` = step * L + layer); queue prefetch_row for position `target` unless
-        target is None, each listed expert gated by its probability in probs_row when given."""
-        offset = self.offsets[layer]
+    def run_layer(self, position: int, layer: int, keys_row: list[int], target: int | None,
+                  listed_row: list[int], probs_row: list[float] | None = None) -> None:
+        """Run layer `layer` (at `position` = step * L + layer) on the keys of keys_row; queue listed_row's keys
+        (keys of the target layer's pool) for position `target` unless target is None, each gated by its
+        probability in probs_row when given."""
         # A dict keeps first-seen order and doubles as the protected set (O(1) membership).
-        keys = dict.fromkeys(e + offset for e in routed_row if e >= 0)
-        self._start_prefetches(self.clock)
-        on_cpu = self._use(self.pools[layer], layer, position, keys)
-        self.running, self.running_pool = keys, self.pools[layer]
+        keys = dict.fromkeys(keys_row)
+        keys.pop(-1, None)
+        pool = self.pools[layer]
+        if self.queue:
+            self._start_prefetches(self.clock)
+            if self.queue:
+                self._withdraw(pool, position, keys)
+        self.future.now += 1
+        on_cpu = self._use(pool, layer, keys)
+        self.running, self.running_pool = keys, pool
         if self.issued is not None:
             self.issued.visible = position  # this layer's prediction step has passed
         if target is not None:
@@ -167,7 +174,7 @@ class Replay:
                 self.clock += self.predictor_ms  # 3. the predictor runs on the compute stream
                 self.counts.predictor_ms += self.predictor_ms
             issue_ms = self.clock if self.overlap else self.clock + self.compute_ms
-            self._issue(target, target - position, prefetch_row, probs_row, issue_ms)
+            self._issue(target, target - position, listed_row, probs_row, issue_ms)
         self.clock += self._compute(len(keys), on_cpu) if self.counted else self.compute_ms  # 5. compute
         if not self.overlap:
             self._start_prefetches(math.inf)
@@ -187,113 +194,127 @@ class Replay:
 
     def _free_link(self) -> int:
         """The link that frees up first (the lowest index among ties)."""
-        return 0 if len(self.link_free) == 1 else min(self.links, key=self.link_free.__getitem__)
+        return 0 if self.single_link else min(self.links, key=self.link_free.__getitem__)
 
     def _start_prefetches(self, now: float) -> None:
         """Start, in issue order, every queued prefetch a link can begin before `now` (a demand load at `now` goes
         first)."""
-        while self.queue:
-            prefetch = self.queue[0]
-            link = self._free_link()
-            start = max(self.link_free[link], prefetch.issue_ms)
+        queue, link_free, counts = self.queue, self.link_free, self.counts
+        while queue:
+            prefetch = queue[0]
+            link = 0 if self.single_link else self._free_link()
+            free, issue_ms = link_free[link], prefetch.issue_ms
+            start = issue_ms if issue_ms > free else free
             if start >= now:
                 return
-            self.queue.pop(0)
-            pool = prefetch.pool
-            pool.queued.discard(prefetch.key)
-            if prefetch.key in pool.resident:  # demand-loaded meanwhile (shared pool): nothing to move
-                self.counts.cancelled += 1
+            del queue[0]
+            pool, key = prefetch.pool, prefetch.key
+            pool.queued.discard(key)
+            if key in pool.resident:  # demand-loaded meanwhile (shared pool): nothing to move
+                counts.cancelled += 1
                 continue
             # The running layer's experts are being read: a prefetch into their pool (shared, or the same layer a
             # lead of L or more targets) may not evict them.
             guard = prefetch.listed | self.running if pool is self.running_pool else prefetch.listed
-            if not self._place(pool, prefetch.key, guard):
-                self.counts.dropped += 1
+            if not self._place(pool, key, guard):
+                counts.dropped += 1
                 continue
-            prefetch.start_ms, prefetch.end_ms = start, start + self.transfer_ms
-            pool.arrival_ms[prefetch.key] = prefetch.end_ms
-            pool.unused_prefetch.add(prefetch.key)
-            self.link_free[link] = prefetch.end_ms
+            end = start + self.transfer_ms
+            prefetch.start_ms, prefetch.end_ms = start, end
+            pool.arrival_ms[key] = end
+            pool.unused_prefetch.add(key)
+            link_free[link] = end
             self.in_flight[link] = prefetch
-            self.counts.prefetched += 1
+            counts.prefetched += 1
 
     def _place(self, pool: Pool, key: int, guard: dict[int, None]) -> bool:
         """Take a slot for a starting prefetch: a staging slot, or a cache slot whose victim the scores do not
         predict to be used with a higher probability than `key`."""
-        if self.timing.staging:
+        if self.staging:
             return pool.stage(key, guard)
-        if pool.scores is not None:
-            own = pool.scores.score(key)
+        scores = pool.scores
+        if scores is not None:
+            own = scores.score(key)
             likelier = {other: None for other in pool.resident if other not in pool.staged
-                        and pool.scores.score(other) > own}  # NaN compares False: an unknown score guards nothing
+                        and scores.score(other) > own}  # NaN compares False: an unknown score guards nothing
             guard = guard | likelier
         self.tick += 1
-        return pool.insert(key, self.tick, guard, is_use=False)
+        return pool.insert(key, self.tick, guard, False)
 
-    def _use(self, pool: Pool, layer: int, position: int, keys: dict[int, None]) -> int:
-        """Withdraw this position's queued prefetches, then 1. hits (waiting for late ones), 2. misses; returns how
-        many experts the CPU computes (the misses, when they take the CPU path)."""
+    def _use(self, pool: Pool, layer: int, keys: dict[int, None]) -> int:
+        """1. hits (waiting for late ones), 2. misses; returns how many experts the CPU computes (the misses, when
+        they take the CPU path)."""
         counts, now = self.counts, self.clock
-        if self.queue:
-            withdrawn = [prefetch for prefetch in self.queue if prefetch.target == position]
-            if withdrawn:
-                self.queue = [prefetch for prefetch in self.queue if prefetch.target != position]
-                for prefetch in withdrawn:
-                    pool.queued.discard(prefetch.key)
-                    counts.cancelled += prefetch.key not in keys  # a routed one becomes a miss below
-        self.future.now += 1
         ready = now
         missing = []
-        cpu_ms = self.timing.cpu_expert_ms
-        late_on_cpu = 0
+        cpu_ms = self.cpu_expert_ms
+        on_time = late_on_cpu = 0
+        resident, staged, unused_prefetch, arrival_ms = pool.resident, pool.staged, pool.unused_prefetch, pool.arrival_ms
+        on_use, tick = pool.policy.on_use, self.tick
         for key in keys:  # hits first, so a miss cannot evict a hit of this same step
-            if key not in pool.resident:
+            if key not in resident:
                 missing.append(key)
                 continue
-            self.tick += 1
-            if pool.staged and key in pool.staged:
-                pool.promote(key, self.tick, keys)
+            tick += 1
+            if staged and key in staged:
+                pool.promote(key, tick, keys)
             else:
-                pool.policy.on_use(key, self.tick)
-            if key in pool.unused_prefetch:
-                pool.unused_prefetch.discard(key)
+                on_use(key, tick)
+            if key in unused_prefetch:
+                unused_prefetch.discard(key)
                 counts.prefetch_hits += 1
-            arrival = pool.arrival_ms.pop(key, now)
-            if cpu_ms is not None and arrival - now > cpu_ms:
+            arrival = arrival_ms.pop(key, None)  # None: not a prefetch in flight, here already
+            if arrival is None or arrival <= now:
+                on_time += 1
+            elif cpu_ms is not None and arrival - now > cpu_ms:
                 # Sooner on the CPU than waiting: computed there (a miss); its transfer still lands.
-                pool.arrival_ms[key] = arrival
+                arrival_ms[key] = arrival
                 late_on_cpu += 1
-            elif arrival > now:
+            else:
                 counts.late_hits += 1
                 counts.late_wait_ms += arrival - now
-                ready = max(ready, arrival)
-            else:
-                counts.on_time_hits += 1
+                if arrival > ready:
+                    ready = arrival
+        self.tick = tick
+        counts.on_time_hits += on_time
         on_cpu = late_on_cpu
         if missing:
             if cpu_ms is not None:
                 on_cpu += len(missing)  # computed where they are: nothing moves, nothing is cached
             else:
-                ready = max(ready, self._demand_load(pool, keys, missing, now))
+                loaded = self._demand_load(pool, keys, missing, now)
+                if loaded > ready:
+                    ready = loaded
         if missing or on_cpu:
             counts.misses_by_layer[layer] += len(missing) + late_on_cpu
             counts.cpu_experts += on_cpu
         self.clock = ready
         return on_cpu
 
+    def _withdraw(self, pool: Pool, position: int, keys: dict[int, None]) -> None:
+        """Cancellation: withdraw every queued prefetch for `position` (a routed one becomes a miss, the others are
+        cancelled)."""
+        withdrawn = [prefetch for prefetch in self.queue if prefetch.target == position]
+        if withdrawn:
+            self.queue = [prefetch for prefetch in self.queue if prefetch.target != position]
+            for prefetch in withdrawn:
+                pool.queued.discard(prefetch.key)
+                self.counts.cancelled += prefetch.key not in keys
+
     def _demand_load(self, pool: Pool, keys: dict[int, None], missing: list[int], now: float) -> float:
         """Load `missing` at `now` ahead of every queued prefetch, each on the link that can start it first
         (pre-empting a prefetch in flight at a chunk boundary when it is not needed now); returns when the last one
         arrives."""
-        starts = [self._demand_start(link, now, keys) for link in self.links]
-        if len(starts) == 1:
-            loads = [len(missing)]
+        transfer_ms = self.transfer_ms
+        if self.single_link:
+            starts, loads = [self._demand_start(0, now, keys)], [len(missing)]
         else:  # greedy: each miss on the link that is free first
+            starts = [self._demand_start(link, now, keys) for link in self.links]
             loads, free = [0] * len(starts), list(starts)
             for _ in missing:
                 link = min(self.links, key=free.__getitem__)
                 loads[link] += 1
-                free[link] += self.transfer_ms
+                free[link] += transfer_ms
         last = now
         protected = keys
         for link, count in enumerate(loads):
@@ -303,7 +324,7 @@ class Replay:
             if not count:
                 continue
             start = starts[link]
-            end = start + count * self.transfer_ms
+            end = start + count * transfer_ms
             last = end if end > last else last
             self.link_free[link] = end
             # A link is free no earlier than its prefetch's end, so a start before that end is a pre-emption.
@@ -313,39 +334,41 @@ class Replay:
                 self.counts.preempted += 1
         for key in missing:
             self.tick += 1
-            pool.insert(key, self.tick, protected, is_use=True)
+            pool.insert(key, self.tick, protected, True)
         return last
 
     def _demand_start(self, link: int, now: float, keys: dict[int, None]) -> float:
         """When a demand load at `now` can start on `link`: after its transfer in flight, or at that prefetch's next
         chunk boundary when it can be pre-empted (chunk_ms > 0) and is not needed now."""
-        start = self.link_free[link] if self.link_free[link] > now else now
+        free = self.link_free[link]
+        start = free if free > now else now
         in_flight = self.in_flight[link]
         if in_flight is not None and in_flight.end_ms > now and self.chunk_ms > 0 and in_flight.key not in keys:
             chunks_done = math.ceil((now - in_flight.start_ms) / self.chunk_ms - 1e-9)
             start = max(now, min(in_flight.end_ms, in_flight.start_ms + chunks_done * self.chunk_ms))
         return start
 
-    def _issue(self, target: int, lead: int, prefetch_row: list[int], probs_row: list[float] | None,
+    def _issue(self, target: int, lead: int, listed_row: list[int], probs_row: list[float] | None,
                issue_ms: float) -> None:
-        """4. queue the listed experts the target pool neither holds nor has queued (those the gate lets through,
-        when probs_row is given)."""
-        layer = target % len(self.pools)
-        pool, offset = self.pools[layer], self.offsets[layer]
-        listed = dict.fromkeys(e + offset for e in prefetch_row if e >= 0)
+        """4. queue the listed keys the target pool neither holds nor has queued (those the gate lets through, when
+        probs_row is given)."""
+        pool = self.pools[target % len(self.pools)]
+        listed = dict.fromkeys(listed_row)
+        listed.pop(-1, None)
         probability = None
         if probs_row is not None:
             probability = {}
-            for e, p in zip(prefetch_row, probs_row):
-                if e >= 0:
-                    probability.setdefault(e + offset, p)
+            for key, p in zip(listed_row, probs_row):
+                if key >= 0:
+                    probability.setdefault(key, p)
+        resident, queued = pool.resident, pool.queued
         for key in listed:
-            if key in pool.resident or key in pool.queued:
+            if key in resident or key in queued:
                 continue
             if probability is not None and not self._worth_it(pool, key, probability[key], lead, listed, issue_ms):
                 self.counts.gated_out += 1
                 continue
-            pool.queued.add(key)
+            queued.add(key)
             self.queue.append(Prefetch(pool, key, target, issue_ms, listed))
 
     def _worth_it(self, pool: Pool, key: int, p: float, lead: int, listed: dict[int, None], issue_ms: float) -> bool:
@@ -362,7 +385,7 @@ class Replay:
     def _eviction_loss(self, pool: Pool, listed: dict[int, None]) -> float:
         """What the slot the prefetch takes loses: the victim's (the policy's pick now, or the oldest staged key)
         probability of use x a miss's cost; an unknown probability counts as 1, a free slot as 0."""
-        if self.timing.staging:
+        if self.staging:
             if len(pool.staged) < pool.staging_slots:
                 return 0.0
             victim = next((staged for staged in pool.staged if staged not in listed), None)
