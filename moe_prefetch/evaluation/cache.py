@@ -237,15 +237,15 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     last_target = steps * layers - 1
     no_prefetch: list[int] = []
     step_end_ms = []
-    position = 0
-    for step in range(steps):
-        for layer in range(layers):
+    run_layer, position = replay.run_layer, 0
+    for step, step_keys in enumerate(key_rows):
+        for layer, keys_row in enumerate(step_keys):
             target = position + ahead
             if issuing[layer] and target <= last_target:
-                replay.run_layer(position, layer, key_rows[step][layer], target, listed_rows[step][layer],
-                                 None if probs_rows is None else probs_rows[step][layer])
+                run_layer(position, layer, keys_row, target, listed_rows[step][layer],
+                          None if probs_rows is None else probs_rows[step][layer])
             else:
-                replay.run_layer(position, layer, key_rows[step][layer], None, no_prefetch)
+                run_layer(position, layer, keys_row, None, no_prefetch)
             position += 1
         step_end_ms.append(replay.clock)
     return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(np.array(step_end_ms, dtype=np.float64), prepend=0.0)}

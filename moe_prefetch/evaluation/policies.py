@@ -18,6 +18,7 @@ eviction, and asked for the next victim outside a protected set:
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import math
 import random
@@ -89,7 +90,9 @@ class IssuedScores:
 
     def score(self, layer: int, expert: int) -> float:
         """The latest issued P(use) of `expert` at `layer` (NaN if none is issued yet or the expert is out of range)."""
-        step = min((self.visible - layer + self.lead) // self.layers, self.steps - 1)
+        step = (self.visible - layer + self.lead) // self.layers
+        if step >= self.steps:
+            step = self.steps - 1
         if step < 0 or expert >= self.experts:
             return math.nan
         return self.rows[step * self.layers + layer][expert]
@@ -101,10 +104,10 @@ class PoolScores:
 
     def __init__(self, issued: IssuedScores, layer: int | None, stride: int) -> None:
         self.issued, self.layer, self.stride = issued, layer, stride
+        if layer is not None:  # the key is the expert id: the issued score at this layer, without a call of our own
+            self.score = functools.partial(issued.score, layer)
 
     def score(self, key: int) -> float:
-        if self.layer is not None:
-            return self.issued.score(self.layer, key)
         return self.issued.score(key // self.stride, key % self.stride)
 
 
@@ -134,6 +137,15 @@ class EvictionPolicy:
     def on_evict(self, key: int) -> None:
         """`key` left the pool."""
         raise NotImplementedError
+
+    def replace(self, protected: Container[int], key: int, tick: int, is_use: bool) -> int | None:
+        """The pool is full: evict the victim outside `protected` and insert `key` in its place; returns the victim,
+        or None (nothing changes) if every resident key is protected."""
+        victim = self.victim(protected)
+        if victim is not None:
+            self.on_evict(victim)
+            self.on_insert(key, tick, is_use)
+        return victim
 
 
 EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("cache policy")
@@ -168,6 +180,15 @@ class LRUPolicy(_ResidentOrder):
         for key in self.order:  # O(|protected|) skips
             if key not in protected:
                 return key
+        return None
+
+    def replace(self, protected: Container[int], key: int, tick: int, is_use: bool) -> int | None:
+        order = self.order  # victim(), on_evict() and on_insert() in one call: the replay's commonest step
+        for victim in order:
+            if victim not in protected:
+                del order[victim]
+                order[key] = None
+                return victim
         return None
 
 
@@ -268,12 +289,18 @@ class PredictedPolicy(_ResidentOrder):
         self.scores = scores
 
     def victim(self, protected: Container[int]) -> int | None:
-        candidates = self.candidates(protected)  # least recent first
-        if not candidates:
-            return None
         if self.scores is None:
-            return candidates[0]
-        scored = [(self.scores.score(key), rank) for rank, key in enumerate(candidates)]
-        if any(math.isnan(score) for score, _ in scored):
-            return candidates[0]
-        return candidates[min(scored)[1]]  # lowest score, then the least recent
+            return LRUPolicy.victim(self, protected)
+        score = self.scores.score
+        least_recent = victim = lowest = None
+        for key in self.order:  # least recent first, so a strict < keeps the least recent among equal scores
+            if key in protected:
+                continue
+            if least_recent is None:
+                least_recent = key
+            key_score = score(key)
+            if math.isnan(key_score):
+                return least_recent
+            if lowest is None or key_score < lowest:
+                victim, lowest = key, key_score
+        return victim

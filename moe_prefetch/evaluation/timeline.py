@@ -31,15 +31,14 @@ class Pool:
     def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
         """Insert a non-resident key into the cache, evicting by policy outside `protected`; False if nothing can
         go."""
-        resident = self.resident
-        if len(resident) - len(self.staged) >= self.capacity:
-            victim = self.policy.victim(protected)
+        if len(self.resident) - len(self.staged) < self.capacity:
+            self.policy.on_insert(key, tick, is_use)
+        else:
+            victim = self.policy.replace(protected, key, tick, is_use)
             if victim is None:
                 return False
-            self.policy.on_evict(victim)
             self._leave(victim)
-        resident.add(key)
-        self.policy.on_insert(key, tick, is_use)
+        self.resident.add(key)
         return True
 
     def stage(self, key: int, protected: Container[int]) -> bool:
@@ -59,14 +58,14 @@ class Pool:
         """A staged key is used: move it into the cache (evicting by policy outside `protected`); it stays staged
         if nothing can go."""
         del self.staged[key]
-        if len(self.resident) - len(self.staged) - 1 >= self.capacity:
-            victim = self.policy.victim(protected)
+        if len(self.resident) - len(self.staged) - 1 < self.capacity:
+            self.policy.on_insert(key, tick, True)
+        else:
+            victim = self.policy.replace(protected, key, tick, True)
             if victim is None:
                 self.staged[key] = None
-                return
-            self.policy.on_evict(victim)
-            self._leave(victim)
-        self.policy.on_insert(key, tick, True)
+            else:
+                self._leave(victim)
 
     def _leave(self, key: int) -> None:
         """A key leaves the pool (evicted from the cache or the staging slots): wasted if it was prefetched and
@@ -165,16 +164,62 @@ class Replay:
             if self.queue:
                 self._withdraw(pool, position, keys)
         self.future.now += 1
-        on_cpu = self._use(pool, layer, keys)
+        counts, now = self.counts, self.clock
+        # 1. Uses: hits first, so a miss cannot evict a hit of this same step.
+        ready = now
+        missing = []
+        cpu_ms = self.cpu_expert_ms
+        on_time = late_on_cpu = 0
+        resident, staged, unused_prefetch, arrival_ms = pool.resident, pool.staged, pool.unused_prefetch, pool.arrival_ms
+        on_use, tick = pool.policy.on_use, self.tick
+        for key in keys:
+            if key not in resident:
+                missing.append(key)
+                continue
+            tick += 1
+            if staged and key in staged:
+                pool.promote(key, tick, keys)
+            else:
+                on_use(key, tick)
+            if key in unused_prefetch:
+                unused_prefetch.discard(key)
+                counts.prefetch_hits += 1
+            arrival = arrival_ms.pop(key, None)  # None: not a prefetch in flight, here already
+            if arrival is None or arrival <= now:
+                on_time += 1
+            elif cpu_ms is not None and arrival - now > cpu_ms:
+                # Sooner on the CPU than waiting: computed there (a miss); its transfer still lands.
+                arrival_ms[key] = arrival
+                late_on_cpu += 1
+            else:
+                counts.late_hits += 1
+                counts.late_wait_ms += arrival - now
+                if arrival > ready:
+                    ready = arrival
+        self.tick = tick
+        counts.on_time_hits += on_time
+        # 2. Misses: demand-loaded, or computed on the CPU where they are (nothing moves, nothing is cached).
+        on_cpu = late_on_cpu
+        if missing:
+            if cpu_ms is not None:
+                on_cpu += len(missing)
+            else:
+                loaded = self._demand_load(pool, keys, missing, now)
+                if loaded > ready:
+                    ready = loaded
+        if missing or on_cpu:
+            counts.misses_by_layer[layer] += len(missing) + late_on_cpu
+            counts.cpu_experts += on_cpu
+        self.clock = ready
         self.running, self.running_pool = keys, pool
         if self.issued is not None:
             self.issued.visible = position  # this layer's prediction step has passed
         if target is not None:
             if self.predictor_ms:
                 self.clock += self.predictor_ms  # 3. the predictor runs on the compute stream
-                self.counts.predictor_ms += self.predictor_ms
+                counts.predictor_ms += self.predictor_ms
             issue_ms = self.clock if self.overlap else self.clock + self.compute_ms
-            self._issue(target, target - position, listed_row, probs_row, issue_ms)
+            self._issue(target, target - position, listed_row, probs_row, issue_ms)  # 4. prefetch
         self.clock += self._compute(len(keys), on_cpu) if self.counted else self.compute_ms  # 5. compute
         if not self.overlap:
             self._start_prefetches(math.inf)
@@ -241,56 +286,6 @@ class Replay:
         self.tick += 1
         return pool.insert(key, self.tick, guard, False)
 
-    def _use(self, pool: Pool, layer: int, keys: dict[int, None]) -> int:
-        """1. hits (waiting for late ones), 2. misses; returns how many experts the CPU computes (the misses, when
-        they take the CPU path)."""
-        counts, now = self.counts, self.clock
-        ready = now
-        missing = []
-        cpu_ms = self.cpu_expert_ms
-        on_time = late_on_cpu = 0
-        resident, staged, unused_prefetch, arrival_ms = pool.resident, pool.staged, pool.unused_prefetch, pool.arrival_ms
-        on_use, tick = pool.policy.on_use, self.tick
-        for key in keys:  # hits first, so a miss cannot evict a hit of this same step
-            if key not in resident:
-                missing.append(key)
-                continue
-            tick += 1
-            if staged and key in staged:
-                pool.promote(key, tick, keys)
-            else:
-                on_use(key, tick)
-            if key in unused_prefetch:
-                unused_prefetch.discard(key)
-                counts.prefetch_hits += 1
-            arrival = arrival_ms.pop(key, None)  # None: not a prefetch in flight, here already
-            if arrival is None or arrival <= now:
-                on_time += 1
-            elif cpu_ms is not None and arrival - now > cpu_ms:
-                # Sooner on the CPU than waiting: computed there (a miss); its transfer still lands.
-                arrival_ms[key] = arrival
-                late_on_cpu += 1
-            else:
-                counts.late_hits += 1
-                counts.late_wait_ms += arrival - now
-                if arrival > ready:
-                    ready = arrival
-        self.tick = tick
-        counts.on_time_hits += on_time
-        on_cpu = late_on_cpu
-        if missing:
-            if cpu_ms is not None:
-                on_cpu += len(missing)  # computed where they are: nothing moves, nothing is cached
-            else:
-                loaded = self._demand_load(pool, keys, missing, now)
-                if loaded > ready:
-                    ready = loaded
-        if missing or on_cpu:
-            counts.misses_by_layer[layer] += len(missing) + late_on_cpu
-            counts.cpu_experts += on_cpu
-        self.clock = ready
-        return on_cpu
-
     def _withdraw(self, pool: Pool, position: int, keys: dict[int, None]) -> None:
         """Cancellation: withdraw every queued prefetch for `position` (a routed one becomes a miss, the others are
         cancelled)."""
@@ -332,9 +327,11 @@ class Replay:
                 in_flight.end_ms = end + (in_flight.end_ms - start)  # the rest of the prefetch after the demand loads
                 in_flight.pool.arrival_ms[in_flight.key] = self.link_free[link] = in_flight.end_ms
                 self.counts.preempted += 1
+        tick = self.tick
         for key in missing:
-            self.tick += 1
-            pool.insert(key, self.tick, protected, True)
+            tick += 1
+            pool.insert(key, tick, protected, True)
+        self.tick = tick
         return last
 
     def _demand_start(self, link: int, now: float, keys: dict[int, None]) -> float:
