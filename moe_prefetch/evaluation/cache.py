@@ -221,7 +221,7 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     pools = distinct if cache.per_layer else distinct * layers
     timing = Timing(cost.transfer_ms, cost.chunk_ms, cost.layer_compute_ms, cost.overlap_prefetch, predictor_ms,
                     cost.links, cost.expert_compute_share, k, cost.cpu_expert_ms if cost.miss_path == "cpu" else None,
-                    staging > 0)
+                    staging > 0, width)
     replay = Replay(pools, not cache.per_layer, timing, future, issued)
     # Python lists of pool keys (-1 = none): per-element numpy indexing would dominate the loop. A listed expert is
     # keyed in its target layer's pool, (layer + ahead) % L.

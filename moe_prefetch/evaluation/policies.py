@@ -34,14 +34,17 @@ class FutureUses:
     """When every key is used: key -> sorted positions step * L + layer, and the position the replay is at (`now`)."""
 
     def __init__(self, routed: np.ndarray, offsets: Sequence[int]) -> None:
-        layers = routed.shape[1]
-        step, layer, slot = np.nonzero(routed >= 0)  # row-major: positions come out sorted
-        keys = routed[step, layer, slot] + np.asarray(offsets, dtype=np.int64)[layer]
-        positions = step * layers + layer
-        order = np.argsort(keys, kind="stable")
-        keys, positions = keys[order], positions[order]
-        bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True]) if keys.size else np.zeros(1, dtype=np.int64)
-        self.positions = {int(keys[start]): positions[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:])}
+        layers, width = routed.shape[1:]
+        flat = routed.reshape(-1)
+        used = np.flatnonzero(flat >= 0)  # row-major: positions come out sorted
+        positions = used // width if width else used  # step * L + layer
+        keys = flat[used] + np.asarray(offsets, dtype=np.int64)[positions % layers]
+        # A stable sort keeps each key's positions in order; on keys as narrow as they fit, numpy's radix sort.
+        order = np.argsort(keys.astype(np.min_scalar_type(int(keys.max(initial=0)))), kind="stable")
+        keys, positions = keys[order], positions[order].tolist()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]).tolist() if keys.size else []
+        self.positions = {key: positions[start:end]
+                          for key, start, end in zip(keys[starts].tolist(), starts, starts[1:] + [len(positions)])}
         self.now = -1
 
     def next_use(self, key: int) -> float:

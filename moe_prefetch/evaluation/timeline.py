@@ -122,6 +122,7 @@ class Timing:
     experts_per_token: int = 1
     cpu_expert_ms: float | None = None  # None: misses are transferred; else computed on the CPU
     staging: bool = False  # prefetches land in the staging slots
+    width: int = 0  # the most distinct experts a layer runs (routed's width)
 
 
 class Replay:
@@ -136,6 +137,9 @@ class Replay:
         self.cpu_expert_ms, self.staging = timing.cpu_expert_ms, timing.staging
         # Layers computing layer_compute_ms whatever they run need no per-layer sum (cache.py takes the product).
         self.counted = timing.expert_compute_share > 0.0 or timing.cpu_expert_ms is not None
+        # 5. a layer's GPU compute by the distinct experts it runs (0 .. width), each computed once.
+        share, k = timing.expert_compute_share, timing.experts_per_token
+        self.scaled_ms = [self.compute_ms * ((1.0 - share) + share * distinct / k) for distinct in range(timing.width + 1)]
         # A miss costs the layer its transfer (demand load) or its CPU time: what a prefetch hit saves.
         self.miss_ms = timing.transfer_ms if timing.cpu_expert_ms is None else timing.cpu_expert_ms
         self.future, self.issued = future, issued
@@ -220,22 +224,23 @@ class Replay:
                 counts.predictor_ms += self.predictor_ms
             issue_ms = self.clock if self.overlap else self.clock + self.compute_ms
             self._issue(target, target - position, listed_row, probs_row, issue_ms)  # 4. prefetch
-        self.clock += self._compute(len(keys), on_cpu) if self.counted else self.compute_ms  # 5. compute
+        if not self.counted:  # 5. compute
+            self.clock += self.compute_ms
+        elif on_cpu:
+            self.clock += self._beside_cpu(len(keys), on_cpu)
+        else:
+            resident_ms = self.scaled_ms[len(keys)]
+            counts.compute_ms += resident_ms
+            self.clock += resident_ms
         if not self.overlap:
             self._start_prefetches(math.inf)
             self.clock = max(self.clock, *self.link_free)
 
-    def _compute(self, distinct: int, on_cpu: int) -> float:
-        """5. the layer's compute: scaled by its distinct experts, and in parallel with the CPU's when it computes
-        `on_cpu` of them (sums the all-resident GPU compute in counts.compute_ms)."""
-        timing = self.timing
-        share, k = timing.expert_compute_share, timing.experts_per_token
-        resident = self.compute_ms * ((1.0 - share) + share * distinct / k)
-        self.counts.compute_ms += resident
-        if not on_cpu:
-            return resident
-        gpu = self.compute_ms * ((1.0 - share) + share * (distinct - on_cpu) / k)
-        return max(gpu, on_cpu * timing.cpu_expert_ms)
+    def _beside_cpu(self, distinct: int, on_cpu: int) -> float:
+        """5. the compute of a layer whose CPU computes `on_cpu` of its `distinct` experts: the GPU's share in
+        parallel with the CPU's (sums the all-resident GPU compute in counts.compute_ms)."""
+        self.counts.compute_ms += self.scaled_ms[distinct]
+        return max(self.scaled_ms[distinct - on_cpu], on_cpu * self.cpu_expert_ms)
 
     def _free_link(self) -> int:
         """The link that frees up first (the lowest index among ties)."""
