@@ -225,11 +225,10 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     replay = Replay(pools, not cache.per_layer, timing, future, issued)
     # Python lists of pool keys (-1 = none): per-element numpy indexing would dominate the loop. A listed expert is
     # keyed in its target layer's pool, (layer + ahead) % L.
-    key_rows = np.where(routed >= 0, routed + offsets[:, None], -1).tolist()
+    key_rows = _pool_keys(routed, offsets)
     listed_rows = probs_rows = None
     if prefetch is not None:
-        target_offsets = np.roll(offsets, -ahead)[:, None]  # (L, 1) the offset of each layer's target pool
-        listed_rows = np.where(prefetch >= 0, prefetch + target_offsets, -1).tolist()
+        listed_rows = _pool_keys(prefetch, np.roll(offsets, -ahead))
         probs_rows = prefetch_probs.tolist() if prefetch_probs is not None else None
     # The layers that issue: every one with an int lead (until the targets pass the last step), else those whose
     # target layer l + horizon exists.
@@ -249,6 +248,13 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
             position += 1
         step_end_ms.append(replay.clock)
     return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(np.array(step_end_ms, dtype=np.float64), prepend=0.0)}
+
+
+def _pool_keys(experts: np.ndarray, offsets: np.ndarray) -> list[list[list[int]]]:
+    """(T, L, w) expert ids (-1 = none) as nested lists of pool keys: the id + offsets[l] (-1 stays -1)."""
+    if not offsets.any():  # per-layer pools: the keys are the ids
+        return experts.tolist()
+    return np.where(experts >= 0, experts + offsets[:, None], -1).tolist()
 
 
 def _summary(replay: Replay, distinct_pools: list[Pool], steps: int, cost: CostModel) -> dict[str, float | list[int]]:
