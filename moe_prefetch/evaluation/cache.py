@@ -222,7 +222,6 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     timing = Timing(cost.transfer_ms, cost.chunk_ms, cost.layer_compute_ms, cost.overlap_prefetch, predictor_ms,
                     cost.links, cost.expert_compute_share, k, cost.cpu_expert_ms if cost.miss_path == "cpu" else None,
                     staging > 0, width)
-    replay = Replay(pools, not cache.per_layer, timing, future, issued)
     # Python lists of pool keys (-1 = none): per-element numpy indexing would dominate the loop. A listed expert is
     # keyed in its target layer's pool, (layer + ahead) % L.
     key_rows = _pool_keys(routed, offsets)
@@ -233,19 +232,11 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     # The layers that issue: every one with an int lead (until the targets pass the last step), else those whose
     # target layer l + horizon exists.
     issuing = [prefetch is not None and (lead is not None or layer + horizon < layers) for layer in range(layers)]
-    last_target = steps * layers - 1
-    no_prefetch: list[int] = []
+    replay = Replay(pools, not cache.per_layer, timing, future, issued, ahead, issuing, steps * layers - 1)
     step_end_ms = []
-    run_layer, position = replay.run_layer, 0
-    for step, step_keys in enumerate(key_rows):
-        for layer, keys_row in enumerate(step_keys):
-            target = position + ahead
-            if issuing[layer] and target <= last_target:
-                run_layer(position, layer, keys_row, target, listed_rows[step][layer],
-                          None if probs_rows is None else probs_rows[step][layer])
-            else:
-                run_layer(position, layer, keys_row, None, no_prefetch)
-            position += 1
+    for step, keys_rows in enumerate(key_rows):
+        replay.run_step(step * layers, keys_rows, None if listed_rows is None else listed_rows[step],
+                        None if probs_rows is None else probs_rows[step])
         step_end_ms.append(replay.clock)
     return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(np.array(step_end_ms, dtype=np.float64), prepend=0.0)}
 

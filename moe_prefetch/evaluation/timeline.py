@@ -126,12 +126,15 @@ class Timing:
 
 
 class Replay:
-    """Clock, links and counters of one replay; run_layer applies steps 1-5 of cache.py's module docstring. Keys are
-    pool keys throughout (an expert id in a per-layer pool, layer * stride + expert in a shared one; -1 = none)."""
+    """Clock, links and counters of one replay; run_step applies steps 1-5 of cache.py's module docstring to each
+    layer of a step. Keys are pool keys throughout (an expert id in a per-layer pool, layer * stride + expert in a
+    shared one; -1 = none). A prefetch issued at position p targets p + ahead; layer l issues if issuing[l] and the
+    target is at most last_target."""
 
     def __init__(self, pools: list[Pool], shared: bool, timing: Timing, future: FutureUses,
-                 issued: IssuedScores | None = None) -> None:
+                 issued: IssuedScores | None, ahead: int, issuing: list[bool], last_target: int) -> None:
         self.pools, self.shared, self.timing = pools, shared, timing
+        self.ahead, self.issuing, self.last_target = ahead, issuing, last_target
         self.transfer_ms, self.chunk_ms = timing.transfer_ms, timing.chunk_ms
         self.compute_ms, self.overlap, self.predictor_ms = timing.compute_ms, timing.overlap, timing.predictor_ms
         self.cpu_expert_ms, self.staging = timing.cpu_expert_ms, timing.staging
@@ -154,87 +157,94 @@ class Replay:
         self.tick = 0  # event counter handed to the eviction policy (recency)
         self.counts = Counters(misses_by_layer=[0] * len(pools))
 
-    def run_layer(self, position: int, layer: int, keys_row: list[int], target: int | None,
-                  listed_row: list[int], probs_row: list[float] | None = None) -> None:
-        """Run layer `layer` (at `position` = step * L + layer) on the keys of keys_row; queue listed_row's keys
-        (keys of the target layer's pool) for position `target` unless target is None, each gated by its
-        probability in probs_row when given."""
-        # A dict keeps first-seen order and doubles as the protected set (O(1) membership).
-        keys = dict.fromkeys(keys_row)
-        keys.pop(-1, None)
-        pool = self.pools[layer]
-        if self.queue:
-            self._start_prefetches(self.clock)
+    def run_step(self, position: int, keys_rows: list[list[int]], listed_rows: list[list[int]] | None,
+                 probs_rows: list[list[float]] | None) -> None:
+        """Run the layers of one step, the first at `position` (step * L): layer l uses the keys of keys_rows[l]
+        and, where it issues, queues listed_rows[l] (keys of its target's pool; None: no prefetch plan), each gated
+        by its probability in probs_rows[l] when given. The replay's hot loop: what a step does not change is read
+        once, and the clock is a local (the helpers are handed the time they need)."""
+        pools, counts, future, issued, issuing = self.pools, self.counts, self.future, self.issued, self.issuing
+        ahead, last_target, overlap, predictor_ms = self.ahead, self.last_target, self.overlap, self.predictor_ms
+        cpu_ms, counted, compute_ms, scaled_ms = self.cpu_expert_ms, self.counted, self.compute_ms, self.scaled_ms
+        clock = self.clock
+        for layer, keys_row in enumerate(keys_rows):
+            # A dict keeps first-seen order and doubles as the protected set (O(1) membership).
+            keys = dict.fromkeys(keys_row)
+            keys.pop(-1, None)
+            pool = pools[layer]
             if self.queue:
-                self._withdraw(pool, position, keys)
-        self.future.now += 1
-        counts, now = self.counts, self.clock
-        # 1. Uses: hits first, so a miss cannot evict a hit of this same step.
-        ready = now
-        missing = []
-        cpu_ms = self.cpu_expert_ms
-        on_time = late_on_cpu = 0
-        resident, staged, unused_prefetch, arrival_ms = pool.resident, pool.staged, pool.unused_prefetch, pool.arrival_ms
-        on_use, tick = pool.policy.on_use, self.tick
-        for key in keys:
-            if key not in resident:
-                missing.append(key)
-                continue
-            tick += 1
-            if staged and key in staged:
-                pool.promote(key, tick, keys)
+                self._start_prefetches(clock)
+                if self.queue:
+                    self._withdraw(pool, position, keys)
+            future.now += 1
+            # 1. Uses: hits first, so a miss cannot evict a hit of this same step.
+            now = ready = clock
+            missing = []
+            on_time = late_on_cpu = 0
+            resident, staged, unused_prefetch, arrival_ms = pool.resident, pool.staged, pool.unused_prefetch, pool.arrival_ms
+            on_use, tick = pool.policy.on_use, self.tick
+            for key in keys:
+                if key not in resident:
+                    missing.append(key)
+                    continue
+                tick += 1
+                if staged and key in staged:
+                    pool.promote(key, tick, keys)
+                else:
+                    on_use(key, tick)
+                if key in unused_prefetch:
+                    unused_prefetch.discard(key)
+                    counts.prefetch_hits += 1
+                arrival = arrival_ms.pop(key, None)  # None: not a prefetch in flight, here already
+                if arrival is None or arrival <= now:
+                    on_time += 1
+                elif cpu_ms is not None and arrival - now > cpu_ms:
+                    # Sooner on the CPU than waiting: computed there (a miss); its transfer still lands.
+                    arrival_ms[key] = arrival
+                    late_on_cpu += 1
+                else:
+                    counts.late_hits += 1
+                    counts.late_wait_ms += arrival - now
+                    if arrival > ready:
+                        ready = arrival
+            self.tick = tick
+            counts.on_time_hits += on_time
+            # 2. Misses: demand-loaded, or computed on the CPU where they are (nothing moves, nothing is cached).
+            on_cpu = late_on_cpu
+            if missing:
+                if cpu_ms is not None:
+                    on_cpu += len(missing)
+                else:
+                    loaded = self._demand_load(pool, keys, missing, now)
+                    if loaded > ready:
+                        ready = loaded
+            if missing or on_cpu:
+                counts.misses_by_layer[layer] += len(missing) + late_on_cpu
+                counts.cpu_experts += on_cpu
+            clock = ready
+            self.running, self.running_pool = keys, pool
+            if issued is not None:
+                issued.visible = position  # this layer's prediction step has passed
+            target = position + ahead
+            if issuing[layer] and target <= last_target:
+                if predictor_ms:
+                    clock += predictor_ms  # 3. the predictor runs on the compute stream
+                    counts.predictor_ms += predictor_ms
+                self._issue(target, ahead, listed_rows[layer], None if probs_rows is None else probs_rows[layer],
+                            clock if overlap else clock + compute_ms)  # 4. prefetch
+            if not counted:  # 5. compute
+                clock += compute_ms
+            elif on_cpu:
+                clock += self._beside_cpu(len(keys), on_cpu)
             else:
-                on_use(key, tick)
-            if key in unused_prefetch:
-                unused_prefetch.discard(key)
-                counts.prefetch_hits += 1
-            arrival = arrival_ms.pop(key, None)  # None: not a prefetch in flight, here already
-            if arrival is None or arrival <= now:
-                on_time += 1
-            elif cpu_ms is not None and arrival - now > cpu_ms:
-                # Sooner on the CPU than waiting: computed there (a miss); its transfer still lands.
-                arrival_ms[key] = arrival
-                late_on_cpu += 1
-            else:
-                counts.late_hits += 1
-                counts.late_wait_ms += arrival - now
-                if arrival > ready:
-                    ready = arrival
-        self.tick = tick
-        counts.on_time_hits += on_time
-        # 2. Misses: demand-loaded, or computed on the CPU where they are (nothing moves, nothing is cached).
-        on_cpu = late_on_cpu
-        if missing:
-            if cpu_ms is not None:
-                on_cpu += len(missing)
-            else:
-                loaded = self._demand_load(pool, keys, missing, now)
-                if loaded > ready:
-                    ready = loaded
-        if missing or on_cpu:
-            counts.misses_by_layer[layer] += len(missing) + late_on_cpu
-            counts.cpu_experts += on_cpu
-        self.clock = ready
-        self.running, self.running_pool = keys, pool
-        if self.issued is not None:
-            self.issued.visible = position  # this layer's prediction step has passed
-        if target is not None:
-            if self.predictor_ms:
-                self.clock += self.predictor_ms  # 3. the predictor runs on the compute stream
-                counts.predictor_ms += self.predictor_ms
-            issue_ms = self.clock if self.overlap else self.clock + self.compute_ms
-            self._issue(target, target - position, listed_row, probs_row, issue_ms)  # 4. prefetch
-        if not self.counted:  # 5. compute
-            self.clock += self.compute_ms
-        elif on_cpu:
-            self.clock += self._beside_cpu(len(keys), on_cpu)
-        else:
-            resident_ms = self.scaled_ms[len(keys)]
-            counts.compute_ms += resident_ms
-            self.clock += resident_ms
-        if not self.overlap:
-            self._start_prefetches(math.inf)
-            self.clock = max(self.clock, *self.link_free)
+                resident_ms = scaled_ms[len(keys)]
+                counts.compute_ms += resident_ms
+                clock += resident_ms
+            if not overlap:
+                self._start_prefetches(math.inf)
+                clock = max(clock, *self.link_free)
+            position += 1
+        self.clock = clock
 
     def _beside_cpu(self, distinct: int, on_cpu: int) -> float:
         """5. the compute of a layer whose CPU computes `on_cpu` of its `distinct` experts: the GPU's share in
