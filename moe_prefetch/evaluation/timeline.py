@@ -151,7 +151,8 @@ class Replay:
         self.single_link = timing.links == 1
         self.link_free = [0.0] * timing.links  # when each link finishes its transfer in flight (or demand loads)
         self.in_flight: list[Prefetch | None] = [None] * timing.links  # each link's last prefetch started
-        self.queue: list[Prefetch] = []  # prefetches not started, in issue order
+        # Prefetches not started, in issue order, hence in target order (each targets its issue position + ahead).
+        self.queue: list[Prefetch] = []
         self.running: dict[int, None] = {}  # keys of the layer computing now (its pool protects them)
         self.running_pool: Pool | None = None  # the pool of the layer computing now
         self.tick = 0  # event counter handed to the eviction policy (recency)
@@ -166,15 +167,15 @@ class Replay:
         pools, counts, future, issued, issuing = self.pools, self.counts, self.future, self.issued, self.issuing
         ahead, last_target, overlap, predictor_ms = self.ahead, self.last_target, self.overlap, self.predictor_ms
         cpu_ms, counted, compute_ms, scaled_ms = self.cpu_expert_ms, self.counted, self.compute_ms, self.scaled_ms
-        clock = self.clock
+        clock, queue = self.clock, self.queue
         for layer, keys_row in enumerate(keys_rows):
             # A dict keeps first-seen order and doubles as the protected set (O(1) membership).
             keys = dict.fromkeys(keys_row)
             keys.pop(-1, None)
             pool = pools[layer]
-            if self.queue:
+            if queue:
                 self._start_prefetches(clock)
-                if self.queue:
+                if queue and queue[0].target == position:
                     self._withdraw(pool, position, keys)
             future.now += 1
             # 1. Uses: hits first, so a miss cannot evict a hit of this same step.
@@ -302,14 +303,13 @@ class Replay:
         return pool.insert(key, self.tick, guard, False)
 
     def _withdraw(self, pool: Pool, position: int, keys: dict[int, None]) -> None:
-        """Cancellation: withdraw every queued prefetch for `position` (a routed one becomes a miss, the others are
-        cancelled)."""
-        withdrawn = [prefetch for prefetch in self.queue if prefetch.target == position]
-        if withdrawn:
-            self.queue = [prefetch for prefetch in self.queue if prefetch.target != position]
-            for prefetch in withdrawn:
-                pool.queued.discard(prefetch.key)
-                self.counts.cancelled += prefetch.key not in keys
+        """Cancellation: withdraw every queued prefetch for `position`, the head of the queue (a routed one becomes a
+        miss, the others are cancelled)."""
+        queue = self.queue
+        while queue and queue[0].target == position:
+            prefetch = queue.pop(0)
+            pool.queued.discard(prefetch.key)
+            self.counts.cancelled += prefetch.key not in keys
 
     def _demand_load(self, pool: Pool, keys: dict[int, None], missing: list[int], now: float) -> float:
         """Load `missing` at `now` ahead of every queued prefetch, each on the link that can start it first
