@@ -174,6 +174,13 @@ class _ResidentOrder(EvictionPolicy):
     def candidates(self, protected: Container[int]) -> list[int]:
         return [key for key in self.order if key not in protected]
 
+    def replace(self, protected: Container[int], key: int, tick: int, is_use: bool) -> int | None:
+        victim = self.victim(protected)  # on_evict() and on_insert() of the order, without their calls
+        if victim is not None:
+            del self.order[victim]
+            self.order[key] = None
+        return victim
+
 
 @EVICTION_POLICIES.register("lru")
 class LRUPolicy(_ResidentOrder):
@@ -272,11 +279,11 @@ class BeladyPolicy(_ResidentOrder):
 
     def victim(self, protected: Container[int]) -> int | None:
         positions, now = self.future.positions, self.future.now
-        victim, farthest = None, None
+        victim, farthest = None, -math.inf
         for key in self.order:
             if key not in protected:
-                use = (next_after(positions.get(key, ()), now), -key)  # the farthest next use, then the lower key
-                if farthest is None or use > farthest:
+                use = next_after(positions.get(key, ()), now)
+                if use > farthest or (use == farthest and key < victim):  # the farthest next use, then the lower key
                     victim, farthest = key, use
         return victim
 
