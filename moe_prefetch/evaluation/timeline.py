@@ -317,23 +317,17 @@ class Replay:
         arrives."""
         transfer_ms = self.transfer_ms
         if self.single_link:
-            starts, loads = [self._demand_start(0, now, keys)], [len(missing)]
-        else:  # greedy: each miss on the link that is free first
-            starts = [self._demand_start(link, now, keys) for link in self.links]
-            loads, free = [0] * len(starts), list(starts)
-            for _ in missing:
-                link = min(self.links, key=free.__getitem__)
-                loads[link] += 1
-                free[link] += transfer_ms
+            loads = ((0, self._demand_start(0, now, keys), len(missing)),)
+        else:
+            loads = self._spread(len(missing), now, keys)
         last = now
         protected = keys
-        for link, count in enumerate(loads):
+        for link, start, count in loads:
             in_flight = self.in_flight[link]
             if in_flight is not None and in_flight.end_ms > now and in_flight.pool is pool:
                 protected = protected | {in_flight.key: None}
             if not count:
                 continue
-            start = starts[link]
             end = start + count * transfer_ms
             last = end if end > last else last
             self.link_free[link] = end
@@ -348,6 +342,16 @@ class Replay:
             pool.insert(key, tick, protected, True)
         self.tick = tick
         return last
+
+    def _spread(self, misses: int, now: float, keys: dict[int, None]) -> list[tuple[int, float, int]]:
+        """(link, start, count) of each link: greedily, each miss on the link that is free first."""
+        starts = [self._demand_start(link, now, keys) for link in self.links]
+        loads, free = [0] * len(starts), list(starts)
+        for _ in range(misses):
+            link = min(self.links, key=free.__getitem__)
+            loads[link] += 1
+            free[link] += self.transfer_ms
+        return list(zip(self.links, starts, loads))
 
     def _demand_start(self, link: int, now: float, keys: dict[int, None]) -> float:
         """When a demand load at `now` can start on `link`: after its transfer in flight, or at that prefetch's next
