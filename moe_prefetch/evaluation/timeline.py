@@ -22,6 +22,9 @@ class Pool:
         self.staging_slots = staging_slots
         self.scores = scores  # the issued predictions as this pool keys them, or None
         self.resident: set[int] = set()  # every key held, cached or staged
+        # Keys in the cache slots. Only an insertion into a free slot changes it: an eviction always makes room for
+        # the key that replaces it.
+        self.cached = 0
         self.staged: dict[int, None] = {}  # staged keys, oldest first
         self.queued: set[int] = set()  # keys with a prefetch queued, not started
         self.unused_prefetch: set[int] = set()  # prefetched keys not used yet
@@ -31,7 +34,8 @@ class Pool:
     def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
         """Insert a non-resident key into the cache, evicting by policy outside `protected`; False if nothing can
         go."""
-        if len(self.resident) - len(self.staged) < self.capacity:
+        if self.cached < self.capacity:
+            self.cached += 1
             self.policy.on_insert(key, tick, is_use)
         else:
             victim = self.policy.replace(protected, key, tick, is_use)
@@ -58,7 +62,8 @@ class Pool:
         """A staged key is used: move it into the cache (evicting by policy outside `protected`); it stays staged
         if nothing can go."""
         del self.staged[key]
-        if len(self.resident) - len(self.staged) - 1 < self.capacity:
+        if self.cached < self.capacity:
+            self.cached += 1
             self.policy.on_insert(key, tick, True)
         else:
             victim = self.policy.replace(protected, key, tick, True)
@@ -135,6 +140,7 @@ class Replay:
                  issued: IssuedScores | None, ahead: int, issuing: list[bool], last_target: int) -> None:
         self.pools, self.shared, self.timing = pools, shared, timing
         self.ahead, self.issuing, self.last_target = ahead, issuing, last_target
+        self.target_pools = [pools[(layer + ahead) % len(pools)] for layer in range(len(pools))]  # where each issues
         self.transfer_ms, self.chunk_ms = timing.transfer_ms, timing.chunk_ms
         self.compute_ms, self.overlap, self.predictor_ms = timing.compute_ms, timing.overlap, timing.predictor_ms
         self.cpu_expert_ms, self.staging = timing.cpu_expert_ms, timing.staging
@@ -165,6 +171,7 @@ class Replay:
         by its probability in probs_rows[l] when given. The replay's hot loop: what a step does not change is read
         once, and the clock is a local (the helpers are handed the time they need)."""
         pools, counts, future, issued, issuing = self.pools, self.counts, self.future, self.issued, self.issuing
+        target_pools = self.target_pools
         ahead, last_target, overlap, predictor_ms = self.ahead, self.last_target, self.overlap, self.predictor_ms
         cpu_ms, counted, compute_ms, scaled_ms = self.cpu_expert_ms, self.counted, self.compute_ms, self.scaled_ms
         clock, queue = self.clock, self.queue
@@ -231,7 +238,8 @@ class Replay:
                 if predictor_ms:
                     clock += predictor_ms  # 3. the predictor runs on the compute stream
                     counts.predictor_ms += predictor_ms
-                self._issue(target, ahead, listed_rows[layer], None if probs_rows is None else probs_rows[layer],
+                self._issue(target_pools[layer], target, listed_rows[layer],
+                            None if probs_rows is None else probs_rows[layer],
                             clock if overlap else clock + compute_ms)  # 4. prefetch
             if not counted:  # 5. compute
                 clock += compute_ms
@@ -364,11 +372,10 @@ class Replay:
             start = max(now, min(in_flight.end_ms, in_flight.start_ms + chunks_done * self.chunk_ms))
         return start
 
-    def _issue(self, target: int, lead: int, listed_row: list[int], probs_row: list[float] | None,
+    def _issue(self, pool: Pool, target: int, listed_row: list[int], probs_row: list[float] | None,
                issue_ms: float) -> None:
-        """4. queue the listed keys the target pool neither holds nor has queued (those the gate lets through, when
-        probs_row is given)."""
-        pool = self.pools[target % len(self.pools)]
+        """4. queue for position `target` the listed keys its pool neither holds nor has queued (those the gate lets
+        through, when probs_row is given)."""
         listed = dict.fromkeys(listed_row)
         listed.pop(-1, None)
         probability = None
@@ -381,19 +388,19 @@ class Replay:
         for key in listed:
             if key in resident or key in queued:
                 continue
-            if probability is not None and not self._worth_it(pool, key, probability[key], lead, listed, issue_ms):
+            if probability is not None and not self._worth_it(pool, key, probability[key], listed, issue_ms):
                 self.counts.gated_out += 1
                 continue
             queued.add(key)
             self.queue.append(Prefetch(pool, key, target, issue_ms, listed))
 
-    def _worth_it(self, pool: Pool, key: int, p: float, lead: int, listed: dict[int, None], issue_ms: float) -> bool:
+    def _worth_it(self, pool: Pool, key: int, p: float, listed: dict[int, None], issue_ms: float) -> bool:
         """The per-expert gate (cache.py's docstring, rule G): p * saving > (1 - p) * cost at issue time."""
         if not p > 0.0:  # NaN (no probability) or 0: never worth a transfer
             return False
         backlog = sum(max(0.0, free - issue_ms) for free in self.link_free) + len(self.queue) * self.transfer_ms
         arrival = issue_ms + backlog / len(self.link_free) + self.transfer_ms
-        lateness = max(0.0, arrival - (issue_ms + lead * self.compute_ms))
+        lateness = max(0.0, arrival - (issue_ms + self.ahead * self.compute_ms))
         saving = max(0.0, self.miss_ms - lateness)
         demand_delay = self.chunk_ms if self.chunk_ms > 0 else self.transfer_ms
         return p * saving > (1.0 - p) * (demand_delay + self._eviction_loss(pool, listed))
@@ -406,7 +413,7 @@ class Replay:
                 return 0.0
             victim = next((staged for staged in pool.staged if staged not in listed), None)
         else:
-            if len(pool.resident) - len(pool.staged) < pool.capacity:
+            if pool.cached < pool.capacity:
                 return 0.0
             victim = pool.policy.victim(listed | self.running if self.shared else listed)
         if victim is None:
