@@ -81,7 +81,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_prefetch.evaluation.policies import EVICTION_POLICIES, FutureUses, IssuedScores, PoolFuture, PoolScores
-from moe_prefetch.evaluation.timeline import Pool, Replay, Timing
+from moe_prefetch.evaluation.pools import Pool
+from moe_prefetch.evaluation.timeline import Replay, Timing
 
 __all__ = ["EVICTION_POLICIES", "MISS_PATHS", "PREFETCH_TARGETS", "CacheConfig", "CostModel", "ideal_time_ms",
            "ideal_share", "oracle_prefetch", "simulate", "speedup"]

@@ -282,7 +282,9 @@ class BeladyPolicy(_ResidentOrder):
         victim, farthest = None, -math.inf
         for key in self.order:
             if key not in protected:
-                use = next_after(positions.get(key, ()), now)
+                uses = positions.get(key, ())
+                index = bisect.bisect_right(uses, now)  # next_after(uses, now), inlined in the replay's hot loop
+                use = uses[index] if index < len(uses) else math.inf
                 if use > farthest or (use == farthest and key < victim):  # the farthest next use, then the lower key
                     victim, farthest = key, use
         return victim
