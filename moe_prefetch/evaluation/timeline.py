@@ -67,7 +67,7 @@ class Replay:
 
     def __init__(self, pools: list[Pool], shared: bool, timing: Timing, future: FutureUses,
                  issued: IssuedScores | None, ahead: int, issuing: list[bool], last_target: int) -> None:
-        self.pools, self.shared, self.timing = pools, shared, timing
+        self.pools, self.shared = pools, shared
         self.ahead, self.issuing, self.last_target = ahead, issuing, last_target
         self.target_pools = [pools[(layer + ahead) % len(pools)] for layer in range(len(pools))]  # where each issues
         self.transfer_ms, self.chunk_ms = timing.transfer_ms, timing.chunk_ms
@@ -191,8 +191,8 @@ class Replay:
         return max(self.scaled_ms[distinct - on_cpu], on_cpu * self.cpu_expert_ms)
 
     def _free_link(self) -> int:
-        """The link that frees up first (the lowest index among ties)."""
-        return 0 if self.single_link else min(self.links, key=self.link_free.__getitem__)
+        """Of several links, the one that frees up first (the lowest index among ties)."""
+        return min(self.links, key=self.link_free.__getitem__)
 
     def _start_prefetches(self, now: float) -> None:
         """Start, in issue order, every queued prefetch a link can begin before `now` (a demand load at `now` goes
