@@ -11,18 +11,19 @@ from moe_prefetch.evaluation.policies import FutureUses, IssuedScores
 from moe_prefetch.evaluation.pools import Pool
 
 
-@dataclass(slots=True)
 class Prefetch:
     """One prefetch on the link: queued at `issue_ms` for position `target` (step * L + layer), then in flight from
-    start_ms to end_ms."""
+    start_ms to end_ms (set when it starts)."""
 
-    pool: Pool
-    key: int
-    target: int
-    issue_ms: float
-    listed: dict[int, None]  # the keys issued with it (it may not evict them)
-    start_ms: float = math.nan
-    end_ms: float = math.nan
+    __slots__ = ("pool", "key", "target", "issue_ms", "listed", "start_ms", "end_ms")
+
+    def __init__(self, pool: Pool, key: int, target: int, issue_ms: float, listed: dict[int, None]) -> None:
+        self.pool = pool
+        self.key = key
+        self.target = target
+        self.issue_ms = issue_ms
+        self.listed = listed  # the keys issued with it (it may not evict them)
+        # start_ms and end_ms (float) are set when it starts.
 
 
 @dataclass
@@ -313,7 +314,7 @@ class Replay:
             for key, p in zip(listed_row, probs_row):
                 if key >= 0:
                     probability.setdefault(key, p)
-        resident, queued = pool.resident, pool.queued
+        resident, queued, queue = pool.resident, pool.queued, self.queue
         for key in listed:
             if key in resident or key in queued:
                 continue
@@ -321,7 +322,7 @@ class Replay:
                 self.counts.gated_out += 1
                 continue
             queued.add(key)
-            self.queue.append(Prefetch(pool, key, target, issue_ms, listed))
+            queue.append(Prefetch(pool, key, target, issue_ms, listed))
 
     def _worth_it(self, pool: Pool, key: int, p: float, listed: dict[int, None], issue_ms: float) -> bool:
         """The per-expert gate (cache.py's docstring, rule G): p * saving > (1 - p) * cost at issue time."""
