@@ -81,7 +81,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_prefetch.evaluation.policies import EVICTION_POLICIES, FutureUses, IssuedScores, PoolFuture, PoolScores
-from moe_prefetch.evaluation.timeline import Pool, Replay, Timing
+from moe_prefetch.evaluation.pools import Pool
+from moe_prefetch.evaluation.timeline import Replay, Timing
 
 __all__ = ["EVICTION_POLICIES", "MISS_PATHS", "PREFETCH_TARGETS", "CacheConfig", "CostModel", "ideal_time_ms",
            "ideal_share", "oracle_prefetch", "simulate", "speedup"]
@@ -206,9 +207,10 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     # (layer, expert) as layer * stride + expert: the keys of a shared pool, and of the future uses in both modes.
     stride = 1 + max(int(routed.max(initial=-1)), -1 if prefetch is None else int(prefetch.max(initial=-1)))
     layer_keys = [layer * stride for layer in range(layers)]
-    offsets = [0] * layers if cache.per_layer else layer_keys
+    offsets = np.zeros(layers, dtype=np.int64) if cache.per_layer else np.asarray(layer_keys, dtype=np.int64)
     future = FutureUses(routed, layer_keys)
-    issued = None if use_scores is None else IssuedScores(use_scores, horizon if lead is None else lead)
+    ahead = horizon if lead is None else lead  # a prefetch targets the position `ahead` after the one issuing it
+    issued = None if use_scores is None else IssuedScores(use_scores, ahead)
     policy = EVICTION_POLICIES[cache.policy]
     staging = cache.staging(prefetch is not None)
     distinct = []
@@ -220,28 +222,31 @@ def simulate(routed: np.ndarray, prefetch: np.ndarray | None, cache: CacheConfig
     pools = distinct if cache.per_layer else distinct * layers
     timing = Timing(cost.transfer_ms, cost.chunk_ms, cost.layer_compute_ms, cost.overlap_prefetch, predictor_ms,
                     cost.links, cost.expert_compute_share, k, cost.cpu_expert_ms if cost.miss_path == "cpu" else None,
-                    staging > 0)
-    replay = Replay(pools, offsets, not cache.per_layer, timing, future, issued)
-    routed_rows = routed.tolist()  # Python lists: per-element numpy indexing would dominate the loop
-    prefetch_rows = prefetch.tolist() if prefetch is not None else None
-    probs_rows = prefetch_probs.tolist() if prefetch_probs is not None else None
-    no_prefetch: list[int] = []
-    positions = steps * layers
-    step_end_ms = np.zeros(steps)
-    for step in range(steps):
-        for layer in range(layers):
-            position = step * layers + layer
-            if prefetch_rows is None:
-                target = None
-            elif lead is None:
-                target = position + horizon if layer + horizon < layers else None
-            else:
-                target = position + lead if position + lead < positions else None
-            prefetch_row = prefetch_rows[step][layer] if target is not None else no_prefetch
-            probs_row = probs_rows[step][layer] if probs_rows is not None and target is not None else None
-            replay.run_layer(position, layer, routed_rows[step][layer], target, prefetch_row, probs_row)
-        step_end_ms[step] = replay.clock
-    return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(step_end_ms, prepend=0.0)}
+                    staging > 0, width)
+    # Python lists of pool keys (-1 = none): per-element numpy indexing would dominate the loop. A listed expert is
+    # keyed in its target layer's pool, (layer + ahead) % L.
+    key_rows = _pool_keys(routed, offsets)
+    listed_rows = probs_rows = None
+    if prefetch is not None:
+        listed_rows = _pool_keys(prefetch, np.roll(offsets, -ahead))
+        probs_rows = prefetch_probs.tolist() if prefetch_probs is not None else None
+    # The layers that issue: every one with an int lead (until the targets pass the last step), else those whose
+    # target layer l + horizon exists.
+    issuing = [prefetch is not None and (lead is not None or layer + horizon < layers) for layer in range(layers)]
+    replay = Replay(pools, not cache.per_layer, timing, future, issued, ahead, issuing, steps * layers - 1)
+    step_end_ms = []
+    for step, keys_rows in enumerate(key_rows):
+        replay.run_step(step * layers, keys_rows, None if listed_rows is None else listed_rows[step],
+                        None if probs_rows is None else probs_rows[step])
+        step_end_ms.append(replay.clock)
+    return {**_summary(replay, distinct, steps, cost), "step_ms": np.diff(np.array(step_end_ms, dtype=np.float64), prepend=0.0)}
+
+
+def _pool_keys(experts: np.ndarray, offsets: np.ndarray) -> list[list[list[int]]]:
+    """(T, L, w) expert ids (-1 = none) as nested lists of pool keys: the id + offsets[l] (-1 stays -1)."""
+    if not offsets.any():  # per-layer pools: the keys are the ids
+        return experts.tolist()
+    return np.where(experts >= 0, experts + offsets[:, None], -1).tolist()
 
 
 def _summary(replay: Replay, distinct_pools: list[Pool], steps: int, cost: CostModel) -> dict[str, float | list[int]]:

@@ -18,6 +18,7 @@ eviction, and asked for the next victim outside a protected set:
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import math
 import random
@@ -33,32 +34,47 @@ class FutureUses:
     """When every key is used: key -> sorted positions step * L + layer, and the position the replay is at (`now`)."""
 
     def __init__(self, routed: np.ndarray, offsets: Sequence[int]) -> None:
-        layers = routed.shape[1]
-        step, layer, slot = np.nonzero(routed >= 0)  # row-major: positions come out sorted
-        keys = routed[step, layer, slot] + np.asarray(offsets, dtype=np.int64)[layer]
-        positions = step * layers + layer
-        order = np.argsort(keys, kind="stable")
-        keys, positions = keys[order], positions[order]
-        bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True]) if keys.size else np.zeros(1, dtype=np.int64)
-        self.positions = {int(keys[start]): positions[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:])}
+        layers, width = routed.shape[1:]
+        flat = routed.reshape(-1)
+        used = np.flatnonzero(flat >= 0)  # row-major: positions come out sorted
+        positions = used // width if width else used  # step * L + layer
+        keys = flat[used] + np.asarray(offsets, dtype=np.int64)[positions % layers]
+        # A stable sort keeps each key's positions in order; on keys as narrow as they fit, numpy's radix sort.
+        order = np.argsort(keys.astype(np.min_scalar_type(int(keys.max(initial=0)))), kind="stable")
+        keys, positions = keys[order], positions[order].tolist()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]).tolist() if keys.size else []
+        self.positions = {key: positions[start:end]
+                          for key, start, end in zip(keys[starts].tolist(), starts, starts[1:] + [len(positions)])}
         self.now = -1
 
     def next_use(self, key: int) -> float:
         """The first position after `now` at which `key` is used (inf if never again)."""
-        uses = self.positions.get(key, ())
-        index = bisect.bisect_right(uses, self.now)
-        return uses[index] if index < len(uses) else math.inf
+        return next_after(self.positions.get(key, ()), self.now)
+
+
+def next_after(uses: list[int], now: int) -> float:
+    """The first of the sorted positions `uses` after `now` (inf if none)."""
+    index = bisect.bisect_right(uses, now)
+    return uses[index] if index < len(uses) else math.inf
 
 
 class PoolFuture:
-    """The future uses as one pool keys them: its key + `offset` in `future` (a per-layer pool holds bare expert ids,
-    so pool l reads layer l's uses only)."""
+    """The future uses as one pool keys them: `positions` maps its keys (key + `offset` in `future`: a per-layer
+    pool holds bare expert ids, so pool l reads layer l's uses only) to their sorted positions."""
 
     def __init__(self, future: FutureUses, offset: int) -> None:
         self.future, self.offset = future, offset
+        # Keys below offset belong to earlier layers; those of later layers land at stride and above, ids this pool
+        # never holds.
+        self.positions = {key - offset: uses for key, uses in future.positions.items() if key >= offset}
+
+    @property
+    def now(self) -> int:
+        """The position the replay is at."""
+        return self.future.now
 
     def next_use(self, key: int) -> float:
-        return self.future.next_use(key + self.offset)
+        return next_after(self.positions.get(key, ()), self.future.now)
 
 
 class IssuedScores:
@@ -77,7 +93,9 @@ class IssuedScores:
 
     def score(self, layer: int, expert: int) -> float:
         """The latest issued P(use) of `expert` at `layer` (NaN if none is issued yet or the expert is out of range)."""
-        step = min((self.visible - layer + self.lead) // self.layers, self.steps - 1)
+        step = (self.visible - layer + self.lead) // self.layers
+        if step >= self.steps:
+            step = self.steps - 1
         if step < 0 or expert >= self.experts:
             return math.nan
         return self.rows[step * self.layers + layer][expert]
@@ -89,10 +107,10 @@ class PoolScores:
 
     def __init__(self, issued: IssuedScores, layer: int | None, stride: int) -> None:
         self.issued, self.layer, self.stride = issued, layer, stride
+        if layer is not None:  # the key is the expert id: the issued score at this layer, without a call of our own
+            self.score = functools.partial(issued.score, layer)
 
     def score(self, key: int) -> float:
-        if self.layer is not None:
-            return self.issued.score(self.layer, key)
         return self.issued.score(key // self.stride, key % self.stride)
 
 
@@ -123,6 +141,15 @@ class EvictionPolicy:
         """`key` left the pool."""
         raise NotImplementedError
 
+    def replace(self, protected: Container[int], key: int, tick: int, is_use: bool) -> int | None:
+        """The pool is full: evict the victim outside `protected` and insert `key` in its place; returns the victim,
+        or None (nothing changes) if every resident key is protected."""
+        victim = self.victim(protected)
+        if victim is not None:
+            self.on_evict(victim)
+            self.on_insert(key, tick, is_use)
+        return victim
+
 
 EVICTION_POLICIES: Registry[type[EvictionPolicy]] = Registry("cache policy")
 
@@ -147,13 +174,32 @@ class _ResidentOrder(EvictionPolicy):
     def candidates(self, protected: Container[int]) -> list[int]:
         return [key for key in self.order if key not in protected]
 
+    def replace(self, protected: Container[int], key: int, tick: int, is_use: bool) -> int | None:
+        victim = self.victim(protected)  # on_evict() and on_insert() of the order, without their calls
+        if victim is not None:
+            del self.order[victim]
+            self.order[key] = None
+        return victim
+
 
 @EVICTION_POLICIES.register("lru")
 class LRUPolicy(_ResidentOrder):
     """Least recently inserted or used first."""
 
     def victim(self, protected: Container[int]) -> int | None:
-        return next((key for key in self.order if key not in protected), None)  # O(|protected|) skips
+        for key in self.order:  # O(|protected|) skips
+            if key not in protected:
+                return key
+        return None
+
+    def replace(self, protected: Container[int], key: int, tick: int, is_use: bool) -> int | None:
+        order = self.order  # victim(), on_evict() and on_insert() in one call: the replay's commonest step
+        for victim in order:
+            if victim not in protected:
+                del order[victim]
+                order[key] = None
+                return victim
+        return None
 
 
 @EVICTION_POLICIES.register("lfu")
@@ -232,8 +278,16 @@ class BeladyPolicy(_ResidentOrder):
         self.future = future
 
     def victim(self, protected: Container[int]) -> int | None:
-        candidates = self.candidates(protected)
-        return max(candidates, key=lambda key: (self.future.next_use(key), -key)) if candidates else None
+        positions, now = self.future.positions, self.future.now
+        victim, farthest = None, -math.inf
+        for key in self.order:
+            if key not in protected:
+                uses = positions.get(key, ())
+                index = bisect.bisect_right(uses, now)  # next_after(uses, now), inlined in the replay's hot loop
+                use = uses[index] if index < len(uses) else math.inf
+                if use > farthest or (use == farthest and key < victim):  # the farthest next use, then the lower key
+                    victim, farthest = key, use
+        return victim
 
 
 @EVICTION_POLICIES.register("predicted")
@@ -247,12 +301,18 @@ class PredictedPolicy(_ResidentOrder):
         self.scores = scores
 
     def victim(self, protected: Container[int]) -> int | None:
-        candidates = self.candidates(protected)  # least recent first
-        if not candidates:
-            return None
         if self.scores is None:
-            return candidates[0]
-        scored = [(self.scores.score(key), rank) for rank, key in enumerate(candidates)]
-        if any(math.isnan(score) for score, _ in scored):
-            return candidates[0]
-        return candidates[min(scored)[1]]  # lowest score, then the least recent
+            return LRUPolicy.victim(self, protected)
+        score = self.scores.score
+        least_recent = victim = lowest = None
+        for key in self.order:  # least recent first, so a strict < keeps the least recent among equal scores
+            if key in protected:
+                continue
+            if least_recent is None:
+                least_recent = key
+            key_score = score(key)
+            if math.isnan(key_score):
+                return least_recent
+            if lowest is None or key_score < lowest:
+                victim, lowest = key, key_score
+        return victim
