@@ -258,10 +258,10 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     if params.max_horizon:
         metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
+    write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)  # while the replay's workers finish
     report = cache_report()
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
     metrics["cache_summary"] = cache_summary(report["cache"])
     metrics["cache_by_regime"] = {f"{row['transfer_over_compute']:g}": row for row in report["by_regime"]}
-    write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)
     write_cache_plots(plots_dir, report)
     return clean(metrics)

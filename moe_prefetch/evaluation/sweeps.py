@@ -90,7 +90,8 @@ class Replays:
         distinct: dict[tuple, object] = {}
         for job in jobs:
             distinct.setdefault(job.key(), job)
-        self.distinct = list(distinct.values())
+        # Longest first (a replay's time grows with its tokens), so that no worker is left with a long one at the end.
+        self.distinct = sorted(distinct.values(), key=lambda job: -inputs[job.inputs].tokens)
         self._pool = self._pending = None
         if processes > 1 and len(self.distinct) > 1:
             _rank_before_fork(inputs)
