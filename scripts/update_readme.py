@@ -215,11 +215,18 @@ def finished_by_horizon(prefix: str) -> dict[int, dict]:
 @functools.cache
 def experiment_revs() -> dict[str, dict]:
     """name -> the first rev entry (`rev`, `data`: params, metrics) of every experiment `dvc exp show --json`
-    lists; `dvc exp show` runs once per script run."""
+    lists, the newest where experiments on different commits share a name (a re-run); `dvc exp show` runs once per
+    script run."""
     import subprocess
 
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True).stdout)
-    return {exp["name"]: exp["revs"][0] for commit in shown for exp in (commit.get("experiments") or []) if exp.get("name")}
+    newest: dict[str, dict] = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            name, rev = exp.get("name"), exp["revs"][0]
+            if name and (name not in newest or (rev["data"].get("timestamp") or "") > (newest[name]["data"].get("timestamp") or "")):
+                newest[name] = rev
+    return newest
 
 
 def experiments_by_name() -> dict[str, dict]:

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from moe_prefetch.evaluation.baselines import baseline_scorers
-from moe_prefetch.evaluation.evaluate import HORIZON_METRICS, per_horizon
+from moe_prefetch.evaluation.evaluate import HORIZON_METRICS, per_horizon, rank_all
 from moe_prefetch.params import parse_section
 from moe_prefetch.synthetic import STALE_GATE_HIT, write_synthetic_shards
 from moe_prefetch.windows.build import build_windows
@@ -24,7 +24,11 @@ def test_stale_gate_is_scored_in_baselines_and_per_horizon_up_to_the_lookahead(t
     train, val, test = (read_windows(windows_dir, split) for split in ("train", "val", "test"))
     assert summary["has_stale_gate"] and "stale_gate" in baseline_scorers(train, summary, val=val)
     params = dataclasses.replace(parse_section("evaluate", {}), max_horizon=3)
-    by_horizon = per_horizon(params, shards, summary, train, val, test, dict.fromkeys(HORIZON_METRICS, 0.5))
+    # h = 1 is the stage's own horizon: its rows are the stage's results, as the evaluate stage passes them.
+    own = rank_all(baseline_scorers(train, summary, val=val), test, params, summary)
+    results = {"predictor": dict.fromkeys(HORIZON_METRICS, 0.5), **{name: acc.result() for name, acc in own.items()}}
+    by_horizon = per_horizon(params, shards, summary, results)
+    assert by_horizon["h1"]["predictor"]["top1"] == 0.5 and by_horizon["h1"]["test_windows"] == len(test)
     assert "stale_gate" in by_horizon["h1"] and "stale_gate" in by_horizon["h2"]
     assert "stale_gate" not in by_horizon["h3"]  # h = 3 > lookahead 2: not captured
     for h in ("h1", "h2"):  # the synthetic stale gate is the true set in STALE_GATE_HIT of the windows, else a guess

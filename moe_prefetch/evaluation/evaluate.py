@@ -87,27 +87,26 @@ def rank_all(scorers: dict, windows: WindowSet, params: EvaluateParams, summary:
 HORIZON_METRICS = ("top1", "recall_at_k", "recall_at_2k")
 
 
-def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, train: WindowSet, val: WindowSet,
-                test: WindowSet, predictor_result: dict) -> dict:
+def per_horizon(params: EvaluateParams, shard_dir: Path, summary: dict, results: dict[str, dict]) -> dict:
     """h -> strategy -> top1/recall@k/recall@2k for h = 1..max_horizon: baselines (but the seeded random one) refit
     on each horizon's train windows and tuned on its val windows (rebuilt from the shards, same document split),
-    the predictor at the horizon it was trained for."""
+    the predictor at the horizon it was trained for. At that horizon the rows are the stage's own `results` (scorer
+    -> metrics on its test windows): the same fits on the same windows, so they are not fit again."""
     windows_params = parse(WindowsParams, summary["params"], "windows")
-    results = {}
+    by_horizon = {}
     for h in range(1, params.max_horizon + 1):
         if h == summary["horizon"]:  # the stage's own windows
-            train_h, val_h, test_h, summary_h = train, val, test, summary
-        else:
-            at_h = dataclasses.replace(windows_params, horizon=h, token_context=0, token_horizon=0)
-            summary_h = {**summary, "horizon": h, "token_context": 0, "token_horizon": 0}
-            tables = windows_in_memory(shard_dir, at_h, ("train", "val", "test"))
-            train_h, val_h, test_h = (windows_from_table(tables[split], summary_h) for split in ("train", "val", "test"))
+            row = {name: {m: result[m] for m in HORIZON_METRICS} for name, result in results.items() if name != "random"}
+            by_horizon[f"h{h}"] = {"test_windows": summary["splits"]["test"]["windows"], **row}
+            continue
+        at_h = dataclasses.replace(windows_params, horizon=h, token_context=0, token_horizon=0)
+        summary_h = {**summary, "horizon": h, "token_context": 0, "token_horizon": 0}
+        tables = windows_in_memory(shard_dir, at_h, ("train", "val", "test"))
+        train_h, val_h, test_h = (windows_from_table(tables[split], summary_h) for split in ("train", "val", "test"))
         accumulators = rank_all(baseline_scorers(train_h, summary_h, val=val_h), test_h, params, summary_h)
         row = {name: {m: acc.result()[m] for m in HORIZON_METRICS} for name, acc in accumulators.items()}
-        if h == summary["horizon"]:
-            row = {"predictor": {m: predictor_result[m] for m in HORIZON_METRICS}, **row}
-        results[f"h{h}"] = {"test_windows": len(test_h), **row}
-    return results
+        by_horizon[f"h{h}"] = {"test_windows": len(test_h), **row}
+    return by_horizon
 
 
 def clean(value):
@@ -257,7 +256,7 @@ def evaluate(params: EvaluateParams, windows_dir: Path, shard_dir: Path, predict
         by_kind = breakdown(accumulators, "generated")
         metrics["per_token_kind"] = {kind: by_kind[code] for code, kind in ((0, "prompt"), (1, "generated")) if code in by_kind}
     if params.max_horizon:
-        metrics["per_horizon"] = per_horizon(params, shard_dir, summary, train, val, test, results["predictor"])
+        metrics["per_horizon"] = per_horizon(params, shard_dir, summary, results)
     write_plots(plots_dir, metrics, calibration, params.top_m, accumulators)  # while the replay's workers finish
     report = cache_report()
     metrics["cache"], metrics["cache_by_profile"] = report["cache"], report["by_profile"]
