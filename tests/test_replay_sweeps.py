@@ -86,9 +86,12 @@ def test_every_profile_is_swept_and_the_configured_one_matches_its_full_sweep():
     report = cache_report(REPLAY, REPLAY_SCORERS, _params(profile_sweep_tokens=1000), SUMMARY, val=REPLAY)
     assert list(report["by_profile_capacity"]) == list(report["by_profile_batch"]) == list(COST_PROFILES)
     configured = _params().profile
-    # Both replays hold all 2 tokens here, so the per-profile sweep of the configured profile is its full sweep.
-    assert report["by_profile_capacity"][configured] == report["by_capacity"]
-    assert report["by_profile_batch"][configured] == report["by_batch"]
+    # Both replays hold all 2 tokens here, so the per-profile sweep of the configured profile is its full sweep, cut
+    # to the strategies it replays.
+    for swept, full in ((report["by_profile_capacity"][configured], report["by_capacity"]),
+                        (report["by_profile_batch"][configured], report["by_batch"])):
+        assert swept == [{key: row[key] for key in swept_row} for row, swept_row in zip(full, swept)]
+        assert len(swept) == len(full) and all(set(a) < set(b) for a, b in zip(swept, full))
     assert [row["capacity"] for row in report["by_capacity"]] == [1, 2]
     assert [row["capacity_fraction"] for row in report["by_capacity"]] == [0.25, 0.5]
     off = cache_report(REPLAY, REPLAY_SCORERS, _params(profile_sweep_tokens=0), SUMMARY, val=REPLAY)
@@ -241,3 +244,13 @@ def test_the_regime_sweep_replays_the_per_profile_sweeps_tokens():
     assert swept["cache"]["config"]["replayed_tokens"] == 4 and swept["cache"]["config"]["profile_sweep_tokens"] == 2
     assert _json(swept["by_regime"]) == _json(alone["by_regime"])
     assert _json(swept["cache"]) != _json(alone["cache"])
+
+
+def test_the_per_profile_sweeps_replay_the_panel_strategies_and_the_configured_cache_every_one():
+    from moe_prefetch.evaluation.sweeps import PANEL_STRATEGIES
+
+    report = cache_report(REPLAY, REPLAY_SCORERS, _params(profile_sweep_tokens=1000), SUMMARY, val=REPLAY)
+    swept = {key.rsplit("_speedup_vs_on_demand", 1)[0] for rows in report["by_profile_capacity"].values()
+             for row in rows for key in row if key.endswith("_speedup_vs_on_demand")}
+    assert swept == set(PANEL_STRATEGIES) | {"ideal"}
+    assert {"lookup", "oracle", "lookup_gated"} <= set(report["cache"]) and "lookup_speedup_vs_on_demand" in report["by_capacity"][0]

@@ -31,10 +31,6 @@ COLORS = {"predictor": "tab:blue", "lookup": "tab:red", "frequency": "tab:green"
           "predictor_gated": "navy", "lookup_gated": "darkred", "predictor_expert_gated": "darkviolet",
           "predictor_evict": "deepskyblue", "predicted_eviction": "magenta", "oracle_belady_lead1": "turquoise",
           "oracle_belady_lead2": "darkcyan", "oracle_belady_lead4": "cadetblue", "oracle_belady_next_token": "slategray"}
-# The per-profile panels show these (when the run has them): the baseline, what eviction alone buys, each learned
-# strategy family's best form, the prefetch ceilings and the floor; every strategy stays in the panels' JSON data.
-PANEL_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "predictor_expert_gated", "predictor_evict",
-                    "oracle_belady", "oracle_belady_next_token", "ideal")
 SPARE_COLORS = [color for color in TABLEAU_COLORS if color not in COLORS.values()] or ["tab:blue", "tab:orange", "tab:green"]
 MAX_VALUE_TICKS = 12  # integer x: a tick at each value up to this many values, else integer ticks only
 
@@ -204,5 +200,4 @@ def write_cache_plots(directory: Path, report: dict) -> None:
         tokens = config["profile_sweep_tokens"]
         _panels(directory / f"cache_speedup_by_{axis}_profiles.png",
                 f"Speedup over on-demand LRU vs {AXES[axis].split(' (')[0]}, per cost profile ({tokens:,} test tokens)",
-                AXES[axis], "speedup (x)", {name: {strategy: line for strategy, line in _series(rows, axis, "speedup_vs_on_demand").items()
-                                                   if strategy in PANEL_STRATEGIES} for name, rows in sweeps.items()})
+                AXES[axis], "speedup (x)", {name: _series(rows, axis, "speedup_vs_on_demand") for name, rows in sweeps.items()})

@@ -373,16 +373,18 @@ def _speedup_intervals(inputs: ReplayInputs, results: dict[str, dict]) -> dict[s
             for name, result in results.items()}
 
 
-def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int) -> dict[str, dict]:
-    """Run every available strategy through the same cache of `capacity`, decoding `batch_size` sequences at a time;
-    then the ideal floor. A learned strategy's `fallback_prefetches` counts what its fallback layers listed."""
+def simulate_strategies(inputs: ReplayInputs, params: CacheParams, capacity: int, batch_size: int,
+                        strategies: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Run every available strategy (of `strategies`, when given; on_demand and belady always, the speedups' base
+    and the ideal's) through the same cache of `capacity`, decoding `batch_size` sequences at a time; then the ideal
+    floor. A learned strategy's `fallback_prefetches` counts what its fallback layers listed."""
     steps = DecodeSteps(inputs, batch_size)
     cost = params.cost_model()
     runs = Simulations(steps, cost, inputs.horizon)
     val_runs = None
     results, depths, fallbacks = {}, {}, {}
     for name, strategy in PREFETCH_STRATEGIES.items():
-        if strategy.available(inputs):
+        if strategy.available(inputs) and (strategies is None or name in strategies or name in ("on_demand", "belady")):
             cache = _cache_config(params, capacity, strategy)
             depth = inputs.m
             if strategy.gated:

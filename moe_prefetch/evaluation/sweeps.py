@@ -33,6 +33,11 @@ from moe_prefetch.progress import Progress
 from moe_prefetch.windows.data import WindowSet
 
 REPLAY_PROCESSES = 2  # the evaluate stage's budget is 2 cores
+# The per-profile capacity and batch sweeps replay these (when the run has them): the baseline, what eviction alone
+# buys, each learned strategy family's best form, the prefetch ceilings (and the ideal floor); the configured
+# profile's sweeps and every profile's row at the configured cache replay every strategy.
+PANEL_STRATEGIES = ("on_demand", "belady", "predictor", "predictor_gated", "predictor_expert_gated", "predictor_evict",
+                    "oracle_belady", "oracle_belady_next_token")
 SWEEP_FIELDS = ("capacity_sweep", "capacity_sweep_unit", "decode_batch_sweep", "regime_sweep")  # no part of a replay
 
 
@@ -45,6 +50,7 @@ class Configuration:
     batch_size: int
     params: CacheParams
     inputs: str = "test"
+    strategies: tuple[str, ...] | None = None  # the strategies replayed (None: every one)
 
     def key(self) -> tuple:
         """Equal for configurations whose replays are identical: the profile resolved into its numbers, the sweep
@@ -52,10 +58,10 @@ class Configuration:
         costs = dataclasses.replace(self.params.costs(), derivation="")
         blank = {name: None for name in COST_OVERRIDES} | {name: None for name in SWEEP_FIELDS}
         params = dataclasses.replace(self.params, profile="", capacity=0, capacity_fraction=None, decode_batch_size=0, **blank)
-        return self.inputs, self.capacity, self.batch_size, repr(costs), repr(params)
+        return self.inputs, self.capacity, self.batch_size, repr(costs), repr(params), self.strategies
 
     def replay(self, inputs: dict[str, ReplayInputs]) -> dict[str, dict]:
-        return simulate_strategies(inputs[self.inputs], self.params, self.capacity, self.batch_size)
+        return simulate_strategies(inputs[self.inputs], self.params, self.capacity, self.batch_size, self.strategies)
 
 
 _WORKER_INPUTS: dict[str, ReplayInputs] = {}  # the replay inputs a forked worker inherits
@@ -196,8 +202,9 @@ def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: Ca
         at_profile = profile_params(params, name)
         configurations[f"profile/{name}"] = [Configuration(capacity, batch, at_profile)]
         if sweep:
-            configurations[f"capacity/{name}"] = [Configuration(size, batch, at_profile, sweep) for size in capacities]
-            configurations[f"batch/{name}"] = [Configuration(capacity, size, at_profile, sweep)
+            configurations[f"capacity/{name}"] = [Configuration(size, batch, at_profile, sweep, PANEL_STRATEGIES)
+                                                  for size in capacities]
+            configurations[f"batch/{name}"] = [Configuration(capacity, size, at_profile, sweep, PANEL_STRATEGIES)
                                                for size in params.decode_batch_sweep]
     costs = params.costs()
     for ratio in params.regime_sweep:  # the profile's bandwidth and compute, expert bytes scaled to the ratio
