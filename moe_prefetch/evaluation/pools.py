@@ -31,15 +31,22 @@ class Pool:
     def insert(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
         """Insert a non-resident key into the cache, evicting by policy outside `protected`; False if nothing can
         go."""
+        if not self._cache(key, tick, protected, is_use):
+            return False
+        self.resident.add(key)
+        return True
+
+    def _cache(self, key: int, tick: int, protected: Container[int], is_use: bool) -> bool:
+        """Give `key` a cache slot: a free one, else the policy's victim's outside `protected`; False if nothing can
+        go."""
         if self.cached < self.capacity:
             self.cached += 1
             self.policy.on_insert(key, tick, is_use)
-        else:
-            victim = self.policy.replace(protected, key, tick, is_use)
-            if victim is None:
-                return False
-            self._leave(victim)
-        self.resident.add(key)
+            return True
+        victim = self.policy.replace(protected, key, tick, is_use)
+        if victim is None:
+            return False
+        self._leave(victim)
         return True
 
     def stage(self, key: int, protected: Container[int]) -> bool:
@@ -59,15 +66,8 @@ class Pool:
         """A staged key is used: move it into the cache (evicting by policy outside `protected`); it stays staged
         if nothing can go."""
         del self.staged[key]
-        if self.cached < self.capacity:
-            self.cached += 1
-            self.policy.on_insert(key, tick, True)
-        else:
-            victim = self.policy.replace(protected, key, tick, True)
-            if victim is None:
-                self.staged[key] = None
-            else:
-                self._leave(victim)
+        if not self._cache(key, tick, protected, True):
+            self.staged[key] = None
 
     def _leave(self, key: int) -> None:
         """A key leaves the pool (evicted from the cache or the staging slots): wasted if it was prefetched and
