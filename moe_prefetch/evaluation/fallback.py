@@ -71,8 +71,8 @@ def _token(inputs: FallbackInputs) -> np.ndarray:
         overall = _layer_counts(inputs, target)  # (E,)
         experts = inputs.train_experts[:, target]  # (train tokens, k)
         routed = experts >= 0
-        by_token = np.zeros((len(vocabulary) + 1, len(overall)), dtype=np.int64)  # the last row: unseen ids
-        np.add.at(by_token, (np.broadcast_to(train_code[:, None], experts.shape)[routed], experts[routed]), 1)
+        cells = np.broadcast_to(train_code[:, None], experts.shape)[routed] * len(overall) + experts[routed]
+        by_token = np.bincount(cells, minlength=(len(vocabulary) + 1) * len(overall)).reshape(-1, len(overall))  # the last row: unseen ids
         score = by_token[np.where(seen, slot, len(vocabulary))] * (overall.sum() + 1) + overall  # (tokens, E)
         per_layer.append(np.argsort(-score, axis=1, kind="stable")[:, :m])  # ties to the lower id
     return np.stack(per_layer, axis=1).astype(np.int64)  # (tokens, c-1, m)

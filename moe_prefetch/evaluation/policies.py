@@ -73,9 +73,6 @@ class PoolFuture:
         """The position the replay is at."""
         return self.future.now
 
-    def next_use(self, key: int) -> float:
-        return next_after(self.positions.get(key, ()), self.future.now)
-
 
 class IssuedScores:
     """The scorer's probabilities of use, revealed as the replay issues them. `scores` (steps, L, E) float:
@@ -282,9 +279,7 @@ class BeladyPolicy(_ResidentOrder):
         victim, farthest = None, -math.inf
         for key in self.order:
             if key not in protected:
-                uses = positions.get(key, ())
-                index = bisect.bisect_right(uses, now)  # next_after(uses, now), inlined in the replay's hot loop
-                use = uses[index] if index < len(uses) else math.inf
+                use = next_after(positions.get(key, ()), now)
                 if use > farthest or (use == farthest and key < victim):  # the farthest next use, then the lower key
                     victim, farthest = key, use
         return victim
