@@ -48,6 +48,7 @@ from moe_prefetch.predictors.tables import (
     FrequencyPredictor,
     LookupPredictor,
 )
+from moe_prefetch.windows.data import target_layers
 
 FORMAT = "moe_prefetch.export/1"
 MANIFEST, PROGRAM, TABLES, MIXING = "manifest.json", "program.pt2", "tables.safetensors", "mixing.safetensors"
@@ -101,7 +102,7 @@ def export_predictor(predictor: Predictor, out: Path) -> dict:
         raise PipelineError(f"export: architecture {predictor.arch!r} has no exporter; supported: neural predictors, "
                             "frequency, lookup, ensemble")
     g = predictor.geometry
-    targets = list(range(int(g["context_length"]) - 1 + int(g["horizon"]), int(g["num_layers"])))
+    targets = target_layers(g)
     manifest = {"format": FORMAT, "arch": predictor.arch, "geometry": g, "target_layers": targets,
                 "parameter_count": predictor.parameter_count(), **manifest, "output": SCORES}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

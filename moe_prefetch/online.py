@@ -60,6 +60,10 @@ class OnlinePrefetcher:
         self.predictor = predictor
         self.adapter = adapter_for(model)
         g = predictor.geometry
+        if g.get("across_tokens"):
+            raise PipelineError("predictor: trained with windows.across_tokens (contexts reaching into earlier forwards), "
+                                "which the online prefetcher does not run; accepted: a predictor trained with "
+                                "windows.across_tokens: false")
         self.c, self.h = int(g["context_length"]), int(g["horizon"])
         self.top_k, self.num_experts = int(g["top_k"]), int(g["num_experts"])
         num_layers = len(self.adapter.layers)

@@ -2,9 +2,11 @@
 moe_prefetch/evaluation/cache.py with each prefetch strategy, the same cache for all.
 
 Every MoE layer is replayed, with each token's routing read from the shards (`token_routing`); a predictor
-scores the target layers c-1+h .. L-1 only, so layers 0 .. c-2+h get no learned prefetch (the fallback is none:
-they run on the cache alone for every learned strategy; the oracle prefetches them from layer l-h). Without the
-shards' routing (unit tests) only the target layers are replayed. A step is one decode step of `decode_batch_size` sequences:
+scores the target layers c-1+h .. L-1 only, so the learned strategies prefetch layers h .. c-2+h by the rule of
+evaluate.cache.fallback (fallback.py) and layers 0 .. h-1 not at all (the oracle prefetches layers h.. from layer
+l-h). With windows.across_tokens the predictor scores every layer, and the last h layers of a step issue for the
+next step's first layers (simulate's int lead; the oracles then reach across steps too), so no fallback is used.
+Without the shards' routing (unit tests) only the target layers are replayed. A step is one decode step of `decode_batch_size` sequences:
 the experts it needs at a layer are the union over its tokens. The strategies (PREFETCH_STRATEGIES, in the order
 of the metrics) each plan what to prefetch, when layer l runs, for layer l+h from what they need: the replayed
 windows, the scorers, the routed steps. A strategy is left out when the run lacks its input. Each uses the
@@ -95,8 +97,11 @@ class ReplayInputs:
     def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int,
                  val: ReplayInputs | None = None, documents: np.ndarray | None = None,
                  document_weights: np.ndarray | None = None, token_routing: np.ndarray | None = None,
-                 fallback: np.ndarray | None = None):
+                 fallback: np.ndarray | None = None, across_tokens: bool = False):
         self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
+        # windows.across_tokens: the windows score every MoE layer, the last h layers of a step issuing for the next
+        # step's first layers (simulate's int lead); needs token_routing.
+        self.across_tokens = across_tokens
         self.num_target_layers, self.val = num_target_layers, val
         self.token_routing = token_routing  # (tokens, L, k) every MoE layer's experts; None: replay target layers only
         # (tokens, c-1, m) what the learned strategies prefetch when layers 0..c-2 run, for layers h..c-2+h, which
@@ -151,7 +156,14 @@ class DecodeSteps:
         """issue()'s layout of any per-window (N, m) array, `fill` where nothing is issued."""
         T, h = self.inputs.num_target_layers, self.inputs.horizon
         per_token = experts.reshape(self.inputs.tokens, T, -1)  # (tokens, T, m)
-        if self.inputs.token_routing is not None:
+        if self.inputs.across_tokens:
+            # Stream position p = token * L + l issues the prediction for p + h: layer l + h of the same token, or
+            # for l >= L-h the next token's layer l + h - L, when that token is in the same sequence.
+            shifted = np.full_like(per_token.reshape(-1, per_token.shape[2]), fill)  # (tokens * L, m)
+            shifted[:-h] = per_token.reshape(-1, per_token.shape[2])[h:]
+            issued = shifted.reshape(per_token.shape)
+            issued[np.r_[self.sequence[1:] != self.sequence[:-1], True], T - h :] = fill  # a sequence's last token
+        elif self.inputs.token_routing is not None:
             # Target layer c-1+h+i is predicted when its last context layer c-1+i runs; layers before c-1 (no full
             # context yet) issue the fallback or nothing, and layers after L-1-h nothing.
             c = self.fallback_layers + 1
@@ -167,7 +179,8 @@ class DecodeSteps:
     @property
     def fallback_layers(self) -> int:
         """c - 1: the layers that run before a predictor has a full context (0 when only target layers replay)."""
-        return self.inputs.windows.context_experts.shape[1] - 1 if self.inputs.token_routing is not None else 0
+        full_context_only = self.inputs.token_routing is not None and not self.inputs.across_tokens
+        return self.inputs.windows.context_experts.shape[1] - 1 if full_context_only else 0
 
     def fallback_prefetches(self, plan: np.ndarray | None) -> int:
         """Distinct experts `plan` lists at layers 0..c-2 summed over steps: the fallback's layer-prefetches."""
@@ -225,8 +238,8 @@ def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -
 
 
 def _perfect(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> np.ndarray:
-    """The experts layer l+h will really use, every one of them."""
-    return oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2])
+    """The experts layer l+h will really use, every one of them (across tokens: into the next step too)."""
+    return oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2], wrap=inputs.across_tokens)
 
 
 def _no_prefetch(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> None:
@@ -342,8 +355,12 @@ def _cache_config(params: CacheParams, capacity: int, strategy: PrefetchStrategy
 
 
 def _extra(strategy: PrefetchStrategy, inputs: ReplayInputs, steps: DecodeSteps, plan: np.ndarray | None) -> dict:
-    """The strategy's extra simulate() arguments for this plan (none unless it has replay_args)."""
-    return strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
+    """The strategy's extra simulate() arguments for this plan (none unless it has replay_args); across tokens a
+    plan's lead is the horizon as an int, so the last h layers of a step issue into the next step."""
+    extra = strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
+    if inputs.across_tokens and plan is not None:
+        extra.setdefault("lead", inputs.horizon)
+    return extra
 
 
 def _tuned_depth(strategy: PrefetchStrategy, val: ReplayInputs, runs: Simulations, params: CacheParams,

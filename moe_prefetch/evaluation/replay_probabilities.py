@@ -47,9 +47,8 @@ def use_probabilities(inputs, steps, scorer: str) -> np.ndarray:
         T, h, num_experts = inputs.num_target_layers, inputs.horizon, probabilities.shape[1]
         per_token = probabilities.reshape(inputs.tokens, T, num_experts)  # (tokens, T, E)
         placed = np.full((inputs.tokens, steps.routed.shape[1], num_experts), np.nan)  # (tokens, layers, E)
-        if inputs.token_routing is not None:
-            c = inputs.windows.context_experts.shape[1]
-            placed[:, c - 1 + h : c - 1 + h + T] = per_token
+        if inputs.token_routing is not None:  # target layers L-T .. L-1: c-1+h .. L-1, or every layer across tokens
+            placed[:, steps.routed.shape[1] - T :] = per_token
         else:  # target layers only: a layer below h is never predicted (issue() prefetches nothing for it)
             placed[:, h:T] = per_token[:, h:]
         inputs._predicted[key] = _batched_union(placed, steps.sequence, steps.batch_size)
@@ -66,8 +65,10 @@ def predictor_gate(inputs, steps, plan: np.ndarray | None) -> dict:
     use = use_probabilities(inputs, steps, "predictor")  # (steps, L, E)
     if plan is None:
         return {"use_scores": use}
-    h = inputs.horizon
-    target = np.full((*plan.shape[:2], use.shape[2]), np.nan)  # (steps, L, E): row l holds layer l + h's
-    target[:, : plan.shape[1] - h] = use[:, h:]
+    h, num_experts = inputs.horizon, use.shape[2]
+    # Row l holds the position h after it (the next step's layers for l >= L-h: only a plan across tokens lists any)
+    target = np.full((plan.shape[0] * plan.shape[1], num_experts), np.nan)  # (steps * L, E)
+    target[:-h] = use.reshape(-1, num_experts)[h:]
+    target = target.reshape(*plan.shape[:2], num_experts)
     probs = np.take_along_axis(target, np.clip(plan, 0, None), axis=2)  # (steps, L, m)
     return {"use_scores": use, "prefetch_probs": np.where(plan >= 0, probs, np.nan)}

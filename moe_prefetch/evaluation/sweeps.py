@@ -137,7 +137,7 @@ def _fallbacks(params: CacheParams, summary: dict, routing, lookup: TokenRouting
                windows: list[WindowSet], m: int) -> list[np.ndarray | None]:
     """Each of `windows`' fallback prefetch (tokens, c-1, m) under evaluate.cache.fallback; None without the full
     routing (only target layers replay: there are no fallback layers)."""
-    if lookup is None or params.fallback == "none":
+    if lookup is None or params.fallback == "none" or summary.get("across_tokens"):  # across tokens: every layer scored
         return [None] * len(windows)
     if train is None:
         raise ValueError("the fallback needs the train windows")
@@ -162,18 +162,19 @@ def _replay_inputs(test: WindowSet, val: WindowSet | None, scorers: dict[str, Ca
     m = min(params.prefetch_m, summary["num_experts"])
     lookup = TokenRouting(routing, T) if routing is not None else None
     full = (lambda windows: None) if lookup is None else lookup.of
+    across = bool(summary.get("across_tokens")) and lookup is not None
     val_replay = None if val is None else replay_windows(val, T, max_tokens)
     test_fallback, val_fallback = _fallbacks(params, summary, routing, lookup, train, [replay, replay if val_replay is None else val_replay], m)
     val_inputs = None
     if val_replay is not None:
         val_inputs = ReplayInputs(val_replay, scorers, m, summary["horizon"], T, token_routing=full(val_replay),
-                                  fallback=val_fallback)
+                                  fallback=val_fallback, across_tokens=across)
     token_documents = weights = None
     if documents is not None and bootstrap[0]:  # (resamples, seed): the replayed documents, recoded 0..D-1
         _, token_documents = np.unique(documents[: len(replay) : T], return_inverse=True)
         weights = resample_weights(int(token_documents.max()) + 1, *bootstrap)
     return ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights, full(replay),
-                        test_fallback)
+                        test_fallback, across)
 
 
 def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,

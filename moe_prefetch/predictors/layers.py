@@ -89,7 +89,7 @@ class ExpertTransitions(nn.Module):
 
 class LayerTokens(nn.Module):
     """One vector per context layer: its k best-first expert embeddings concatenated and projected to d, plus
-    an embedding of the layer's absolute position (windows.data.context_layer_offsets), so that sequence models
+    an embedding of the layer's absolute position (windows.data.context_layer_offsets, mod L), so that sequence models
     see which layers they read. (B, c, k), (B,) -> (B, c, d)."""
 
     def __init__(self, num_experts: int, top_k: int, num_layers: int, horizon: int, dim: int):
@@ -103,7 +103,7 @@ class LayerTokens(nn.Module):
         B, c, _ = context.shape
         slots = self.experts(context).reshape(B, c, -1)  # (B, c, k*d)
         offsets = torch.tensor(context_layer_offsets(c, self.horizon), device=context.device)  # (c,)
-        layers = target[:, None] + offsets  # (B, c)
+        layers = (target[:, None] + offsets) % self.layer.num_embeddings  # (B, c): across tokens, the earlier token's layer
         return self.project(slots) + self.layer(layers)  # (B, c, d)
 
 

@@ -29,6 +29,7 @@ from moe_prefetch.windows.data import (
     SUMMARY_NAME,
     WindowSet,
     context_layer_offsets,
+    first_target_layer,
 )
 
 
@@ -72,6 +73,7 @@ class TokenRows:
     position: np.ndarray  # (n,) int32
     experts: np.ndarray  # (n, L, k) int16
     weights: np.ndarray  # (n, L, k) float32
+    token_id: np.ndarray  # (n,) int32
     last_sequence_id: str | None = None  # id of the last row, so the next shard continues its run code
 
     @staticmethod
@@ -90,6 +92,7 @@ class TokenRows:
             table["position"].to_numpy(),
             traces.read_column(table, "experts", manifest.geometry),
             traces.read_column(table, "weights", manifest.geometry),
+            table["token_id"].to_numpy(),
             ids[n - 1].as_py() if n else (before.last_sequence_id if before is not None else None),
         )
 
@@ -97,11 +100,12 @@ class TokenRows:
         return len(self.position)
 
     def __getitem__(self, rows: slice) -> TokenRows:
-        return TokenRows(self.sequence[rows], self.position[rows], self.experts[rows], self.weights[rows], self.last_sequence_id)
+        return TokenRows(self.sequence[rows], self.position[rows], self.experts[rows], self.weights[rows],
+                         self.token_id[rows], self.last_sequence_id)
 
     @staticmethod
     def concat(parts: list[TokenRows]) -> TokenRows:
-        arrays = (np.concatenate([getattr(p, f) for p in parts]) for f in ("sequence", "position", "experts", "weights"))
+        arrays = (np.concatenate([getattr(p, f) for p in parts]) for f in ("sequence", "position", "experts", "weights", "token_id"))
         return TokenRows(*arrays, next((p.last_sequence_id for p in reversed(parts) if len(p)), None))
 
 
@@ -125,12 +129,33 @@ def following_rows(shard_dir: Path, entries: list[dict], count: int) -> pa.Table
     batches, need = [], count
     for entry in entries:
         handle = pq.ParquetFile(shard_dir / entry["file"])
-        for batch in handle.iter_batches(batch_size=need, columns=["sequence_id", "position", "experts", "weights"]):
+        for batch in handle.iter_batches(batch_size=need, columns=["sequence_id", "position", "token_id", "experts", "weights"]):
             batches.append(batch.slice(0, need))
             need -= batches[-1].num_rows
             if need <= 0:
                 return pa.Table.from_batches(batches)
     return pa.Table.from_batches(batches) if batches else None
+
+
+class StreamGather:
+    """Rows of the decode stream (token, layer), flat position p = token * L + layer: for rows start..stop-1 and
+    (G, c) stream offsets from each row's layer 0, which row and layer hold each position, and whether that token
+    exists (same sequence). Offsets below 0 reach into earlier tokens (windows.across_tokens)."""
+
+    def __init__(self, rows: TokenRows, start: int, stop: int, offsets: np.ndarray, num_layers: int):
+        token_offset, self.layer = np.divmod(offsets, num_layers)  # (G, c) each
+        distinct = np.unique(token_offset)  # (D,) <= 0
+        index, exists = neighbours(rows, start, stop, distinct)  # (n, D)
+        which = np.searchsorted(distinct, token_offset)  # (G, c) into distinct
+        self.row, self.exists = index[:, which], exists[:, which]  # (n, G, c)
+
+    def take(self, per_layer: np.ndarray, missing: float) -> np.ndarray:
+        """(rows, L, k) values -> (n, G, c, k) at the gathered positions, `missing` where no token is."""
+        return np.where(self.exists[..., None], per_layer[self.row, self.layer[None]], missing)
+
+    def take_token(self, per_token: np.ndarray, missing: int) -> np.ndarray:
+        """(rows,) values of a token -> (n, G, c) of the token at each gathered position."""
+        return np.where(self.exists, per_token[self.row], missing)
 
 
 def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsParams, carry: TokenRows | None,
@@ -148,7 +173,7 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     after = [TokenRows.of(following, manifest, current)] if following is not None else []
     rows = TokenRows.concat([before, current, *after])
     start, stop = len(before), len(before) + n
-    first = c - 1 + h  # the first target MoE layer with a full context; targets are first .. L-1
+    first = first_target_layer(c, h, params.across_tokens)  # targets are first .. L-1
     targets = np.arange(first, L)
     G = len(targets)
     # Gathers along the layer axis use slices and np.take: numpy's x[:, index] returns a transposed result
@@ -157,7 +182,15 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     previous = np.where(exists[:, 0, None, None], rows.experts[index[:, 0], first:], -1)  # (n, G, k)
     # context[i, j] = experts[i, t_j - h - c + 1 : t_j - h + 1]
     context_layers = targets[:, None] + context_layer_offsets(c, h)  # (G, c)
-    context = np.take(experts, context_layers, axis=1)  # (n, G, c, k)
+    if params.across_tokens:
+        stream = StreamGather(rows, start, stop, context_layers, L)
+        context, context_weights = stream.take(rows.experts, -1), stream.take(rows.weights, 0)  # (n, G, c, k)
+        issue = StreamGather(rows, start, stop, targets[:, None] - h, L)  # the position the prediction is issued at
+        token_ids = issue.take_token(rows.token_id, -1)[:, :, 0]  # (n, G): the newest id known there
+    else:
+        context = np.take(experts, context_layers, axis=1)  # (n, G, c, k)
+        context_weights = np.take(weights, context_layers, axis=1) if params.context_weights else None
+        token_ids = np.repeat(current.token_id[:, None], G, axis=1)
     columns = {
         "sequence_id": table["sequence_id"].take(np.repeat(np.arange(n), G)),
         "domain": table["domain"].take(np.repeat(np.arange(n), G)),
@@ -169,13 +202,15 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
         "prev_token_experts": traces.nested_array(previous.reshape(n * G, k), pa.int16()),
     }
     if params.context_weights:
-        context_weights = np.take(weights, context_layers, axis=1)  # (n, G, c, k)
         columns["context_weights"] = traces.nested_array(context_weights.reshape(n * G, c * k), pa.float32())
     if params.token_ids:
-        columns["token_id"] = pa.array(np.repeat(table["token_id"].to_numpy(), G), type=pa.int32())
+        columns["token_id"] = pa.array(token_ids.reshape(-1), type=pa.int32())
     if geometry.capture.lookahead >= h:
         stale = traces.read_column(table, "lookahead_experts", geometry)  # (n, L, H, k)
-        columns["stale_gate_experts"] = traces.nested_array(stale[:, first - h : L - h, h - 1].reshape(n * G, k), pa.int16())
+        # layer t's router on layer t-h's input; none captured for a target in the token after the issuing one
+        issued_here = stale[:, max(first - h, 0) : L - h, h - 1]  # (n, targets h..L-1, k)
+        gate = np.concatenate([np.full((n, G - issued_here.shape[1], k), -1, dtype=stale.dtype), issued_here], axis=1)
+        columns["stale_gate_experts"] = traces.nested_array(gate.reshape(n * G, k), pa.int16())
     if T:
         index, exists = neighbours(rows, start, stop, np.arange(-T, 0))  # (n, T), oldest token first
         layers = np.concatenate([context_layers, targets[:, None]], axis=1)  # (G, c+1): context layers, then t
@@ -193,7 +228,7 @@ def shard_windows(table: pa.Table, manifest: traces.Manifest, params: WindowsPar
     if hidden_dim:
         hidden = traces.read_column(table, "hidden_states", geometry)  # (n, L, D) float16
         columns["hidden_state"] = traces.nested_array(hidden[:, first - h : L - h].reshape(n * G, hidden_dim), pa.float16())
-    keep = max(T, 1)  # rows the next shard's look-backs need
+    keep = max(T, 1, -(int(context_layers.min()) // L))  # rows the next shard's look-backs need (tokens back)
     new_carry = TokenRows.concat([before[-keep:], current[-keep:]])[-keep:]
     return pa.table(columns), new_carry
 
@@ -206,10 +241,10 @@ def temporal_extents(params: WindowsParams, manifest: traces.Manifest) -> dict:
 
 
 def summary_params(params: WindowsParams) -> dict:
-    """The windows params as recorded in summary.json; zero temporal extents and token_ids / context_weights off are left out so
+    """The windows params as recorded in summary.json; zero temporal extents and token_ids / context_weights / across_tokens off are left out so
     that default windows stay byte-identical to those written before the keys existed."""
     recorded = as_dict(params)
-    for name in ("token_context", "token_horizon", "token_ids", "context_weights"):
+    for name in ("token_context", "token_horizon", "token_ids", "context_weights", "across_tokens"):
         if not recorded[name]:
             del recorded[name]
     return recorded
@@ -245,8 +280,17 @@ def window_documents(routing: traces.RoutingTable, windows: WindowSet) -> np.nda
 
 
 def check_geometry(params: WindowsParams, manifest: traces.Manifest) -> None:
-    """A context plus horizon must fit in the model's MoE layers."""
+    """A context plus horizon must fit in the model's MoE layers (across tokens: the horizon at most L, so that the
+    previous token's target layer has run when the prediction is issued; no hidden-state capture)."""
     L = manifest.num_layers
+    if params.across_tokens:
+        if params.horizon > L:
+            raise PipelineError(f"windows.horizon: {params.horizon} with windows.across_tokens exceeds the model's {L} MoE "
+                                f"layers; accepted: 1..{L} (L = the next token's same layer)")
+        if manifest.geometry.capture.hidden_dim:
+            raise PipelineError("windows.across_tokens: true is not supported with hidden states in the shards "
+                                "(collect.capture.hidden_states: true); accepted: across_tokens false, or no hidden states")
+        return
     if params.context_length + params.horizon > L:
         raise PipelineError(
             f"windows.horizon: windows.context_length + horizon = {params.context_length} + {params.horizon} exceeds the "
@@ -258,7 +302,7 @@ def split_windows(shard_dir: Path, manifest: traces.Manifest, params: WindowsPar
                   has_generated: bool, splits: tuple[str, ...] = SPLITS):
     """Yield (split name, windows table, shard table, shard rows in that split) shard by shard, for `splits`."""
     L = manifest.num_layers
-    per_token = L - params.context_length - params.horizon + 1  # target layers: windows per token
+    per_token = L - first_target_layer(params.context_length, params.horizon, params.across_tokens)  # windows per token
     carry = None
     progress = Progress(manifest.rows, f"windows h={params.horizon}", unit="tokens")
     for number, entry in enumerate(manifest.shards):
@@ -319,7 +363,8 @@ def build_windows(shard_dir: Path, out_dir: Path, params: WindowsParams) -> dict
         "num_layers": L,
         "num_experts": manifest.num_experts,
         "top_k": manifest.top_k,
-        "target_layers": list(range(params.context_length - 1 + params.horizon, L)),
+        "target_layers": list(range(first_target_layer(params.context_length, params.horizon, params.across_tokens), L)),
+        **({"across_tokens": True} if params.across_tokens else {}),
         "domains": manifest.domains,
         "has_stale_gate": manifest.geometry.capture.lookahead >= params.horizon,
         **temporal_extents(params, manifest),

@@ -43,8 +43,17 @@ class WindowsParams:
     context_weights: bool = doc(
         "Also store the context layers' gate weights (column context_weights, aligned with context_experts), which "
         "predictors with context_encoding weighted_set or both read.", False)
+    across_tokens: bool = doc(
+        "Count the context and the horizon in the decode stream (token, layer) across token boundaries: every MoE layer "
+        "is a target, a context may reach into the previous tokens' last layers (-1 before the sequence start), the "
+        "horizon may reach L (the next token's same layer, a whole forward pass ahead), and token_id is the newest id "
+        "known when the prediction is issued. Off: targets c-1+h .. L-1 of token i's own routing. Diagram: "
+        "moe_prefetch/windows/data.py.", False)
 
     def validate(self) -> None:
         positive("windows", self, "context_length", "horizon")
         non_negative("windows", self, "token_context", "token_horizon")
+        if self.across_tokens and self.token_context:
+            raise PipelineError(f"windows.token_context: {self.token_context} with windows.across_tokens is not supported "
+                                "(the context already reaches into the previous tokens); accepted: 0")
         self.split.validate()

@@ -43,6 +43,20 @@ the target. Example with c = 3, h = 2, T = 2, H = 2 (P = token context, C = cont
 | hidden_state          | fixed_size_list<float16, D>      | optional (shards with hidden states): token i entering layer t-h |
 | generated             | bool                             | optional (traces with generated tokens): token i was generated, not prompt |
 
+With windows.across_tokens the layers are positions of the decode stream p = token * L + layer and a window
+exists for every target layer t = 0 .. L-1: its context is the c positions ending h before p, reaching into the
+previous tokens' last layers (the layer of a context slot is then its position mod L; -1 experts, 0 weights before
+the sequence start), token_id is the id of the token at the issuing position p - h (token i-1 for t < h: token i's id
+is sampled only after token i-1's last layer), and stale_gate_experts is -1 for t < h (no router of token i ran
+on token i-1's state). The horizon may reach L: the next token's same layer, a forward pass ahead. Example with
+L = 4, c = 3, h = 1, target t = 1 of token i (summary.json key across_tokens: true):
+
+                 token i-1 | token i
+    layer 3          C     |
+    layer 2          C     |
+    layer 1                |    X     <- target
+    layer 0                |    C     <- issuing position (token_id = token i's)
+
 The optional columns (and summary.json keys token_context, token_horizon, hidden_dim, params.token_ids,
 params.context_weights) exist only when non-empty (token_id: when windows.token_ids is on, the default since stop 19;
 context_weights: when windows.context_weights is on), so windows written with them off are byte-identical to those
@@ -103,8 +117,22 @@ class WindowSet:
 
 
 def geometry_of(summary: dict) -> dict:
-    """The routing geometry a predictor is built for (stored inside its checkpoint), from a windows summary."""
-    return {name: summary[name] for name in ("num_experts", "top_k", "num_layers", "context_length", "horizon")}
+    """The routing geometry a predictor is built for (stored inside its checkpoint), from a windows summary
+    (across_tokens only when on, so that other checkpoints are unchanged)."""
+    geometry = {name: summary[name] for name in ("num_experts", "top_k", "num_layers", "context_length", "horizon")}
+    return {**geometry, **({"across_tokens": True} if summary.get("across_tokens") else {})}
+
+
+def first_target_layer(context_length: int, horizon: int, across_tokens: bool = False) -> int:
+    """The lowest target MoE layer: c-1+h, the first whose context lies in its own token; 0 across tokens (every layer,
+    the context reaching into the previous tokens)."""
+    return 0 if across_tokens else context_length - 1 + horizon
+
+
+def target_layers(geometry: dict) -> list[int]:
+    """The MoE layers a predictor of `geometry` (geometry_of) scores."""
+    first = first_target_layer(int(geometry["context_length"]), int(geometry["horizon"]), bool(geometry.get("across_tokens")))
+    return list(range(first, int(geometry["num_layers"])))
 
 
 def context_layer_offsets(context_length: int, horizon: int) -> list[int]:
