@@ -635,3 +635,26 @@ def test_twenty_thousand_steps_count_every_use() -> None:
     routed = np.stack([first, (first + rng.integers(1, 64, size=first.shape)) % 64], axis=-1)
     result = simulate(routed, oracle_prefetch(routed, 1, 2), CacheConfig(16, policy="lfu"), COST, horizon=1)
     assert result["hits"] + result["misses"] == 20_000 * 8 * 2
+
+
+def test_across_tokens_the_last_layers_of_a_step_prefetch_the_next_steps_first_layers() -> None:
+    # windows.across_tokens, L = 2, c = h = 1: every layer is a target. Sequence 0 routes (0, 1), (2, 3), sequence 1
+    # routes (1, 0). Position p = token * 2 + layer issues for p + 1: a step's last layer for the next token's layer
+    # 0 (not across sequences), so only each sequence's first layer 0 is left to the cache.
+    routing = np.array([[[0], [1]], [[2], [3]], [[1], [0]]])  # (tokens, L, k)
+    flat = routing.reshape(-1).tolist()
+    windows = _windows([-1, 0, 1, 2, -1, 1], flat, [-1, -1, 0, 1, -1, -1], [-1, 0, -1, 0, -1, 0], [0, 0, 0, 0, 1, 1],
+                       [0, 1, 0, 1, 0, 1])
+    inputs = ReplayInputs(windows, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, token_routing=routing,
+                          across_tokens=True)
+    steps = DecodeSteps(inputs, batch_size=1)
+    assert PREFETCH_STRATEGIES["predictor"].plan(inputs, steps, 1).tolist() == [[[1], [2]], [[3], [-1]], [[0], [-1]]]
+    params = dataclasses.replace(parse_section("evaluate", None).cache, expert_bytes=1e6, bandwidth_gbps=1.0,
+                                 layer_compute_ms=2.0)  # transfers (1 ms) hide under a layer's compute (2 ms)
+    result = simulate_strategies(inputs, params, capacity=1, batch_size=1)
+    assert result["on_demand"]["hit_rate"] == 0.0  # every layer's pool sees a new expert at each step
+    assert result["predictor"]["hit_rate"] == pytest.approx(4 / 6) and result["predictor"]["late_hit_rate"] == 0.0
+    # The same plan with the lead kept within the step (as without across_tokens) loses the next token's layer 0.
+    within = simulate(steps.routed, PREFETCH_STRATEGIES["predictor"].plan(inputs, steps, 1), CacheConfig(capacity=1),
+                      params.cost_model(), 1)
+    assert within["hit_rate"] == pytest.approx(3 / 6)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moe_prefetch import traces
+from moe_prefetch.errors import PipelineError
 from moe_prefetch.params import parse_section
 from moe_prefetch.windows.data import SPLITS, read_summary, read_windows
 from moe_prefetch.windows.build import build_windows
@@ -38,7 +39,7 @@ def write_shards(directory, hidden_dim: int = 0) -> dict:
         data = {
             "sequence_id": tokens["sequence_id"][part], "document_id": tokens["sequence_id"][part],
             "domain": np.repeat("d", rows), "position": tokens["position"][part],
-            "token_id": np.zeros(rows, np.int32), "generated": np.zeros(rows, bool),
+            "token_id": np.arange(start, start + rows, dtype=np.int32), "generated": np.zeros(rows, bool),
         }
         columns = {name: pa.array(values, type=schema.field(name).type) for name, values in data.items()}
         columns["experts"] = traces.nested_array(tokens["experts"][part], pa.int16())
@@ -107,3 +108,45 @@ def test_temporal_and_hidden_columns_match_a_per_token_reference(tmp_path, horiz
             np.testing.assert_array_equal(w.prev_token_experts[n], tokens["experts"][previous, t] if previous is not None else [-1] * K)
             checked += 1
     assert checked == sum(LENGTHS) * (L - c + 1 - horizon)
+
+
+@pytest.mark.parametrize("context_length, horizon", [(3, 1), (2, 6), (8, 2)])
+def test_across_tokens_windows_read_the_decode_stream_across_token_and_shard_boundaries(tmp_path, context_length, horizon) -> None:
+    """Every layer is a target; context slot j of target t is stream position p - h - c + 1 + j (p = i * L + t), in
+    an earlier token where that is below 0, -1 before the sequence start; token_id is the id at p - h."""
+    c, h = context_length, horizon
+    tokens, out = build(tmp_path, {"context_length": c, "horizon": h, "across_tokens": True, "context_weights": True})
+    row_of = {(s, int(p)): i for i, (s, p) in enumerate(zip(tokens["sequence_id"], tokens["position"]))}
+    summary = read_summary(out)
+    assert summary["target_layers"] == list(range(L)) and summary["across_tokens"] is True
+
+    def at(sequence, position, offset):  # the routing row and layer of stream offset `offset` from token `position`'s layer 0
+        back, layer = divmod(offset, L)
+        return row_of.get((sequence, position + back)), layer
+
+    checked = 0
+    for split in SPLITS:
+        w = read_windows(out, split)
+        for n in range(len(w)):
+            sequence, position, t = w.sequence_ids[w.sequence_index[n]], int(w.position[n]), int(w.target_layer[n])
+            i = row_of[(sequence, position)]
+            np.testing.assert_array_equal(w.target_experts[n], tokens["experts"][i, t])
+            for j in range(c):
+                row, layer = at(sequence, position, t - h - c + 1 + j)
+                np.testing.assert_array_equal(w.context_experts[n, j], tokens["experts"][row, layer] if row is not None else [-1] * K)
+                np.testing.assert_array_equal(w.context_weights[n, j], tokens["weights"][row, layer] if row is not None else [0] * K)
+            issuing, _ = at(sequence, position, t - h)
+            assert w.token_id[n] == (issuing if issuing is not None else -1)  # the shards' token_id is the row index
+            checked += 1
+    assert checked == sum(LENGTHS) * L
+
+
+@pytest.mark.parametrize("windows, hidden_dim, fragment", [
+    ({"horizon": L + 1}, 0, f"windows.horizon: {L + 1} with windows.across_tokens exceeds the model's {L} MoE layers"),
+    ({"token_context": 1}, 0, "windows.token_context: 1 with windows.across_tokens is not supported"),
+    ({}, D, "windows.across_tokens: true is not supported with hidden states"),
+])
+def test_across_tokens_rejects_what_it_cannot_build(tmp_path, windows, hidden_dim, fragment) -> None:
+    with pytest.raises(PipelineError, match=fragment):
+        build(tmp_path, {"context_length": 2, "across_tokens": True, **windows}, hidden_dim)
+    assert not list((tmp_path / "windows").iterdir())  # nothing half-written

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from conftest import read_shard_tables, tiny_params
+from conftest import read_shard_tables, single_thread, tiny_params
 from moe_prefetch import traces
 from moe_prefetch.predictors import load_predictor
 from moe_prefetch.predictors.base import WEIGHTS_NAME
@@ -356,3 +356,33 @@ def test_headline_holds_the_numbers_to_compare_first(tiny):
     assert numbers["best_baseline_recall_at_k"] == max(b["recall_at_k"] for b in baselines.values())
     assert numbers["cache_oracle_speedup"] == tiny.metrics["cache"]["oracle"]["speedup_vs_on_demand"]
     assert all(isinstance(value, float) for value in numbers.values())  # DVC diffs numbers only
+
+
+def test_across_tokens_predicts_every_layer_and_the_replay_needs_no_fallback(tiny, tmp_path):
+    """windows.across_tokens end to end through the stage functions: the predictor scores every MoE layer, its
+    per-layer accuracy covers layer 0, the learned strategies list no fallback prefetches, and the ceilings hold."""
+    from moe_prefetch.evaluation.evaluate import evaluate
+    from moe_prefetch.training import train
+
+    paths = {name: tmp_path / name for name in ("windows", "predictor", "live", "plots")}
+    for name in ("windows", "plots"):
+        paths[name].mkdir()
+    L = tiny.manifest.num_layers
+    with single_thread():
+        summary = build_windows(tiny.shards, paths["windows"], tiny_params("windows", across_tokens=True))
+        train(tiny_params("train"), paths["windows"], paths["predictor"], paths["live"])
+        metrics = evaluate(tiny_params("evaluate", max_horizon=0), paths["windows"], tiny.shards, paths["predictor"], paths["plots"])
+    assert summary["target_layers"] == list(range(L))
+    assert metrics["test_windows"] == summary["splits"]["test"]["tokens"] * L
+    layers = {row["layer"] for row in json.loads((paths["plots"] / "per_layer_top1.json").read_text())}
+    assert layers == set(range(L))
+    cache = metrics["cache"]
+    assert cache["predictor"]["fallback_prefetches"] == 0
+    # The perfect prefetch now reaches the next token's first layer too: more hits, on time or late (a lead of one
+    # layer hides little of a PCIe transfer), than within a step, on the same tokens.
+    def hits(strategy: dict) -> float:
+        return strategy["hit_rate"] + strategy["late_hit_rate"]
+
+    assert hits(cache["oracle_belady"]) > hits(tiny.metrics["cache"]["oracle_belady"])
+    strategies = [name for name in cache if name not in ("config", "ideal")]
+    assert all(cache["ideal"]["time_per_token_ms"] <= cache[name]["time_per_token_ms"] + 1e-9 for name in strategies)
