@@ -6,6 +6,7 @@ Each section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers:
   families     moe_prefetch/routing (FAMILIES and unsupported.UNSUPPORTED)
   geometry     metrics/geometry.json (written by scripts/run_geometry.py) next to metrics/evaluate.json
   hidden-state metrics/hidden_state.json (written by scripts/run_hidden_state.py)
+  across-tokens metrics/across_tokens.json (written by scripts/run_across_tokens.py)
   archs, domain-split           experiments, with --archs / --domain-split (dvc exp show --json)
   gpu-estimates   moe_prefetch/gpu_estimates.py at params.yaml's collect section
 
@@ -399,6 +400,9 @@ def main() -> None:
     import run_hidden_state
 
     new = render(new, "hidden-state", run_hidden_state.hidden_state_section(json.loads(run_hidden_state.SUMMARY.read_text())))
+    import run_across_tokens
+
+    new = render(new, "across-tokens", run_across_tokens.across_tokens_section(json.loads(run_across_tokens.SUMMARY.read_text())))
     new = render(new, "cost-profiles", profiles_section())
     new = render(new, "gpu-estimates", gpu_estimates_section())
     new = render(new, "families", families_section())

@@ -146,5 +146,8 @@ def test_mismatched_predictors_are_one_line_errors(run):
         wrong.geometry = {**base.geometry, name: value}
         assert_error(lambda: OnlinePrefetcher(model, wrong), "predictor:", f"{name}={value}")
     assert_error(lambda: OnlinePrefetcher(model, base, m=0), "m:")
+    across = copy.copy(base)
+    across.geometry = {**base.geometry, "across_tokens": True}
+    assert_error(lambda: OnlinePrefetcher(model, across), "predictor: trained with windows.across_tokens")
     assert_error(lambda: OnlinePrefetcher(model, run["predictors"]["hidden_mlp"]), "hidden_projection_seed:")
     assert not any(layer.router._forward_hooks for layer in adapter_for(model).layers)  # nothing left attached

@@ -33,6 +33,7 @@ COLORS = {"predictor": "tab:blue", "lookup": "tab:red", "frequency": "tab:green"
           "oracle_belady_lead2": "darkcyan", "oracle_belady_lead4": "cadetblue", "oracle_belady_next_token": "slategray"}
 SPARE_COLORS = [color for color in TABLEAU_COLORS if color not in COLORS.values()] or ["tab:blue", "tab:orange", "tab:green"]
 MAX_VALUE_TICKS = 12  # integer x: a tick at each value up to this many values, else integer ticks only
+LEGEND_INSIDE_MAX = 8  # series; a figure with more gets its legend to the right of the axes
 
 
 def _dump(path: Path, rows: list[dict]) -> None:
@@ -43,7 +44,8 @@ def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, 
             log_x: bool = False) -> None:
     """One line per series, each in its own colour with a legend entry; `integer_x` for counts (layers, m, sizes),
     `log_x` for ratios spanning orders of magnitude."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    outside = len(series) > LEGEND_INSIDE_MAX  # a long legend inside the axes covers the curves
+    fig, ax = plt.subplots(figsize=(8.5 if outside else 6, 4), dpi=100)
     if log_x:
         ax.set_xscale("log")
     if integer_x:
@@ -56,10 +58,15 @@ def _figure(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, 
     spare = itertools.cycle(SPARE_COLORS)
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, STYLE.get(name, "-o"), color=COLORS.get(name) or next(spare), label=name)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    (fig.suptitle if outside else ax.set_title)(title)  # over the whole figure: a long title outgrows narrow axes
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    if outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        fig.tight_layout(rect=(0.0, 0.0, 0.79, 1.0))
+    else:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no version stamp: identical bytes on every run
     plt.close(fig)
 
