@@ -29,6 +29,7 @@ DEFAULT = Path("metrics/evaluate.json")
 ACROSS = ("windows.across_tokens=true",)
 VARIANTS = {  # experiment name -> its overrides after ACROSS
     "across-h1": (),
+    "across-h1-within": ("evaluate.cache.across_steps=false",),  # layers 0..h-1 left to the cache, as by default
     "across-h8": ("windows.horizon=8",),
 }
 PROFILE_STRATEGIES = ("predictor", "predictor_evict", "predictor_gated")

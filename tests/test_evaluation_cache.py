@@ -658,3 +658,10 @@ def test_across_tokens_the_last_layers_of_a_step_prefetch_the_next_steps_first_l
     within = simulate(steps.routed, PREFETCH_STRATEGIES["predictor"].plan(inputs, steps, 1), CacheConfig(capacity=1),
                       params.cost_model(), 1)
     assert within["hit_rate"] == pytest.approx(3 / 6)
+    # evaluate.cache.across_steps false: the steps' last layers issue nothing, as without across_tokens.
+    kept = ReplayInputs(windows, REPLAY_SCORERS, m=1, horizon=1, num_target_layers=2, token_routing=routing,
+                        across_tokens=True, across_steps=False)
+    kept_steps = DecodeSteps(kept, batch_size=1)
+    assert PREFETCH_STRATEGIES["predictor"].plan(kept, kept_steps, 1).tolist() == [[[1], [-1]], [[3], [-1]], [[0], [-1]]]
+    assert PREFETCH_STRATEGIES["oracle"].plan(kept, kept_steps, 1).tolist() == oracle_prefetch(routing, 1, 1).tolist()
+    assert simulate_strategies(kept, params, capacity=1, batch_size=1)["predictor"]["hit_rate"] == pytest.approx(3 / 6)

@@ -149,6 +149,9 @@ class CacheParams:
         f"its context yet: {' | '.join(FALLBACK_RULES)} (moe_prefetch/evaluation/fallback.py). token by default: "
         f"on the default run it made the predictor's strategies faster in every cost profile where prefetching pays "
         f"(README, Fallback), frequency made them slower in every profile.", "token")
+    across_steps: bool = doc(
+        "With windows.across_tokens: the last h layers of a step prefetch the next step's layers 0..h-1 (true), or issue "
+        "nothing, leaving those layers to the cache as without across_tokens (false; the oracles likewise).", True)
     decode_batch_sweep: list = doc("Decode batch sizes of the hit-rate/speedup vs batch size plot.", factory=lambda: [1, 4, 16])
     regime_sweep: list = doc(
         "Transfer time per expert over layer compute time, for the speedup-by-regime plot (the profile's compute "

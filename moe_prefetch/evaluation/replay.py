@@ -97,11 +97,12 @@ class ReplayInputs:
     def __init__(self, windows: WindowSet, scorers: dict[str, Callable], m: int, horizon: int, num_target_layers: int,
                  val: ReplayInputs | None = None, documents: np.ndarray | None = None,
                  document_weights: np.ndarray | None = None, token_routing: np.ndarray | None = None,
-                 fallback: np.ndarray | None = None, across_tokens: bool = False):
+                 fallback: np.ndarray | None = None, across_tokens: bool = False, across_steps: bool = True):
         self.windows, self.scorers, self.m, self.horizon = windows, scorers, m, horizon
         # windows.across_tokens: the windows score every MoE layer, the last h layers of a step issuing for the next
-        # step's first layers (simulate's int lead); needs token_routing.
+        # step's first layers (simulate's int lead) unless across_steps is off; needs token_routing.
         self.across_tokens = across_tokens
+        self.across_steps = across_tokens and across_steps
         self.num_target_layers, self.val = num_target_layers, val
         self.token_routing = token_routing  # (tokens, L, k) every MoE layer's experts; None: replay target layers only
         # (tokens, c-1, m) what the learned strategies prefetch when layers 0..c-2 run, for layers h..c-2+h, which
@@ -162,7 +163,8 @@ class DecodeSteps:
             shifted = np.full_like(per_token.reshape(-1, per_token.shape[2]), fill)  # (tokens * L, m)
             shifted[:-h] = per_token.reshape(-1, per_token.shape[2])[h:]
             issued = shifted.reshape(per_token.shape)
-            issued[np.r_[self.sequence[1:] != self.sequence[:-1], True], T - h :] = fill  # a sequence's last token
+            last = np.r_[self.sequence[1:] != self.sequence[:-1], True] | (not self.inputs.across_steps)
+            issued[last, T - h :] = fill  # a sequence's last token (every token when the steps do not issue across)
         elif self.inputs.token_routing is not None:
             # Target layer c-1+h+i is predicted when its last context layer c-1+i runs; layers before c-1 (no full
             # context yet) issue the fallback or nothing, and layers after L-1-h nothing.
@@ -239,7 +241,7 @@ def _scored(scorer: str, doc: str, charged: bool = False, gated: bool = False) -
 
 def _perfect(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> np.ndarray:
     """The experts layer l+h will really use, every one of them (across tokens: into the next step too)."""
-    return oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2], wrap=inputs.across_tokens)
+    return oracle_prefetch(steps.routed, inputs.horizon, steps.routed.shape[2], wrap=inputs.across_steps)
 
 
 def _no_prefetch(inputs: ReplayInputs, steps: DecodeSteps, depth: int) -> None:
@@ -356,9 +358,9 @@ def _cache_config(params: CacheParams, capacity: int, strategy: PrefetchStrategy
 
 def _extra(strategy: PrefetchStrategy, inputs: ReplayInputs, steps: DecodeSteps, plan: np.ndarray | None) -> dict:
     """The strategy's extra simulate() arguments for this plan (none unless it has replay_args); across tokens a
-    plan's lead is the horizon as an int, so the last h layers of a step issue into the next step."""
+    plan's lead is the horizon as an int, so the last h layers of a step issue into the next step (across_steps)."""
     extra = strategy.replay_args(inputs, steps, plan) if strategy.replay_args else {}
-    if inputs.across_tokens and plan is not None:
+    if inputs.across_steps and plan is not None:
         extra.setdefault("lead", inputs.horizon)
     return extra
 

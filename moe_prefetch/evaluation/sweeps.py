@@ -168,13 +168,13 @@ def _replay_inputs(test: WindowSet, val: WindowSet | None, scorers: dict[str, Ca
     val_inputs = None
     if val_replay is not None:
         val_inputs = ReplayInputs(val_replay, scorers, m, summary["horizon"], T, token_routing=full(val_replay),
-                                  fallback=val_fallback, across_tokens=across)
+                                  fallback=val_fallback, across_tokens=across, across_steps=params.across_steps)
     token_documents = weights = None
     if documents is not None and bootstrap[0]:  # (resamples, seed): the replayed documents, recoded 0..D-1
         _, token_documents = np.unique(documents[: len(replay) : T], return_inverse=True)
         weights = resample_weights(int(token_documents.max()) + 1, *bootstrap)
     return ReplayInputs(replay, scorers, m, summary["horizon"], T, val_inputs, token_documents, weights, full(replay),
-                        test_fallback, across)
+                        test_fallback, across, params.across_steps)
 
 
 def start_cache_report(test: WindowSet, scorers: dict[str, Callable], params: CacheParams, summary: dict,
