@@ -300,6 +300,15 @@ def ideal_time_ms(belady_demand: dict, cost: CostModel) -> float:
     return max(belady_demand["compute_ms"], belady_demand["misses"] * cost.transfer_ms / cost.links)
 
 
+def stream_ahead(values: np.ndarray, ahead: int, fill) -> np.ndarray:
+    """(T, L, ...) -> the same shape holding, at [t, l], the values of stream position t * L + l + ahead (later rows
+    included: what simulate's int lead targets), `fill` past the last position."""
+    flat = values.reshape(values.shape[0] * values.shape[1], *values.shape[2:])
+    shifted = np.full_like(flat, fill)
+    shifted[: max(len(flat) - ahead, 0)] = flat[ahead:]
+    return shifted.reshape(values.shape)
+
+
 def oracle_prefetch(routed: np.ndarray, horizon: int, m: int, wrap: bool = False) -> np.ndarray:
     """Perfect-knowledge prefetch (T, L, m): prefetch[t, l] = routed[t, l + horizon] cut/padded with -1 to m; with
     `wrap`, the experts of position t * L + l + horizon (later steps included, as simulate's `lead`)."""
@@ -310,9 +319,7 @@ def oracle_prefetch(routed: np.ndarray, horizon: int, m: int, wrap: bool = False
     prefetch = np.full((steps, layers, m), -1, dtype=np.int64)  # (T, L, m)
     kept = min(m, width)  # routed is best-first, so a short prefetch keeps the highest-weight experts
     if wrap:
-        flat_routed, flat_prefetch = routed.reshape(steps * layers, width), prefetch.reshape(steps * layers, m)
-        if horizon < steps * layers:
-            flat_prefetch[: steps * layers - horizon, :kept] = flat_routed[horizon:, :kept]
+        prefetch[:, :, :kept] = stream_ahead(routed[:, :, :kept], horizon, -1)
     elif horizon < layers:
         prefetch[:, : layers - horizon, :kept] = routed[:, horizon:, :kept]
     return prefetch

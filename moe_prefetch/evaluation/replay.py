@@ -36,6 +36,7 @@ from moe_prefetch.evaluation.cache import (
     oracle_prefetch,
     simulate,
     speedup,
+    stream_ahead,
 )
 from moe_prefetch.evaluation.config import CacheParams
 from moe_prefetch.evaluation.intervals import percentile_interval, pooled_ratios
@@ -160,9 +161,7 @@ class DecodeSteps:
         if self.inputs.across_tokens:
             # Stream position p = token * L + l issues the prediction for p + h: layer l + h of the same token, or
             # for l >= L-h the next token's layer l + h - L, when that token is in the same sequence.
-            shifted = np.full_like(per_token.reshape(-1, per_token.shape[2]), fill)  # (tokens * L, m)
-            shifted[:-h] = per_token.reshape(-1, per_token.shape[2])[h:]
-            issued = shifted.reshape(per_token.shape)
+            issued = stream_ahead(per_token, h, fill)  # (tokens, L, m)
             last = np.r_[self.sequence[1:] != self.sequence[:-1], True] | (not self.inputs.across_steps)
             issued[last, T - h :] = fill  # a sequence's last token (every token when the steps do not issue across)
         elif self.inputs.token_routing is not None:

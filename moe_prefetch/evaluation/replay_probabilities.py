@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe_prefetch.evaluation.cache import stream_ahead
 from moe_prefetch.evaluation.calibration import fit_calibration, used_mask
 
 
@@ -65,10 +66,7 @@ def predictor_gate(inputs, steps, plan: np.ndarray | None) -> dict:
     use = use_probabilities(inputs, steps, "predictor")  # (steps, L, E)
     if plan is None:
         return {"use_scores": use}
-    h, num_experts = inputs.horizon, use.shape[2]
     # Row l holds the position h after it (the next step's layers for l >= L-h: only a plan across tokens lists any)
-    target = np.full((plan.shape[0] * plan.shape[1], num_experts), np.nan)  # (steps * L, E)
-    target[:-h] = use.reshape(-1, num_experts)[h:]
-    target = target.reshape(*plan.shape[:2], num_experts)
+    target = stream_ahead(use, inputs.horizon, np.nan)  # (steps, L, E)
     probs = np.take_along_axis(target, np.clip(plan, 0, None), axis=2)  # (steps, L, m)
     return {"use_scores": use, "prefetch_probs": np.where(plan >= 0, probs, np.nan)}
