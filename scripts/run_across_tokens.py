@@ -84,7 +84,7 @@ def run_summary(metrics: dict, run: list[str] | None, wall_seconds: float | None
 
 def across_tokens_section(summary: dict) -> str:
     """README section: accuracy table (every run), per-layer top-1, and the replay's speedups per profile."""
-    runs = {"default (across_tokens off)": summary["default"], **{name: s for name, s in summary["variants"].items()}}
+    runs = {"default (across_tokens off)": summary["default"], **summary["variants"]}
     accuracy_rows = []
     for label, s in runs.items():
         top1, recall = s["best_baseline"]["top1"], s["best_baseline"]["recall_at_k"]
