@@ -51,7 +51,9 @@ def test_decode_routing_equals_a_plain_forward(family, prompts):
         assert gen["position"].tolist() == list(range(n + 6))
         assert np.array_equal(gen["experts"][:n], fwd["experts"]) and np.array_equal(gen["lookahead_experts"][:n], fwd["lookahead_experts"])
         assert np.allclose(gen["weights"][:n], fwd["weights"], rtol=1e-5, atol=1e-6)
-        if family != "gpt_oss":
+        # ONE_AT_A_TIME families prefill each prompt alone while the forward batches all three: another GEMM shape,
+        # so their weights may differ by an ulp on some CPUs (the allclose above); the others must match exactly
+        if family not in ONE_AT_A_TIME:
             assert np.array_equal(gen["weights"][:n], fwd["weights"])
         assert np.array_equal(np.sort(gen["experts"], -1), np.sort(ref["experts"], -1))
 
