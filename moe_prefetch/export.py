@@ -57,13 +57,14 @@ TRAINING_ONLY = {"next_token_labels"}  # batch() entries only the loss reads
 
 INPUT_DOCS = {
     "context_experts": "best-first expert ids of the c context layers (oldest first, ending at the layer that just routed); -1 = none",
+    "context_weights": "gate weights of context_experts, slot for slot, float32 (context_encoding weighted_set | both)",
     "target_layer": "the MoE layer predicted (last context layer + horizon)",
     "hidden_state": "hidden state entering the last context layer, float32",
     "token_context": "previous T tokens' routing (c context layers + target layer), oldest token first; -1 = none",
     "token_id": "tokenizer id of the token; -1 or an id beyond geometry.vocab_size - 1 = unknown",
 }
-INPUT_COLUMNS = {"context_experts": "context_experts", "target_layer": "target_layer", "hidden_state": "hidden_state",
-                 "token_context": "token_context_experts", "token_id": "token_id"}  # input name -> WindowSet column
+INPUT_COLUMNS = {"context_experts": "context_experts", "context_weights": "context_weights", "target_layer": "target_layer",
+                 "hidden_state": "hidden_state", "token_context": "token_context_experts", "token_id": "token_id"}  # input name -> WindowSet column
 SCORES = {"name": "scores", "shape": ["B", "E"], "dtype": "float32",
           "meaning": "expert scores, higher = more likely (rank them; best-first = argsort descending, stable)"}
 

@@ -49,6 +49,10 @@ def test_token_mlp_without_token_ids_is_a_one_line_error(tmp_path) -> None:
     geometry = {"num_experts": 4, "top_k": 1, "num_layers": 3, "context_length": 1, "horizon": 1, "vocab_size": 10}
     predictor = ARCHITECTURES["token_mlp"](geometry, as_dict(parse_section("train", {"arch": "token_mlp"})))
     routed = np.zeros((2, 1, 1), dtype=np.int64)
-    assert_error(lambda: predict_experts(predictor, routed, layer=0), "token_id", "predict_experts needs token_id=")
-    scores = predict_experts(predictor, routed, layer=0, token_id=np.array([3, 99]))[1]  # 99: unknown id, no error
+    weights = np.ones((2, 1, 1), dtype=np.float32)
+    assert_error(lambda: predict_experts(predictor, routed, layer=0, routed_weights=weights), "token_id", "predict_experts needs token_id=")
+    # the default token_mlp (context_encoding weighted_set) also reads the gate weights
+    assert_error(lambda: predict_experts(predictor, routed, layer=0, token_id=np.array([3, 4])), "context_weights",
+                 "predict_experts needs routed_weights=")
+    scores = predict_experts(predictor, routed, layer=0, token_id=np.array([3, 99]), routed_weights=weights)[1]  # 99: unknown id, no error
     assert scores.shape == (2, 4)

@@ -38,7 +38,8 @@ SMALL = {  # per architecture with a section: train.<arch> overrides that learn 
 FIT = {  # (train windows, train overrides) where the default 3000 windows at lr 0.02 do not learn the pattern
     "lookup": (12000, {}),  # a table must have seen each of its 1200 keys
     "hidden_mlp": (6000, {"lr": 0.03}),  # 16 hidden codes x 5 target layers need more examples
-    "token_mlp": (12000, {}),  # 16 experts x 8 token ids x 5 target layers
+    # 16 experts x 8 token ids x 5 target layers, read off a weighted sum (the default weighted_set encoding): 10 epochs
+    "token_mlp": (12000, {"epochs": 10, "patience": 10}),
 }
 
 

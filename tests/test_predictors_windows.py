@@ -69,18 +69,20 @@ def build(tmp_path, windows: dict, hidden_dim: int = 0):
 
 
 def test_optional_extents_off_add_no_column_and_no_summary_key(tmp_path) -> None:
-    _, out = build(tmp_path, {"context_length": 2, "token_ids": False})
+    _, out = build(tmp_path, {"context_length": 2, "token_ids": False, "context_weights": False})
     for split in SPLITS:
         assert pq.read_schema(out / f"{split}.parquet").names == BASE_COLUMNS
     summary = read_summary(out)
-    assert not {"token_context", "token_horizon", "hidden_dim", "token_ids"} & (set(summary) | set(summary["params"]))
+    optional = {"token_context", "token_horizon", "hidden_dim", "token_ids", "context_weights"}
+    assert not optional & (set(summary) | set(summary["params"]))
 
 
-def test_defaults_add_only_the_token_id_column(tmp_path) -> None:
+def test_defaults_add_only_the_token_id_and_context_weights_columns(tmp_path) -> None:
     _, out = build(tmp_path, {"context_length": 2})
     for split in SPLITS:
-        assert pq.read_schema(out / f"{split}.parquet").names == [*BASE_COLUMNS, "token_id"]
-    assert read_summary(out)["params"]["token_ids"] is True
+        assert pq.read_schema(out / f"{split}.parquet").names == [*BASE_COLUMNS, "context_weights", "token_id"]
+    params = read_summary(out)["params"]
+    assert params["token_ids"] is True and params["context_weights"] is True
 
 
 @pytest.mark.parametrize("horizon", [1, 2])

@@ -171,19 +171,21 @@ def test_token_ids_add_each_windows_token_id_and_only_the_summary_key(tiny, tmp_
 
 
 def test_context_weights_add_the_context_layers_gate_weights_and_only_the_summary_key(tiny, tmp_path):
-    """windows.context_weights: each window's context_weights are the shards' gate weights of its context layers,
-    slot for slot with context_experts; the other columns are those of the default windows."""
-    summary = build_windows(tiny.shards, tmp_path, tiny_params("windows", context_weights=True))
-    routing, windows = traces.read_routing(tiny.shards), read_windows(tmp_path, "test")
+    """windows.context_weights (on by default): each window's context_weights are the shards' gate weights of its
+    context layers, slot for slot with context_experts; turned off, the windows are the default's without that
+    column and without its summary key."""
+    summary = read_summary(tiny.windows)
+    routing, windows = traces.read_routing(tiny.shards), read_windows(tiny.windows, "test")
     row_of = {(routing.sequence_ids[s], int(p)): row for row, (s, p) in enumerate(zip(routing.sequence_index, routing.position))}
     rows = np.array([row_of[(windows.sequence_ids[s], int(p))] for s, p in zip(windows.sequence_index, windows.position)])
     layers = windows.target_layer[:, None].astype(np.int64) + np.array(context_layer_offsets(summary["context_length"], summary["horizon"]))  # (N, c)
     np.testing.assert_array_equal(windows.context_weights, routing.weights[rows[:, None], layers])
     np.testing.assert_array_equal(windows.context_experts, routing.experts[rows[:, None], layers])
+    off = build_windows(tiny.shards, tmp_path, tiny_params("windows", context_weights=False))
     for split in SPLITS:
-        with_weights = pq.read_table(tmp_path / f"{split}.parquet")
-        assert with_weights.drop_columns(["context_weights"]).equals(pq.read_table(tiny.windows / f"{split}.parquet"))
-    assert summary["params"]["context_weights"] is True and "context_weights" not in read_summary(tiny.windows)["params"]
+        with_weights = pq.read_table(tiny.windows / f"{split}.parquet")
+        assert with_weights.drop_columns(["context_weights"]).equals(pq.read_table(tmp_path / f"{split}.parquet"))
+    assert summary["params"]["context_weights"] is True and "context_weights" not in off["params"]
 
 
 # --- train ---------------------------------------------------------------------------------------------------

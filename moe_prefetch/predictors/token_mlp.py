@@ -11,6 +11,7 @@ so a model never indexes past its table at serving time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from moe_prefetch.config import doc
 from moe_prefetch.errors import PipelineError
 from moe_prefetch.predictors.base import register_arch
-from moe_prefetch.predictors.layers import FlatContext, Heads, mlp_stack
+from moe_prefetch.predictors.layers import CONTEXT_ENCODINGS, FlatContext, Heads, mlp_stack
 from moe_prefetch.predictors.mlp import MLPParams, context_columns, transitions_of, with_transitions
 from moe_prefetch.predictors.neural import NeuralPredictor
 from moe_prefetch.windows.data import WindowSet
@@ -29,6 +30,10 @@ from moe_prefetch.windows.data import WindowSet
 class TokenMLPParams(MLPParams):
     prefix = "train.token_mlp"
     token_embedding_dim: int = doc("Width of the token id's embedding.", 64)
+    context_encoding: Literal[CONTEXT_ENCODINGS] = doc(
+        "How each context layer's routed set is embedded (see train.mlp.context_encoding). weighted_set by default "
+        "since stop 23: on the default data it beats slots at h = 1..4 and on the 64x6 geometry with half the "
+        "parameters (README: windows.context_weights); needs windows.context_weights: true.", "weighted_set")
     hidden: list = doc("Hidden layer widths (GELU).", factory=lambda: [512, 256])
     transitions: bool = doc(
         "Add the learned first-order transition table to the logits (predictors/layers.py ExpertTransitions). On by "

@@ -42,7 +42,7 @@ class WindowsParams:
         "the strongest signal an engine has, so the default run measures it).", True)
     context_weights: bool = doc(
         "Also store the context layers' gate weights (column context_weights, aligned with context_experts), which "
-        "predictors with context_encoding weighted_set or both read.", False)
+        "predictors with context_encoding weighted_set or both read (the default token_mlp's, since stop 23).", True)
     across_tokens: bool = doc(
         "Count the context and the horizon in the decode stream (token, layer) across token boundaries: every MoE layer "
         "is a target, a context may reach into the previous tokens' last layers (-1 before the sequence start), the "
