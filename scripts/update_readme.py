@@ -322,7 +322,8 @@ def domain_split_section(experiment: str, baseline: dict) -> str:
     split = data["params"]["params.yaml"]["data"]["windows"]["split"]
     in_domain = baseline["per_domain"][split["test_domain"]]  # the same domain's test documents, default split
     rows = []
-    for name, key in (("predictor", None), ("lookup", "lookup"), ("frequency", "frequency")):
+    for name, key in (("predictor", None), ("token_context", "token_context"), ("top1_table", "top1_table"),
+                      ("lookup", "lookup"), ("frequency", "frequency")):  # the two strongest baselines of the default data first
         a = in_domain[name]
         b = held["predictor"] if key is None else held["baselines"][key]
         for metric in ("top1", "top5", "recall_at_k"):
