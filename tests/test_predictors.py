@@ -347,3 +347,20 @@ def test_hidden_mlp_stale_gate_input_without_the_column_is_a_one_line_error() ->
     with pytest.raises(PipelineError, match=r"^train.hidden_mlp.stale_gate_input: these windows carry no stale_gate_experts; set "
                                             r"collect.capture.lookahead >= windows.horizon[^\n]*$"):
         make("hidden_mlp", hidden_mlp={"stale_gate_input": True}).fit(windows, windows, lambda row: None)
+
+
+def test_weighted_set_loads_a_checkpoint_with_one_table_per_context_layer() -> None:
+    """FlatContext keeps the c context layers' set tables as one (c*(E+1), d) table; a state dict written before
+    (set_experts.<j>.weight, one table per layer) loads into it and scores the same."""
+    E, L, c, k, d = 5, 6, 3, 2, 4
+    torch.manual_seed(0)
+    module = FlatContext(E, L, d, "weighted_set", c)
+    state = module.state_dict()
+    blocks = state.pop("set_experts.weight").split(E + 1)
+    old = {**state, **{f"set_experts.{j}.weight": block.clone() for j, block in enumerate(blocks)}}
+    loaded = FlatContext(E, L, d, "weighted_set", c)
+    loaded.load_state_dict(old)
+    context = torch.randint(0, E + 1, (7, c, k))
+    target, weights = torch.randint(0, L, (7,)), torch.rand(7, c, k)
+    torch.testing.assert_close(loaded(context, target, weights), module(context, target, weights), rtol=0, atol=0)
+    assert not loaded(torch.full((1, c, k), E), target[:1], torch.ones(1, c, k))[:, : c * d].any()  # no expert: zero

@@ -45,7 +45,12 @@ class FlatContext(nn.Module):
         if encoding != "weighted_set":
             self.experts = expert_embedding(num_experts, dim)
         if encoding != "slots":
-            self.set_experts = nn.ModuleList(expert_embedding(num_experts, dim) for _ in range(context_length))
+            # one table of c blocks of E+1 rows, block j context layer j's: one lookup per batch for all c layers
+            # (at batch 1 the per-call overhead of c lookups is most of the cost); initialised as c separate tables
+            blocks = [expert_embedding(num_experts, dim).weight.detach() for _ in range(context_length)]
+            self.set_experts = nn.Embedding.from_pretrained(torch.cat(blocks), freeze=False)
+            self.register_buffer("set_offsets", torch.arange(context_length)[None, :, None] * (num_experts + 1), persistent=False)
+        self.num_experts = num_experts
         self.target = nn.Embedding(num_layers, dim)
 
     def forward(self, context: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,8 +58,18 @@ class FlatContext(nn.Module):
         if self.encoding != "weighted_set":
             parts.append(self.experts(context).flatten(1))  # (B, c*k*d)
         if self.encoding != "slots":
-            parts += [(table(context[:, j]) * weights[:, j, :, None]).sum(dim=1) for j, table in enumerate(self.set_experts)]  # c x (B, d)
+            routed = weights * (context != self.num_experts)  # (B, c, k): a slot with no expert (index E) adds nothing
+            sets = self.set_experts(context + self.set_offsets) * routed.unsqueeze(-1)  # (B, c, k, d)
+            parts.append(sets.sum(dim=2).flatten(1))  # (B, c*d)
         return torch.cat([*parts, self.target(target)], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before stop 23 hold one table per context layer (set_experts.<j>.weight)
+        old = sorted((key for key in state_dict if key.startswith(f"{prefix}set_experts.") and key.endswith(".weight")
+                      and key != f"{prefix}set_experts.weight"), key=lambda key: int(key.split(".")[-2]))
+        if old:
+            state_dict[f"{prefix}set_experts.weight"] = torch.cat([state_dict.pop(key) for key in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def width(context_length: int, top_k: int, dim: int, encoding: str = "slots") -> int:
